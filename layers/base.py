@@ -1,0 +1,81 @@
+"""The one contract every token mixer keeps.
+
+Legend for shapes: B batch, T tokens in this call, D model width, N packed sequences.
+
+``forward(x_BTD, *, state=None, cu_seqlens=None, position_ids=None, use_cache=False)``
+returns ``(y_BTD, new_state)``:
+- parallel / chunked over T for training and prefill; the same call with T == 1 and a state is the
+  recurrent decode step (``step`` is a readable alias);
+- ``state`` is what the previous call returned (None: start of sequence); ``new_state`` is None
+  unless ``use_cache``;
+- ``cu_seqlens`` (int tensor [N+1], B == 1) marks packed sequences: nothing crosses a boundary;
+- ``position_ids`` [B, T] (or [3, B, T] for M-RoPE) only matter to mixers with positions.
+
+``state_size(batch_size, seq_len, dtype)`` gives the bytes of state after ``seq_len`` tokens, so
+constant-memory claims can be checked against ``state_nbytes`` of a real state.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TokenMixer(nn.Module):
+    mixer_name: str = "?"
+    #: True when the state grows with the sequence (full attention's KV cache).
+    state_grows: bool = False
+
+    @classmethod
+    def validate_options(cls, where: str = "", **options) -> None:
+        """Raise ValueError for bad option values; called before any allocation."""
+
+    def forward(self, x, *, state=None, cu_seqlens=None, position_ids=None, use_cache=False):
+        raise NotImplementedError
+
+    def step(self, x, state, position_ids=None):
+        """Recurrent decode of x [B, 1, D] given the previous state."""
+        return self.forward(x, state=state, position_ids=position_ids, use_cache=True)
+
+    def state_size(self, batch_size: int, seq_len: int, dtype=torch.bfloat16) -> int:
+        raise NotImplementedError
+
+
+def state_nbytes(state) -> int:
+    """Bytes held by tensors in a (nested) state."""
+    if state is None:
+        return 0
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_nbytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_nbytes(v) for v in state)
+    return 0
+
+
+def check_positive_int(value, key: str, where: str = "", allow_none: bool = False):
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{where}{key} must be a positive integer, got {value!r}")
+
+
+def check_heads(hidden_size, num_heads, head_dim, num_kv_heads=None, where: str = ""):
+    check_positive_int(hidden_size, "hidden_size", where)
+    check_positive_int(num_heads, "num_heads", where)
+    if head_dim is None and hidden_size % num_heads:
+        raise ValueError(f"{where}num_heads={num_heads} does not divide hidden_size={hidden_size}; "
+                         "choose num_heads dividing it or set head_dim")
+    if num_kv_heads is not None:
+        check_positive_int(num_kv_heads, "num_kv_heads", where)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"{where}num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
+
+
+def seq_positions(T: int, cu_seqlens, start: int, device) -> torch.Tensor:
+    """Positions [1, T]: start..start+T-1, or restarting at 0 at each packed boundary."""
+    pos = torch.arange(start, start + T, device=device)
+    if cu_seqlens is not None:
+        seq = torch.searchsorted(cu_seqlens[1:], torch.arange(T, device=device), right=True)
+        pos = pos - start - cu_seqlens[:-1][seq]
+    return pos[None]
