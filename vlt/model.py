@@ -1,0 +1,152 @@
+"""The composed VLM: vision tower + projector + a decoder whose layers are registry mixers.
+
+Legend: B batch, T tokens, D model width, V vocab. ``forward(**batch)`` takes the data module's
+batch (input_ids, labels, images, position_ids, cu_seqlens) and returns logits [B, T, V], the
+next-token loss when labels are given (positions with label -100 and packed-sample boundaries
+excluded), and the decode state when ``use_cache``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlt.config import VLMConfig
+from vlt.layers import create_mixer
+from vlt.positions import mrope_positions, text_positions
+from vlt.vision import RMSNorm, build_vision_tower, image_grid
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: x + mixer(norm(x)), then x + mlp(norm(x)). Names follow HF Qwen2 where they can."""
+
+    def __init__(self, mixer_name: str, mixer_options: dict, hidden: int, intermediate: int, eps: float):
+        super().__init__()
+        self.mixer_name = mixer_name
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.mixer = create_mixer(mixer_name, **mixer_options)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.mlp = SwiGLU(hidden, intermediate)
+
+    def forward(self, x, *, state=None, cu_seqlens=None, position_ids=None, use_cache=False):
+        h, new_state = self.mixer(self.input_layernorm(x), state=state, cu_seqlens=cu_seqlens,
+                                  position_ids=position_ids, use_cache=use_cache)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), new_state
+
+
+@dataclass
+class VLMOutput:
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    state: dict | None = None
+    hidden_states: list | None = None  # input of each layer, then the final (pre-norm) output
+
+
+class VLM(nn.Module):
+    def __init__(self, config: VLMConfig):
+        super().__init__()
+        self.config = config
+        d = config.decoder
+        layers = config.layers()  # validated before anything below allocates
+        self.vision = build_vision_tower(config.vision, d.hidden_size)
+        self.embed_tokens = nn.Embedding(d.vocab_size, d.hidden_size)
+        self.layers = nn.ModuleList([DecoderBlock(n, o, d.hidden_size, d.intermediate_size, d.norm_eps)
+                                     for n, o in layers])
+        self.norm = RMSNorm(d.hidden_size, d.norm_eps)
+        self.lm_head = nn.Linear(d.hidden_size, d.vocab_size, bias=False)
+        self._init_weights()
+        if d.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.image_token_ids = tuple(t for t in (config.image_token_id, config.video_token_id) if t is not None)
+
+    def _init_weights(self):
+        std = self.config.decoder.initializer_range
+        for name, m in self.named_modules():
+            if name.startswith("vision"):
+                continue  # towers keep their own (timm / HF) initialisation
+            if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.dim() == 2:
+                if name.endswith(("a_proj", "b_proj")):
+                    continue  # GDN gate projections keep their mixer's init
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    @property
+    def layout(self) -> list[str]:
+        return [b.mixer_name for b in self.layers]
+
+    # ---- pieces ---------------------------------------------------------------------------------
+    def embed(self, input_ids, images=None):
+        x = self.embed_tokens(input_ids)
+        if not images:
+            return x
+        if self.vision is None:
+            raise ValueError("the batch has images but the model has no vision tower (vision.kind='none')")
+        feats = self.vision(images).to(x.dtype)
+        mask = torch.isin(input_ids, torch.tensor(self.image_token_ids, device=input_ids.device))
+        n = int(mask.sum())
+        if n != feats.shape[0]:
+            raise ValueError(f"input_ids hold {n} image tokens but the images give {feats.shape[0]} features; "
+                             "each <image> must expand to (H/28)*(W/28) <|image_pad|> tokens for its image")
+        return x.masked_scatter(mask[..., None], feats)
+
+    def positions(self, input_ids, images, position_ids, cu_seqlens, start):
+        if self.config.decoder.mrope_section is None:
+            if position_ids is not None:
+                return position_ids, position_ids[:, -1] + 1
+            pos = text_positions(input_ids, cu_seqlens, start)
+            return pos, pos[:, -1] + 1
+        v = self.config.vision
+        grids = [image_grid(im, v.patch_size, v.merge_size) for im in (images or [])]
+        return mrope_positions(input_ids, self.image_token_ids, grids, cu_seqlens, start)
+
+    def forward(self, input_ids, labels=None, images=None, position_ids=None, cu_seqlens=None, state=None,
+                use_cache=False, output_hidden_states=False, compute_logits=True, **_unused):
+        x = self.embed(input_ids, images)
+        start = None if state is None else state["next_pos"]
+        pos, next_pos = self.positions(input_ids, images, position_ids if state is None else None, cu_seqlens, start)
+        layer_states = [None] * len(self.layers) if state is None else state["layers"]
+        hidden, new_states = [], []
+        for block, s in zip(self.layers, layer_states):
+            if output_hidden_states:
+                hidden.append(x)
+            x, ns = block(x, state=s, cu_seqlens=cu_seqlens, position_ids=pos, use_cache=use_cache)
+            new_states.append(ns)
+        if output_hidden_states:
+            hidden.append(x)
+        out = VLMOutput(hidden_states=hidden if output_hidden_states else None)
+        if use_cache:
+            out.state = {"layers": new_states, "next_pos": next_pos}
+        if compute_logits or labels is not None:
+            out.logits = self.lm_head(self.norm(x))
+        if labels is not None:
+            out.loss = next_token_loss(out.logits, labels, cu_seqlens)
+        return out
+
+
+def shift_labels(labels, cu_seqlens=None):
+    """Targets for next-token prediction, -100 where the next token belongs to another sample."""
+    target = F.pad(labels[:, 1:], (0, 1), value=-100)
+    if cu_seqlens is not None:
+        ends = cu_seqlens[1:-1].long() - 1
+        target[:, ends] = -100
+    return target
+
+
+def next_token_loss(logits, labels, cu_seqlens=None):
+    target = shift_labels(labels, cu_seqlens)
+    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
