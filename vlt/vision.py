@@ -93,6 +93,7 @@ class TimmTower(nn.Module):
             by_shape.setdefault(tuple(im.shape), []).append(i)
         dtype = next(self.parameters()).dtype
         for (c, H, W), idx in by_shape.items():
+            image_grid(images[idx[0]], self.patch_size, self.merge_size)  # clear error on a bad size
             x = torch.stack([images[i] for i in idx]).to(dtype)
             tokens = self.vit.forward_features(x)[:, self.vit.num_prefix_tokens:]
             grid = tokens.reshape(len(idx), H // self.patch_size, W // self.patch_size, -1)
