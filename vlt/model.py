@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from vlt.config import VLMConfig
@@ -71,6 +72,7 @@ class VLM(nn.Module):
         self._init_weights()
         if d.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.gradient_checkpointing = False
         self.image_token_ids = tuple(t for t in (config.image_token_id, config.video_token_id) if t is not None)
 
     def _init_weights(self):
@@ -115,16 +117,22 @@ class VLM(nn.Module):
         return mrope_positions(input_ids, self.image_token_ids, grids, cu_seqlens, start)
 
     def forward(self, input_ids, labels=None, images=None, position_ids=None, cu_seqlens=None, state=None,
-                use_cache=False, output_hidden_states=False, compute_logits=True, **_unused):
+                use_cache=False, output_hidden_states=False, compute_logits=True, logits_to_keep: int = 0,
+                **_unused):
         x = self.embed(input_ids, images)
         start = None if state is None else state["next_pos"]
         pos, next_pos = self.positions(input_ids, images, position_ids if state is None else None, cu_seqlens, start)
         layer_states = [None] * len(self.layers) if state is None else state["layers"]
         hidden, new_states = [], []
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block, s in zip(self.layers, layer_states):
             if output_hidden_states:
                 hidden.append(x)
-            x, ns = block(x, state=s, cu_seqlens=cu_seqlens, position_ids=pos, use_cache=use_cache)
+            if checkpointing:  # recompute each block in backward: activations O(layers) -> O(1) blocks
+                x, ns = torch.utils.checkpoint.checkpoint(block, x, state=s, cu_seqlens=cu_seqlens, position_ids=pos,
+                                                          use_cache=use_cache, use_reentrant=False)
+            else:
+                x, ns = block(x, state=s, cu_seqlens=cu_seqlens, position_ids=pos, use_cache=use_cache)
             new_states.append(ns)
         if output_hidden_states:
             hidden.append(x)
@@ -132,7 +140,10 @@ class VLM(nn.Module):
         if use_cache:
             out.state = {"layers": new_states, "next_pos": next_pos}
         if compute_logits or labels is not None:
-            out.logits = self.lm_head(self.norm(x))
+            # logits_to_keep=N: only the last N positions (generation prefill: a [T, vocab] matrix for
+            # a long prompt would dwarf the model); 0 keeps all, and a loss always needs all.
+            h = x[:, -logits_to_keep:] if logits_to_keep and labels is None else x
+            out.logits = self.lm_head(self.norm(h))
         if labels is not None:
             out.loss = next_token_loss(out.logits, labels, cu_seqlens)
         return out

@@ -1,0 +1,143 @@
+"""``vlt data pack|synth|inspect``: argparse subcommands; the lead's CLI calls ``add_data_subcommands``.
+
+Each handler takes the parsed args and returns an exit code (0 ok, 1 nothing written/read, 2 bad
+input), printing a short human summary and, with ``--json``, a JSON one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .synthetic import TASKS
+
+
+def _parse_kv(items: list[str] | None) -> dict:
+    """``key=value`` pairs; values parsed as JSON when they parse (numbers, bools, lists)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--param {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def cmd_pack(args) -> int:
+    from .shards import pack_llava
+
+    try:
+        summary = pack_llava(args.json, args.images, args.out, video_dir=args.video_frames, fps=args.fps,
+                             maxcount=args.max_count, maxsize=args.max_size, progress=not args.quiet)
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        print(f"vlt data pack: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {summary['written']} samples ({summary['num_tokens']} tokens) in {summary['shards']} shard(s) "
+          f"to {summary['out']}")
+    if summary["skipped"]:
+        print("skipped:")
+        for reason, n in sorted(summary["skipped"].items()):
+            print(f"  {reason}: {n}  e.g. {summary['examples'][reason][0]}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(summary, indent=1))
+    return 0 if summary["written"] else 1
+
+
+def cmd_synth(args) -> int:
+    from .shards import write_synthetic
+
+    try:
+        params = _parse_kv(args.param)
+        for name, n in (("train", args.num_train), ("val", args.num_val)):
+            if n <= 0:
+                continue
+            man = write_synthetic(str(Path(args.out) / name), args.task, n, seed=args.seed, split=name,
+                                  maxcount=args.max_count, progress=not args.quiet, **params)
+            print(f"{name}: {man['num_samples']} samples, {man['num_tokens']} tokens, {len(man['shards'])} shard(s) "
+                  f"-> {Path(args.out) / name}")
+    except ValueError as e:
+        print(f"vlt data synth: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .image import ImageProcessor
+    from .inspect import format_report, inspect_shards
+
+    try:
+        proc = ImageProcessor(args.patch_size, args.merge_size, args.min_pixels, args.max_pixels)
+        report = inspect_shards(args.shards, out_png=args.png, num_render=args.num_render, tokenizer=args.tokenizer,
+                                max_samples=args.max_samples, processor=proc)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"vlt data inspect: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=1))
+    return 0 if report["samples_read"] else 1
+
+
+def add_data_subcommands(subparsers) -> None:
+    """Register ``pack``, ``synth`` and ``inspect`` on an argparse ``_SubParsersAction``."""
+    from .image import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
+    p = subparsers.add_parser("pack", help="LLaVA JSON/JSONL + images (+ video frames) -> WebDataset shards")
+    p.add_argument("--json", required=True, help="LLaVA/ShareGPT JSON list or JSONL file")
+    p.add_argument("--images", required=True, help="folder the rows' image paths are relative to")
+    p.add_argument("--video-frames", default=None, help="folder of <video>/ frame folders (optional)")
+    p.add_argument("--fps", type=float, default=1.0, help="frame rate when a video folder has no timestamps.json")
+    p.add_argument("--out", required=True, help="output folder for shard-*.tar and manifest.json")
+    p.add_argument("--max-count", type=int, default=1000, help="samples per shard")
+    p.add_argument("--max-size", type=float, default=1e9, help="bytes per shard")
+    p.add_argument("--json-out", default=None, help="also write the summary as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pack)
+
+    s = subparsers.add_parser("synth", help="write an embedded synthetic dataset as shards (deterministic)")
+    s.add_argument("--task", required=True, choices=list(TASKS))
+    s.add_argument("--out", required=True, help="output folder; train/ and val/ are written inside")
+    s.add_argument("--num-train", type=int, default=2000)
+    s.add_argument("--num-val", type=int, default=200)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-count", type=int, default=1000, help="samples per shard")
+    s.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="generator parameter, e.g. image_size=56, num_frames=64, length=6 (repeatable)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_synth)
+
+    i = subparsers.add_parser("inspect", help="counts, token-length histogram, rendered samples to PNG")
+    i.add_argument("shards", help="shard folder, brace pattern or a.tar::b.tar")
+    i.add_argument("--png", default="inspect.png", help="where to render samples ('' for none)")
+    i.add_argument("--num-render", type=int, default=6)
+    i.add_argument("--max-samples", type=int, default=2000)
+    i.add_argument("--tokenizer", default="byte", help="'byte' or a local HF tokenizer folder")
+    i.add_argument("--patch-size", type=int, default=14)
+    i.add_argument("--merge-size", type=int, default=2)
+    i.add_argument("--min-pixels", type=int, default=DEFAULT_MIN_PIXELS)
+    i.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    i.add_argument("--json-out", default=None)
+    i.set_defaults(func=cmd_inspect)
+
+
+def main(argv=None) -> int:
+    """Standalone entry (``python -m vlt.data.cli synth ...``) until the lead wires ``vlt data``."""
+    parser = argparse.ArgumentParser(prog="vlt data")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    add_data_subcommands(sub)
+    from .bench import add_bench_data_args, bench_data
+
+    b = sub.add_parser("bench", help="loader samples/s and tokens/s")
+    add_bench_data_args(b)
+    b.set_defaults(func=lambda a: 0 if bench_data(a) else 1)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Embedded synthetic tasks with real signal: colour, count, OCR, long-context needle, and a mix.
+
+Every generator takes a ``random.Random`` and keyword parameters and returns a LLaVA-style
+conversation plus PIL images; answers are short and exact (a colour word, a digit, a string), so
+teacher-forced answer accuracy is a meaningful metric. Sizes, lengths and difficulty are
+parameters, so CPU smoke runs (56x56, a few frames) and GPU layout studies (hundreds of frames,
+far beyond an SWA window) use the same code.
+
+``needle`` produces a video: frames at ``fps`` with one frame showing ``CODE:`` and a code, the
+question at the end. Its frames come back in ``SyntheticRecord.frames`` with timestamps.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+TASKS = ("color", "count", "ocr", "needle", "mix")
+
+# Saturated, well separated colours on a mid-grey background (so white and black stay distinct).
+COLORS = {
+    "red": (230, 25, 25),
+    "green": (20, 190, 40),
+    "blue": (30, 60, 235),
+    "yellow": (250, 230, 20),
+    "cyan": (20, 225, 230),
+    "magenta": (230, 30, 220),
+    "white": (255, 255, 255),
+    "black": (0, 0, 0),
+}
+BACKGROUND = (128, 128, 128)
+SHAPES = ("circle", "square", "triangle")
+CODE_ALPHABET = string.ascii_uppercase + string.digits
+
+
+@dataclass
+class SyntheticRecord:
+    """One generated sample: conversation, still images, and (for videos) frames + timestamps."""
+
+    conversations: list
+    images: list = field(default_factory=list)
+    frames: list = field(default_factory=list)
+    timestamps: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+
+def _font(size: int):
+    # Pillow >= 10.1 ships a scalable default font, so rendering never depends on system fonts.
+    return ImageFont.load_default(size=size)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill) -> None:
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+
+
+def _conv(question: str, answer: str, placeholder: str = "<image>") -> list:
+    return [{"from": "human", "value": f"{placeholder}\n{question}"}, {"from": "gpt", "value": answer}]
+
+
+def gen_color(rng: random.Random, image_size: int = 56, min_radius_frac: float = 0.15,
+              max_radius_frac: float = 0.3, **_) -> SyntheticRecord:
+    name = rng.choice(sorted(COLORS))
+    img = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    r = rng.uniform(min_radius_frac, max_radius_frac) * image_size
+    cx, cy = rng.uniform(r, image_size - r), rng.uniform(r, image_size - r)
+    _draw_shape(ImageDraw.Draw(img), rng.choice(SHAPES), cx, cy, r, COLORS[name])
+    return SyntheticRecord(_conv("What colour is the shape?", name), [img], meta={"task": "color", "answer": name})
+
+
+def gen_count(rng: random.Random, image_size: int = 56, max_count: int = 5, radius_frac: float = 0.09,
+              **_) -> SyntheticRecord:
+    if max_count < 1:
+        raise ValueError(f"count.max_count must be >= 1 (got {max_count})")
+    n = rng.randint(1, max_count)
+    img = Image.new("RGB", (image_size, image_size), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    r = max(2.0, radius_frac * image_size)
+    placed: list[tuple[float, float]] = []
+    for _ in range(n):
+        for _attempt in range(200):  # rejection sampling: shapes must not touch, or counting is ambiguous
+            cx, cy = rng.uniform(r, image_size - r), rng.uniform(r, image_size - r)
+            if all((cx - x) ** 2 + (cy - y) ** 2 > (2.6 * r) ** 2 for x, y in placed):
+                break
+        else:
+            break
+        placed.append((cx, cy))
+        colour = COLORS[rng.choice(["red", "green", "blue", "yellow", "cyan", "magenta", "white"])]
+        _draw_shape(draw, rng.choice(SHAPES), cx, cy, r, colour)
+    answer = str(len(placed))
+    return SyntheticRecord(_conv("How many shapes?", answer), [img], meta={"task": "count", "answer": answer})
+
+
+def _render_text(text: str, width: int, height: int, rng: random.Random, bg=(255, 255, 255), fg=(0, 0, 0),
+                 lines: list[str] | None = None) -> Image.Image:
+    img = Image.new("RGB", (width, height), bg)
+    draw = ImageDraw.Draw(img)
+    lines = lines or [text]
+    size = max(6, int(min(height / (1.3 * len(lines)), 1.6 * width / max(len(s) for s in lines))))
+    while size > 6:  # shrink until the block fits
+        font = _font(size)
+        boxes = [draw.textbbox((0, 0), s, font=font) for s in lines]
+        bw = max(b[2] - b[0] for b in boxes)
+        bh = sum(b[3] - b[1] for b in boxes) + 2 * (len(lines) - 1)
+        if bw <= width - 2 and bh <= height - 2:
+            break
+        size -= 1
+    font = _font(size)
+    boxes = [draw.textbbox((0, 0), s, font=font) for s in lines]
+    bw = max(b[2] - b[0] for b in boxes)
+    bh = sum(b[3] - b[1] for b in boxes) + 2 * (len(lines) - 1)
+    x0 = rng.randint(0, max(0, width - bw - 1))
+    y = rng.randint(0, max(0, height - bh - 1))
+    for s, b in zip(lines, boxes):
+        draw.text((x0 - b[0], y - b[1]), s, font=font, fill=fg)
+        y += b[3] - b[1] + 2
+    return img
+
+
+def gen_ocr(rng: random.Random, image_size: int = 56, length: int = 4, width: int | None = None,
+            alphabet: str = CODE_ALPHABET, **_) -> SyntheticRecord:
+    if length < 1:
+        raise ValueError(f"ocr.length must be >= 1 (got {length})")
+    text = "".join(rng.choice(alphabet) for _ in range(length))
+    img = _render_text(text, width or image_size, image_size, rng)
+    return SyntheticRecord(_conv("What does the text say?", text), [img], meta={"task": "ocr", "answer": text})
+
+
+def gen_needle(rng: random.Random, image_size: int = 56, num_frames: int = 16, code_length: int = 4,
+               fps: float = 1.0, distractors: bool = True, **_) -> SyntheticRecord:
+    if num_frames < 1:
+        raise ValueError(f"needle.num_frames must be >= 1 (got {num_frames})")
+    code = "".join(rng.choice(CODE_ALPHABET) for _ in range(code_length))
+    k = rng.randrange(num_frames)
+    nprng = np.random.default_rng(rng.getrandbits(63))
+    frames = []
+    for i in range(num_frames):
+        if i == k:
+            frames.append(_render_text(code, image_size, image_size, rng, lines=["CODE:", code]))
+        elif distractors and rng.random() < 0.5:
+            # a distractor string without the CODE: label, so the model must find the labelled frame
+            fake = "".join(rng.choice(CODE_ALPHABET) for _ in range(code_length))
+            bg = tuple(int(c) for c in nprng.integers(60, 200, 3))
+            frames.append(_render_text(fake, image_size, image_size, rng, bg=bg))
+        else:
+            noise = nprng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
+            frames.append(Image.fromarray(noise))
+    ts = [round(i / fps, 3) for i in range(num_frames)]
+    conv = _conv("What code appeared?", code, placeholder="<video>")
+    return SyntheticRecord(conv, frames=frames, timestamps=ts, meta={"task": "needle", "answer": code, "needle_frame": k})
+
+
+_GENERATORS = {"color": gen_color, "count": gen_count, "ocr": gen_ocr, "needle": gen_needle}
+
+
+def generate_record(task: str, rng: random.Random, **params) -> SyntheticRecord:
+    """Generate one record. ``mix`` takes ``weights`` ({task: weight}) and per-task ``task_params``."""
+    if task == "mix":
+        weights = params.get("weights") or {"color": 1.0, "count": 1.0, "ocr": 1.0}
+        bad = [t for t in weights if t not in _GENERATORS]
+        if bad:
+            raise ValueError(f"synthetic.weights has unknown tasks {bad} (allowed: {sorted(_GENERATORS)})")
+        names = sorted(weights)
+        sub = rng.choices(names, weights=[float(weights[n]) for n in names])[0]
+        sub_params = {k: v for k, v in params.items() if k not in ("weights", "task_params")}
+        sub_params.update((params.get("task_params") or {}).get(sub, {}))
+        return _GENERATORS[sub](rng, **sub_params)
+    if task not in _GENERATORS:
+        raise ValueError(f"synthetic.task={task!r} is not one of {list(TASKS)}")
+    return _GENERATORS[task](rng, **params)
+
+
+def check_params(task: str, params: dict) -> None:
+    """ValueError naming any parameter the task's generator does not take (typos would be ignored)."""
+    import inspect
+
+    if task not in TASKS:
+        raise ValueError(f"synthetic.task={task!r} is not one of {list(TASKS)}")
+    gens = list(_GENERATORS.values()) if task == "mix" else [_GENERATORS[task]]
+    allowed = {"weights", "task_params"} if task == "mix" else set()
+    for g in gens:
+        allowed |= {n for n, p in inspect.signature(g).parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD} - {"rng"}
+    bad = sorted(set(params) - allowed)
+    if bad:
+        raise ValueError(f"synthetic parameter(s) {bad} not understood by task {task!r} (allowed: {sorted(allowed)})")
+
+
+def make_sample(task: str, rng: random.Random, **params):
+    """Contract entry point: (conversations, list[PIL.Image]); video frames follow the stills."""
+    rec = generate_record(task, rng, **params)
+    return rec.conversations, rec.images + rec.frames
+
+
+def sample_rng(seed: int, split: str, index: int) -> random.Random:
+    """Per-sample RNG: sample i of a split is the same whatever else is generated."""
+    return random.Random(f"vlt-synth/{seed}/{split}/{index}")

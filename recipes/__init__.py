@@ -1,0 +1,1 @@
+"""Recipes shipped with vlt; `vlt fit --config NAME` finds them by name."""

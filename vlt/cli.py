@@ -1,0 +1,168 @@
+"""The ``vlt`` command: a LightningCLI (fit / validate / test / predict) plus tool subcommands.
+
+    vlt fit                                   # the embedded quickstart recipe
+    vlt fit --config recipes/layouts/hybrid_1to3.yaml --trainer.max_steps 100
+    vlt fit --config a.yaml --config b.yaml   # merged in order; omegaconf ${...} interpolation
+    vlt fit --config quickstart --print_config
+    vlt fit ... --ckpt_path last              # resume the newest run's last.ckpt
+    vlt data synth|pack|inspect ...   vlt bench mixers|data ...   vlt generate --ckpt DIR ...
+
+``--config NAME`` also finds recipes shipped with vlt by name (``quickstart``,
+``infinitevl/stage2_sft``). The resolved config is saved as ``config.yaml`` in the run directory,
+and ``vlt fit --config that/config.yaml`` re-runs it.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from pathlib import Path
+
+TOOLS = ("data", "bench", "generate", "export")
+RECIPES = Path(__file__).resolve().parent / "recipes"
+if not RECIPES.is_dir():  # editable install / source checkout: recipes/ sits beside vlt/
+    RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def find_recipe(name: str) -> str:
+    """A path as given, or a shipped recipe by name (with or without .yaml)."""
+    if Path(name).is_file():
+        return name
+    for cand in (RECIPES / name, RECIPES / f"{name}.yaml"):
+        if cand.is_file():
+            return str(cand)
+    return name  # let the parser report the missing file
+
+
+def _rewrite_argv(argv: list[str]) -> list[str]:
+    out = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--config", "-c") and i + 1 < len(argv):
+            out += [a, find_recipe(argv[i + 1])]
+            i += 2
+            continue
+        if a.startswith("--config="):
+            out.append("--config=" + find_recipe(a.split("=", 1)[1]))
+        elif a == "--ckpt_path" and i + 1 < len(argv) and argv[i + 1] == "last":
+            out += [a, find_last_checkpoint(argv)]
+            i += 2
+            continue
+        elif a == "--ckpt_path=last":
+            out.append("--ckpt_path=" + find_last_checkpoint(argv))
+        else:
+            out.append(a)
+        i += 1
+    sub = out[0] if out else None
+    has_config = any(a in ("--config", "-c") or a.startswith("--config=") for a in out)
+    if sub == "fit" and not has_config and not any(a.startswith("--model") for a in out):
+        print(f"vlt: no --config given; using the embedded quickstart recipe ({RECIPES / 'quickstart.yaml'})",
+              file=sys.stderr)
+        out[1:1] = ["--config", str(RECIPES / "quickstart.yaml")]
+    return out
+
+
+def find_last_checkpoint(argv: list[str]) -> str:
+    """Lightning resolves ``last`` only inside the new run's own (empty) version directory, so vlt
+    looks for the newest ``last.ckpt`` under the root directory's runs instead."""
+    root = "."
+    for i, a in enumerate(argv):
+        if a.startswith("--trainer.default_root_dir"):
+            root = a.split("=", 1)[1] if "=" in a else argv[i + 1]
+    found = glob.glob(os.path.join(root, "**", "checkpoints", "last*.ckpt"), recursive=True)
+    if not found:
+        raise SystemExit(f"vlt: --ckpt_path last: no last.ckpt under {os.path.abspath(root)}/**/checkpoints/; "
+                         "give the checkpoint path explicitly")
+    newest = max(found, key=os.path.getmtime)
+    print(f"vlt: resuming from {newest}", file=sys.stderr)
+    return newest
+
+
+def token_info(datamodule) -> dict:
+    tok = datamodule.tokenizer
+    return dict(vocab_size=tok.vocab_size, image_token_id=tok.image_pad_id, video_token_id=tok.video_pad_id,
+                vision_start_token_id=tok.vision_start_id, pad_token_id=tok.pad_id)
+
+
+def lightning_main(argv: list[str]):
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+    from lightning.pytorch.cli import LightningCLI
+
+    from vlt.checkpoint import AtomicCheckpointIO
+    from vlt.training import VLTModule
+    from vlt.training.strategies import register_strategies
+    from vlt.data.datamodule import VLTDataModule
+
+    register_strategies()
+
+    class VLTCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser):
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+            parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 100,
+                                 "lr_monitor.logging_interval": "step"})
+            # Derived values come from the data module's tokenizer, never typed by hand twice.
+            parser.link_arguments("data", "model.init_args.tokens", compute_fn=token_info, apply_on="instantiate")
+
+        def instantiate_trainer(self, **kwargs):
+            trainer = super().instantiate_trainer(**kwargs)
+            if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # sharded FSDP keeps its own
+                trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            return trainer
+
+    trainer_defaults = {
+        "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                   "init_args": {"save_dir": ".", "name": "lightning_logs"}},
+        "log_every_n_steps": 10,
+    }
+    return VLTCLI(VLTModule, VLTDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                  parser_kwargs={"parser_mode": "omegaconf"}, save_config_kwargs={"overwrite": True},
+                  trainer_defaults=trainer_defaults, args=argv, auto_configure_optimizers=False)
+
+
+def tool_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vlt", description="vlt tools (training: vlt fit --help)")
+    sub = parser.add_subparsers(dest="tool", required=True)
+    data = sub.add_parser("data", help="write, convert and inspect WebDataset shards")
+    from vlt.data.cli import add_data_subcommands
+    add_data_subcommands(data.add_subparsers(dest="data_cmd", required=True))
+    bench = sub.add_parser("bench", help="benchmarks writing JSON + PNG")
+    bsub = bench.add_subparsers(dest="bench_cmd", required=True)
+    from vlt.data.bench import add_bench_data_args, bench_data
+    p = bsub.add_parser("data", help="data loader samples/s and tokens/s")
+    add_bench_data_args(p)
+    p.set_defaults(func=bench_data)
+    try:  # the GPU benchmarks import triton/fla lazily inside; the parser itself is cheap
+        from vlt.bench.mixers import add_bench_mixers_args, run_bench_mixers
+        p = bsub.add_parser("mixers", help="fwd+bwd and decode time of each mixer vs its raw kernel (GPU)")
+        add_bench_mixers_args(p)
+        p.set_defaults(func=run_bench_mixers)
+    except ImportError:
+        pass
+    gen = sub.add_parser("generate", help="chat with a saved vlt model")
+    try:
+        from vlt.generate_cli import add_generate_args, run_generate
+        add_generate_args(gen)
+        gen.set_defaults(func=run_generate)
+    except ImportError:
+        gen.set_defaults(func=lambda a: (print("vlt generate is not available in this build", file=sys.stderr), 1)[1])
+    args = parser.parse_args(argv)
+    rc = args.func(args)
+    return rc if isinstance(rc, int) else 0
+
+
+def main(argv: list[str] | None = None):
+    if argv is None:  # LightningCLI warns when given args while sys.argv has some: hand it ours only
+        argv, sys.argv = sys.argv[1:], sys.argv[:1]
+    argv = list(argv)
+    if argv and argv[0] in TOOLS:
+        return tool_main(argv)
+    lightning_main(_rewrite_argv(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The LightningModule every training stage shares: model construction, init from a previous
+stage, freezing + the new-parameter guard, LoRA, optimiser/schedule, and the logging users expect
+(each loss term, lr, grad norm, tokens/s, MFU estimate, skipped samples, answer accuracy)."""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+
+import lightning as L
+import torch
+
+from vlt.checkpoint import describe_mismatch, load_model_state
+from vlt.config import VLMConfig, _deep_update
+from vlt.model import VLM, shift_labels
+from vlt.training.freezing import apply_trainable, check_new_params_train, trainable_table
+
+log = logging.getLogger("vlt")
+
+SCHEDULES = ("cosine", "constant")
+
+
+def build_config(model_name: str | None, model: dict | None, tokens: dict | None, layout=None,
+                 mixers: dict | None = None, base: dict | None = None) -> VLMConfig:
+    """Named config (or ``base``), then the recipe's overrides, the layout, and the token ids
+    linked from the data module."""
+    if model_name is not None:
+        base = VLMConfig.from_name(model_name).to_dict()
+    base = copy.deepcopy(base or {})
+    _deep_update(base, copy.deepcopy(model or {}))
+    if layout is not None:
+        base.setdefault("decoder", {}).update(layout=layout, num_layers=None)
+    if mixers:
+        dec = base.setdefault("decoder", {})
+        dec["mixers"] = {**dec.get("mixers", {}), **mixers}
+    if tokens:
+        # The embedding table may be larger than the tokenizer (Qwen pads 151665 to 151936), never smaller.
+        dec = base.setdefault("decoder", {})
+        dec["vocab_size"] = max(tokens["vocab_size"], dec.get("vocab_size", 0))
+        for k in ("image_token_id", "video_token_id", "vision_start_token_id"):
+            if tokens.get(k) is not None:
+                base[k] = tokens[k]
+    return VLMConfig.from_dict(base)
+
+
+class VLTModule(L.LightningModule):
+    def __init__(self, model_name: str | None = None, model: dict | None = None, layout: str | list | None = None,
+                 mixers: dict | None = None, tokens: dict | None = None, init_from: str | None = None, trainable: list[str] | None = None, lora: dict | None = None,
+                 lr: float = 1e-3, weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.95),
+                 warmup_steps: int = 0, schedule: str = "cosine", min_lr_ratio: float = 0.1,
+                 activation_checkpointing: bool = False, peak_tflops: float | None = None):
+        """
+        Args:
+            model_name: a named config (``tiny-hybrid``, ``infinitevl-4b``); ``model`` overrides it.
+            model: the model config as a dict (vision / decoder / token ids), see vlt.config.
+            layout: the decoder layout (``"[swa, gdn, gdn, gdn] * 9"`` or a per-layer list); overrides ``model``.
+            mixers: default options per mixer name (``{swa: {window: 8192}}``), merged over ``model``'s.
+            tokens: vocab size and special token ids, linked from the data module by the CLI.
+            init_from: a previous stage's ``.ckpt`` or exported directory; layout and shapes must match.
+            trainable: part names (mixers, mlps, norms, embeddings, projector, vision, lora, all) or
+                parameter patterns (``layers.*.mixer.*``). Default: everything (or LoRA only with lora).
+            lora: peft LoRA options ``{r, alpha, dropout, target_modules, adapter_only_checkpoint}``.
+            peak_tflops: accelerator peak for the MFU estimate (default 789 on CUDA: measured bf16 H100).
+        """
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule={schedule!r}; allowed: {list(SCHEDULES)}")
+        self.save_hyperparameters()
+        self.model: VLM = self.build_model()
+        self.new_params = self.initial_new_params()
+        if init_from:
+            self.load_init(init_from)
+        self.lora_cfg = dict(lora) if lora else None
+        if self.lora_cfg:
+            from vlt.lora import apply_lora
+            opts = {k: v for k, v in self.lora_cfg.items() if k != "adapter_only_checkpoint"}
+            apply_lora(self.model, **opts)
+            self.new_params += [n for n, _ in self.model.named_parameters() if "lora_" in n]
+            if self.lora_cfg.get("adapter_only_checkpoint", True):
+                self.strict_loading = False  # base weights come from init_from, not the checkpoint
+        self.model.gradient_checkpointing = activation_checkpointing
+        default = ["lora"] if self.lora_cfg else ["all"]
+        apply_trainable(self.model, trainable if trainable is not None else self.default_trainable(default))
+        self._t0 = None
+        self._flops_per_token = 6 * sum(p.numel() for n, p in self.model.named_parameters()
+                                        if not n.startswith("embed_tokens"))
+
+    # ---- hooks for subclasses ---------------------------------------------------------------------
+    def build_model(self) -> VLM:
+        hp = self.hparams
+        base = None
+        if hp.model_name is None and hp.model is None and hp.init_from:
+            base = load_model_state(hp.init_from)[0]  # take the previous stage's model as it was
+        return VLM(build_config(hp.model_name, hp.model, hp.tokens, hp.layout, hp.mixers, base))
+
+    def initial_new_params(self) -> list[str]:
+        """Parameters not loaded from anywhere (all of them when training from scratch)."""
+        return [n for n, _ in self.model.named_parameters()]
+
+    def default_trainable(self, default):
+        return default
+
+    # ---- init from a previous stage ---------------------------------------------------------------
+    def load_init(self, path: str):
+        cfg, state = load_model_state(path)
+        why = describe_mismatch(self.model.config.to_dict(), cfg)
+        if why:
+            raise ValueError(f"init_from {path!r} does not fit this recipe's model: {why}. Use the previous "
+                             "stage's model config (or drop `model:` to take the checkpoint's)")
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing = [m for m in missing if "lora_" not in m]
+        if unexpected or missing:
+            raise ValueError(f"init_from {path!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.new_params = []
+        log.info("initialised all %d tensors from %s", len(state), path)
+
+    # ---- Lightning ----------------------------------------------------------------------------
+    def on_fit_start(self):
+        table = trainable_table(self.model)
+        if self.global_rank == 0:
+            print(f"\nlayout: {self.model.layout}\n{table}\n")
+        check_new_params_train(self.model, self.new_params)
+
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    def compute_loss(self, batch) -> tuple[torch.Tensor, dict]:
+        out = self.model(**batch)
+        return out.loss, {"loss/ce": out.loss}
+
+    def training_step(self, batch, batch_idx):
+        loss, terms = self.compute_loss(batch)
+        bs = int(batch.get("num_samples", batch["input_ids"].shape[0]))
+        for k, v in terms.items():
+            self.log(f"train/{k}", v, batch_size=bs, prog_bar=(k == next(iter(terms))))
+        self.log("train/loss", loss, batch_size=bs, prog_bar=True)
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self._t0 is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - self._t0
+        tokens = batch["input_ids"].numel() * self.trainer.world_size
+        self.log("perf/tokens_per_s", tokens / dt)
+        peak = self.hparams.peak_tflops or (789.0 if self.device.type == "cuda" else None)
+        if peak:
+            self.log("perf/mfu_est", self._flops_per_token * tokens / dt / (peak * 1e12 * self.trainer.world_size))
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "stats"):
+            for reason, n in dm.stats().items():
+                self.log(f"data/{reason}", float(n))
+
+    def on_before_optimizer_step(self, optimizer):
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    def validation_step(self, batch, batch_idx):
+        out = self.model(**batch)
+        bs = int(batch.get("num_samples", batch["input_ids"].shape[0]))
+        correct, total, tok_ok, tok_n = answer_accuracy(out.logits, batch["labels"], batch.get("cu_seqlens"))
+        self.log("val/loss", out.loss, batch_size=bs, prog_bar=True, sync_dist=True)
+        self.log("val/answer_acc", correct / max(total, 1), batch_size=max(total, 1), prog_bar=True, sync_dist=True)
+        self.log("val/token_acc", tok_ok / max(tok_n, 1), batch_size=max(tok_n, 1), sync_dist=True)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for n, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.dim() < 2 or "embed_tokens" in n or getattr(p, "_no_weight_decay", False) else decay).append(p)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=tuple(hp.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm, floor = hp.warmup_steps, hp.min_lr_ratio
+
+        def factor(step):
+            if step < warm:
+                return (step + 1) / warm
+            if hp.schedule == "constant":
+                return 1.0
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- checkpoints carry the layout; LoRA runs may save adapters only --------------------------
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["vlt_config"] = self.model.config.to_dict()
+        checkpoint["vlt_layout"] = self.model.layout
+        if self.lora_cfg and self.lora_cfg.get("adapter_only_checkpoint", True):
+            keep = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint):
+        saved = checkpoint.get("vlt_config")
+        if saved is not None:
+            why = describe_mismatch(self.model.config.to_dict(), saved)
+            if why:
+                raise ValueError(f"checkpoint does not match this run's model: {why}")
+
+
+def answer_accuracy(logits, labels, cu_seqlens=None):
+    """Teacher-forced accuracy: a sample is right when every supervised token is the argmax.
+
+    Returns (samples right, samples with supervision, tokens right, supervised tokens)."""
+    target = shift_labels(labels, cu_seqlens)
+    pred = logits.argmax(-1)
+    sup = target != -100
+    ok = (pred == target) | ~sup
+    if cu_seqlens is not None:
+        seg = torch.searchsorted(cu_seqlens[1:].to(labels.device), torch.arange(labels.shape[1], device=labels.device),
+                                 right=True)
+        n = len(cu_seqlens) - 1
+        wrong = torch.zeros(n, device=labels.device).index_add_(0, seg, (~ok[0]).float())
+        has = torch.zeros(n, device=labels.device).index_add_(0, seg, sup[0].float())
+    else:
+        wrong, has = (~ok).float().sum(1), sup.float().sum(1)
+    samples = has > 0
+    correct = int(((wrong == 0) & samples).sum())
+    return correct, int(samples.sum()), int(((pred == target) & sup).sum()), int(sup.sum())
