@@ -18,7 +18,7 @@ log = logging.getLogger("vlt.kernels")
 PREFERENCE = {
     "gated_delta": ["fla", "torch"],
     "linear_attn": ["fla", "torch"],
-    "attention": ["sdpa", "torch"],
+    "attention": ["sdpa", "flex", "fla", "flash_attn", "torch"],  # the SWA kernels can be forced
     "swa": ["flex", "fla", "flash_attn", "torch"],
     "varlen_attention": ["flex", "fla", "flash_attn", "torch"],
     "short_conv": ["fla", "torch"],

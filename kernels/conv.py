@@ -19,10 +19,10 @@ def short_conv(x, weight, bias=None, *, activation: str | None = "silu", conv_st
     B, T, C = x.shape
     W = weight.shape[-1]
     backend = resolve_backend("short_conv", backend, x.device)
-    if backend == "fla" and conv_state is None and not output_final_state:
-        from fla.modules.convolution import causal_conv1d
-        y, _ = causal_conv1d(x, weight=weight, bias=bias, activation=activation, cu_seqlens=cu_seqlens)
-        return y, None
+    if activation not in ("silu", None):
+        raise ValueError(f"short_conv activation {activation!r}; allowed: 'silu', None")
+    if backend == "fla":
+        return _fla(x, weight, bias, activation, conv_state, output_final_state, cu_seqlens)
     if cu_seqlens is not None:
         # Gather-based: each output sums W shifted copies, a tap masked out where it would read a
         # position before its own sequence's start (or from the carried state of that sequence).
@@ -50,9 +50,17 @@ def short_conv(x, weight, bias=None, *, activation: str | None = "silu", conv_st
         y = y + bias
     if activation == "silu":
         y = F.silu(y)
-    elif activation is not None:
-        raise ValueError(f"short_conv activation {activation!r}; allowed: 'silu', None")
     return y, new_state
+
+
+def _fla(x, weight, bias, activation, conv_state, output_final_state, cu_seqlens):
+    from fla.modules.causal_conv1d.ops import causal_conv1d
+    # fla's states hold the last W inputs ([N, C, W]), ours the last W-1: the oldest one is never
+    # read by a width-W conv, so a zero column in front converts ours and dropping it converts back.
+    h0 = None if conv_state is None else F.pad(conv_state.to(x.dtype), (1, 0)).contiguous()
+    y, hT = causal_conv1d(x, weight=weight, bias=bias, activation=activation, initial_state=h0,
+                          output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return y, (hT[..., 1:].contiguous() if output_final_state else None)
 
 
 def _last_inputs(xt, prev, W):

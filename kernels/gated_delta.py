@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from vlt.kernels.backends import resolve_backend
+from vlt.kernels.varlen import pad_packed, unpad
 
 
 def gated_delta_rule(q, k, v, g, beta, *, scale: float | None = None, initial_state=None,
@@ -59,16 +60,11 @@ def _fla(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
 def _torch_varlen(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
     if cu_seqlens is None:
         return _torch_chunked(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size)
-    outs, states = [], []
-    bounds = cu_seqlens.tolist()
-    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
-        h0 = None if initial_state is None else initial_state[i:i + 1]
-        o, h = _torch_chunked(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], beta[:, s:e], scale, h0,
-                              output_final_state, chunk_size)
-        outs.append(o)
-        states.append(h)
-    o = torch.cat(outs, dim=1)
-    return o, (torch.cat(states, dim=0) if output_final_state else None)
+    # All packed sequences at once as a padded batch; padding has g = 0 and beta = 0, so it neither
+    # decays nor writes the state and each sequence's final state is that of its last real token.
+    (q, k, v, g, beta), lengths = pad_packed([q, k, v, g, beta], cu_seqlens, chunk_size)
+    o, h = _torch_chunked(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size)
+    return unpad(o, lengths), h
 
 
 def _torch_chunked(q, k, v, g, beta, scale, initial_state, output_final_state, C):

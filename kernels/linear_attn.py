@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from vlt.kernels.backends import resolve_backend
+from vlt.kernels.varlen import pad_packed, unpad
 
 
 def linear_attention(q, k, v, g=None, *, scale: float | None = None, initial_state=None,
@@ -25,20 +26,21 @@ def linear_attention(q, k, v, g=None, *, scale: float | None = None, initial_sta
     if backend == "fla":
         from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
         fn = fused_recurrent_simple_gla if (T <= 8 and not torch.is_grad_enabled()) else chunk_simple_gla
-        return fn(q, k, v, g=g, scale=scale, initial_state=initial_state,
+        g_gamma = None
+        if g is not None and g.stride(0) == 0 and g.stride(1) == 0 and not g.requires_grad:
+            # a per-head constant decay broadcast over (B, T): fla's g_gamma form skips the cumsum
+            # (it gives g_gamma no gradient, hence only when none is needed)
+            g, g_gamma = None, g[0, 0]
+        return fn(q, k, v, g=g, g_gamma=g_gamma, scale=scale, initial_state=initial_state,
                   output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     if g is None:
         g = q.new_zeros(B, T, H, dtype=torch.float32)
     if cu_seqlens is None:
         return _chunked(q, k, v, g, scale, initial_state, output_final_state, chunk_size)
-    outs, states = [], []
-    bounds = cu_seqlens.tolist()
-    for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
-        h0 = None if initial_state is None else initial_state[i:i + 1]
-        o, h = _chunked(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], scale, h0, output_final_state, chunk_size)
-        outs.append(o)
-        states.append(h)
-    return torch.cat(outs, 1), (torch.cat(states, 0) if output_final_state else None)
+    # Packed sequences as one padded batch: zero k/v padding writes nothing, g = 0 decays nothing.
+    (q, k, v, g), lengths = pad_packed([q, k, v, g], cu_seqlens, chunk_size)
+    o, h = _chunked(q, k, v, g, scale, initial_state, output_final_state, chunk_size)
+    return unpad(o, lengths), h
 
 
 def _chunked(q, k, v, g, scale, initial_state, output_final_state, C):

@@ -94,6 +94,16 @@ class Attention(TokenMixer):
                 position_ids = seq_positions(T, cu_seqlens, seen, x.device).expand(B, T)
             cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta, self.mrope_section)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if T == 1 and self.window is not None and seen >= self.window and state is not None:
+            # Decode with a full ring: write the new key into its slot (out of place: the caller's
+            # state stays valid) and attend over the whole ring, unmasked - the ring holds exactly
+            # the `window` visible keys, and softmax does not care about their order.
+            s = seen % self.window
+            ring_k, ring_v = (torch.cat([r[:, :s], new, r[:, s + 1:]], 1) for r, new in
+                              ((state["k"], k), (state["v"], v)))
+            o = attention_kernel(q, ring_k, ring_v, window=None, backend=self.backend)
+            y = self.o_proj(o.reshape(B, T, -1))
+            return y, ({"k": ring_k, "v": ring_v, "seen": seen + 1} if use_cache else None)
         if state is not None and seen > 0:
             k_prev, v_prev = self._cached_kv(state)
             k_all, v_all = torch.cat([k_prev, k], 1), torch.cat([v_prev, v], 1)

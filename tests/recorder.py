@@ -17,5 +17,6 @@ class RecordBatches(Callback):
 
     def on_train_end(self, trainer, pl_module):
         os.makedirs(self.out_dir, exist_ok=True)
-        with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}-{os.getpid()}.json"), "w") as f:
+        n = len(os.listdir(self.out_dir))  # runs in one process (resume tests) each get their own file
+        with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}-{n:02d}.json"), "w") as f:
             json.dump(self.batches, f)

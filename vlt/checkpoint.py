@@ -34,15 +34,10 @@ def load_model_state(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Ten
     if not p.exists():
         raise FileNotFoundError(f"init_from checkpoint {str(p)!r} does not exist; give a .ckpt written by "
                                 "`vlt fit` (lightning_logs/version_N/checkpoints/) or a directory saved by vlt export")
-    if p.is_dir():
-        cfg_file, weights = p / "vlt_config.json", p / "model.safetensors"
-        for f in (cfg_file, weights):
-            if not f.is_file():
-                raise FileNotFoundError(f"{str(p)!r} is not a vlt export directory: {f.name} is missing "
-                                        "(expected vlt_config.json + model.safetensors)")
-        from safetensors.torch import load_file
-        cfg = json.loads(cfg_file.read_text())
-        return cfg.get("model", cfg), load_file(str(weights))
+    if p.is_dir():  # an export directory (vlt.export): tied weights restored, format checked there
+        from vlt.export import read_state
+        meta, state = read_state(p)
+        return meta["model"], state
     ckpt = torch.load(p, map_location="cpu", weights_only=False)
     if "vlt_config" not in ckpt:
         raise ValueError(f"{str(p)!r} was not written by vlt (no 'vlt_config' entry): its layout is unknown")

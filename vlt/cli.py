@@ -86,7 +86,7 @@ def token_info(datamodule) -> dict:
                 vision_start_token_id=tok.vision_start_id, pad_token_id=tok.pad_id)
 
 
-def lightning_main(argv: list[str]):
+def lightning_main():
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.plugins.io import TorchCheckpointIO
     from lightning.pytorch.cli import LightningCLI
@@ -120,7 +120,7 @@ def lightning_main(argv: list[str]):
     }
     return VLTCLI(VLTModule, VLTDataModule, subclass_mode_model=True, subclass_mode_data=True,
                   parser_kwargs={"parser_mode": "omegaconf"}, save_config_kwargs={"overwrite": True},
-                  trainer_defaults=trainer_defaults, args=argv, auto_configure_optimizers=False)
+                  trainer_defaults=trainer_defaults, auto_configure_optimizers=False)
 
 
 def tool_main(argv: list[str]) -> int:
@@ -149,18 +149,23 @@ def tool_main(argv: list[str]) -> int:
         gen.set_defaults(func=run_generate)
     except ImportError:
         gen.set_defaults(func=lambda a: (print("vlt generate is not available in this build", file=sys.stderr), 1)[1])
+    exp = sub.add_parser("export", help="a .ckpt -> a model directory for vlt generate / init_from")
+    from vlt.export_cli import add_export_args, run_export
+    add_export_args(exp)
+    exp.set_defaults(func=run_export)
     args = parser.parse_args(argv)
     rc = args.func(args)
     return rc if isinstance(rc, int) else 0
 
 
 def main(argv: list[str] | None = None):
-    if argv is None:  # LightningCLI warns when given args while sys.argv has some: hand it ours only
-        argv, sys.argv = sys.argv[1:], sys.argv[:1]
-    argv = list(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TOOLS:
         return tool_main(argv)
-    lightning_main(_rewrite_argv(argv))
+    # LightningCLI reads sys.argv, and Lightning's DDP launcher re-runs this command from sys.argv for
+    # ranks > 0, so the rewritten arguments (recipe paths, resolved `last`) go there for both.
+    sys.argv = [sys.argv[0], *_rewrite_argv(argv)]
+    lightning_main()
     return 0
 
 

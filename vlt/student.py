@@ -9,7 +9,9 @@ the teacher's q/k/v/o (same shapes). A layer that becomes another mixer is initi
   beta 0.5, decay ~0.999, identity convs);
 - ``transfer`` (Mamba-in-the-Llama, RADLADS): q/k/v/o copied from the attention layer where the
   shapes allow (KV heads repeated to the query heads; a wider value/o projection gets the
-  teacher's weights in its first block and keeps its init elsewhere), then ``mimic_init()``.
+  teacher's head in the first ``head_dim`` channels of each value head and silent o_proj columns
+  for the rest), after ``mimic_init()`` for the gates. Teacher q/k/v biases are dropped (GDN and
+  linear projections have none).
 
 Returns the student and the names of the parameters that did not come from the teacher, which the
 training code refuses to leave frozen.
@@ -17,11 +19,14 @@ training code refuses to leave frozen.
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 
 from vlt.config import VLMConfig
 from vlt.model import VLM
+
+log = logging.getLogger(__name__)
 
 INITS = ("mimic", "transfer")
 ATTENTION = ("full", "swa")
@@ -31,8 +36,8 @@ def student_config(teacher_cfg: VLMConfig, layout, mixers: dict | None = None) -
     d = teacher_cfg.to_dict()
     d["decoder"]["layout"] = layout
     d["decoder"]["num_layers"] = None
-    if mixers is not None:
-        d["decoder"]["mixers"] = {**d["decoder"]["mixers"], **mixers}
+    for name, opts in (mixers or {}).items():  # per mixer: a window must not drop the teacher's qkv_bias
+        d["decoder"]["mixers"].setdefault(name, {}).update(opts or {})
     d["name"] = f"{teacher_cfg.name}-student"
     return VLMConfig.from_dict(d)
 
@@ -45,56 +50,96 @@ def convert(teacher: VLM, layout, mixers: dict | None = None, init: str = "mimic
         raise ValueError(f"student layout has {len(cfg.layers())} layers but the teacher has {len(teacher.layers)}; "
                          "conversion keeps depth - give one mixer per teacher layer")
     student = VLM(cfg)
-    t_sd = teacher.state_dict()
-    new: list[str] = []
-    s_sd = student.state_dict()
+    t_params = dict(teacher.named_parameters())
+    copied: set[str] = set()
+
+    def copy(dst, src, name):
+        if tuple(dst.shape) != tuple(src.shape):
+            raise ValueError(f"{name}: teacher tensor has shape {tuple(src.shape)} but the student expects "
+                             f"{tuple(dst.shape)}; check the mixer options against the teacher's config")
+        with torch.no_grad():
+            dst.copy_(src.to(dst.dtype))
+        copied.add(name)
+
+    for name, p in student.named_parameters():
+        if ".mixer." in name:
+            continue
+        if name not in t_params:
+            raise ValueError(f"student parameter {name!r} has no counterpart in the teacher")
+        copy(p, t_params[name], name)
     for i, (s_block, t_block) in enumerate(zip(student.layers, teacher.layers)):
         if t_block.mixer_name not in ATTENTION:
-            continue
-        if s_block.mixer_name in ATTENTION:
-            continue  # same projections; copied below with everything else
-        prefix = f"layers.{i}.mixer."
-        new += [prefix + n for n, _ in s_block.mixer.named_parameters()]
+            raise ValueError(f"teacher layer {i} is {t_block.mixer_name!r}; conversion starts from attention layers")
+        attn = t_block.mixer
+        init_mixer_from_attention(s_block.mixer, attention_weights(attn), attn.num_heads, attn.num_kv_heads,
+                                  attn.head_dim, init, f"layers.{i}.mixer.", copy)
+    return student, [n for n, _ in student.named_parameters() if n not in copied]
+
+
+def attention_weights(attn) -> dict:
+    """{proj: (weight, bias or None)} of an attention module with q/k/v/o_proj (vlt's or transformers')."""
+    return {p: (getattr(attn, p).weight, getattr(attn, p).bias) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+
+
+def init_mixer_from_attention(mixer, weights: dict, num_heads: int, num_kv_heads: int, head_dim: int, init: str,
+                              prefix: str, copy):
+    """Initialise one student mixer from a teacher attention layer (see the module docstring).
+
+    ``copy(dst, src, name)`` copies a whole tensor and records ``name`` as coming from the teacher."""
+    from vlt.layers.attention import Attention
+    from vlt.layers.hybrid import HybridMixer
+    if isinstance(mixer, Attention):
+        for proj, (w, b) in weights.items():
+            dst = getattr(mixer, proj)
+            if (dst.bias is None) != (b is None):
+                raise ValueError(f"{prefix}{proj}: the teacher's projection {'has' if b is not None else 'has no'} "
+                                 f"bias; give this attention mixer qkv_bias={b is not None} (for a hybrid, use "
+                                 "'hybrid' with branches [{mixer: swa, window: W, qkv_bias: true}, gdn])")
+            copy(dst.weight, w, f"{prefix}{proj}.weight")
+            if b is not None:
+                copy(dst.bias, b, f"{prefix}{proj}.bias")
+    elif isinstance(mixer, HybridMixer):
+        for j, branch in enumerate(mixer.branches):
+            init_mixer_from_attention(branch, weights, num_heads, num_kv_heads, head_dim, init,
+                                      f"{prefix}branches.{j}.", copy)
+    else:
+        if hasattr(mixer, "mimic_init"):
+            mixer.mimic_init()
         if init == "transfer":
-            _transfer(s_block.mixer, t_block.mixer)
-        if hasattr(s_block.mixer, "mimic_init"):
-            s_block.mixer.mimic_init()
-    fresh = {prefix for prefix in new}
-    with torch.no_grad():
-        for name, tensor in s_sd.items():
-            if name in fresh:
-                continue
-            if name not in t_sd:
-                raise ValueError(f"student parameter {name!r} has no counterpart in the teacher")
-            if t_sd[name].shape != tensor.shape:
-                raise ValueError(f"shape mismatch for {name!r}: teacher {tuple(t_sd[name].shape)}, "
-                                 f"student {tuple(tensor.shape)}")
-            tensor.copy_(t_sd[name])
-    return student, new
+            _transfer_qkvo(mixer, weights, num_heads, num_kv_heads, head_dim, prefix, copy)
 
 
 @torch.no_grad()
-def _transfer(mixer, attn):
-    rep = attn.num_heads // attn.num_kv_heads
-    hd = attn.head_dim
-
-    def heads(w, n):  # [n*hd, D] -> repeat each KV head `rep` times -> [n*rep*hd, D]
-        return w.view(n, hd, -1).repeat_interleave(rep, 0).reshape(n * rep * hd, -1)
-
-    src = {"q_proj": attn.q_proj.weight, "k_proj": heads(attn.k_proj.weight, attn.num_kv_heads),
-           "v_proj": heads(attn.v_proj.weight, attn.num_kv_heads)}
-    for name, w in src.items():
-        dst = getattr(mixer, name, None)
-        if dst is None:
+def _transfer_qkvo(mixer, weights, H, Hkv, d, prefix, copy):
+    """q/k/v/o into a non-attention mixer, per head, KV heads repeated for GQA; a wider value head
+    (GDN expand_v = 2) gets the teacher's head in its first ``d`` channels and silent o_proj columns."""
+    from torch import nn
+    D = weights["q_proj"][0].shape[1]
+    rep = lambda w: w.view(Hkv, d, D).repeat_interleave(H // Hkv, 0).reshape(H * d, D)  # noqa: E731
+    src = {"q_proj": weights["q_proj"][0], "k_proj": rep(weights["k_proj"][0]), "v_proj": rep(weights["v_proj"][0])}
+    for proj, w in src.items():
+        dst = getattr(mixer, proj, None)
+        if not isinstance(dst, nn.Linear):
             continue
-        r, c = min(dst.weight.shape[0], w.shape[0]), min(dst.weight.shape[1], w.shape[1])
-        dst.weight[:r, :c] = w[:r, :c]
-    if hasattr(mixer, "o_proj"):
-        w = attn.o_proj.weight
-        r, c = min(mixer.o_proj.weight.shape[0], w.shape[0]), min(mixer.o_proj.weight.shape[1], w.shape[1])
-        mixer.o_proj.weight[:r, :c] = w[:r, :c]
-        if mixer.o_proj.weight.shape[1] > w.shape[1]:  # the extra value channels start silent
-            mixer.o_proj.weight[:, c:] = 0
+        R = dst.weight.shape[0]
+        if R == H * d:
+            copy(dst.weight, w, f"{prefix}{proj}.weight")
+        elif R % H == 0 and R // H >= d:  # wider heads: fill each head's first d channels
+            dst.weight.view(H, R // H, D)[:, :d] = w.view(H, d, D)
+        else:
+            log.warning("transfer: %s%s has %d rows, cannot map %d teacher heads of %d; left at init", prefix, proj, R, H, d)
+    dst = getattr(mixer, "o_proj", None)
+    if isinstance(dst, nn.Linear):
+        C = dst.weight.shape[1]
+        if C == H * d:
+            copy(dst.weight, weights["o_proj"][0], f"{prefix}o_proj.weight")
+        elif C % H == 0 and C // H >= d:
+            o = dst.weight.view(D, H, C // H)
+            o.zero_()  # extra value channels start silent
+            o[:, :, :d] = weights["o_proj"][0].view(D, H, d)
+        else:
+            log.warning("transfer: %so_proj has %d columns, cannot map %d teacher heads of %d; left at init",
+                        prefix, C, H, d)
 
 
 def teacher_like(student_cfg: VLMConfig) -> VLMConfig:

@@ -33,7 +33,9 @@ def build_config(model_name: str | None, model: dict | None, tokens: dict | None
         base.setdefault("decoder", {}).update(layout=layout, num_layers=None)
     if mixers:
         dec = base.setdefault("decoder", {})
-        dec["mixers"] = {**dec.get("mixers", {}), **mixers}
+        merged = dec.setdefault("mixers", {})
+        for name, opts in mixers.items():  # per mixer, so {swa: {window}} keeps swa's other options
+            merged[name] = {**merged.get(name, {}), **(opts or {})}
     if tokens:
         # The embedding table may be larger than the tokenizer (Qwen pads 151665 to 151936), never smaller.
         dec = base.setdefault("decoder", {})

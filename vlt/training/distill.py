@@ -48,8 +48,8 @@ def layer_mse_loss(student_outs, teacher_outs, scale: float, cosine_weight: floa
 
 def load_teacher(teacher, tokens=None) -> VLM:
     if isinstance(teacher, dict):
-        teacher = dict(teacher)
-        cfg = build_config(teacher.pop("model_name", None), teacher, tokens)
+        teacher = dict(teacher)  # {model_name?, layout?, ...model config overrides}
+        cfg = build_config(teacher.pop("model_name", None), teacher, tokens, teacher.pop("layout", None))
         if any(n != "full" for n, _ in cfg.layers()):
             raise ValueError("teacher: the teacher must be full attention in every layer (layout '[full] * N')")
         return VLM(cfg)
