@@ -282,6 +282,13 @@ class VLTDataModule(L.LightningDataModule):
                        num_workers=self.num_workers, num_batches=nb)
         return VLTLoader(ds, self.num_workers, epoch_fn=lambda: 0, on_stats=self._on_stats)
 
+    def test_dataloader(self):
+        """`vlt test` / `vlt predict` evaluate on the validation shards (no separate test split)."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self):
+        return self.val_dataloader()
+
     # ------------------------------------------------------------------ state / stats
     def stats(self) -> dict:
         """Counts aggregated over this rank's workers: ``samples``, ``batches``, ``tokens``,

@@ -65,6 +65,10 @@ def test_quickstart_cli_saves_config_that_reruns(tmp_path):
         assert key in metrics, key
     main(["fit", "--config", str(run / "config.yaml"), "--trainer.max_steps=2"])  # the saved config re-runs
     assert len(versions(tmp_path)) == 2
+    ckpt_args = ["--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
+    main(["test", "--config", str(run / "config.yaml"), "--trainer.limit_test_batches=2", *ckpt_args])
+    assert "test/answer_acc" in open(versions(tmp_path)[-1] / "metrics.csv").read()
+    main(["predict", "--config", str(run / "config.yaml"), "--trainer.limit_predict_batches=1", *ckpt_args])
 
 
 def test_resume_continues_the_uninterrupted_loss_curve(tmp_path):

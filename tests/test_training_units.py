@@ -97,3 +97,22 @@ def test_init_from_with_mismatching_layout_is_a_clear_error(tmp_path):
     assert ok.model.layout == ["swa", "gdn"] and ok.new_params == []
     with pytest.raises(FileNotFoundError, match="does not exist"):
         InstructionTuning(model_name="tiny-hybrid", init_from=str(tmp_path / "nope.ckpt"))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A crash while writing leaves the previous checkpoint intact and no torn file behind."""
+    from vlt.checkpoint import AtomicCheckpointIO
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+
+    def crash(obj, f, *a, **k):
+        open(f, "wb").write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]

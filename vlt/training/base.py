@@ -163,13 +163,25 @@ class VLTModule(L.LightningModule):
         if grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch, batch_idx, prefix="val"):
         out = self.model(**batch)
         bs = int(batch.get("num_samples", batch["input_ids"].shape[0]))
         correct, total, tok_ok, tok_n = answer_accuracy(out.logits, batch["labels"], batch.get("cu_seqlens"))
-        self.log("val/loss", out.loss, batch_size=bs, prog_bar=True, sync_dist=True)
-        self.log("val/answer_acc", correct / max(total, 1), batch_size=max(total, 1), prog_bar=True, sync_dist=True)
-        self.log("val/token_acc", tok_ok / max(tok_n, 1), batch_size=max(tok_n, 1), sync_dist=True)
+        self.log(f"{prefix}/loss", out.loss, batch_size=bs, prog_bar=True, sync_dist=True)
+        self.log(f"{prefix}/answer_acc", correct / max(total, 1), batch_size=max(total, 1), prog_bar=True,
+                 sync_dist=True)
+        self.log(f"{prefix}/token_acc", tok_ok / max(tok_n, 1), batch_size=max(tok_n, 1), sync_dist=True)
+
+    def test_step(self, batch, batch_idx):
+        self.validation_step(batch, batch_idx, prefix="test")
+
+    def predict_step(self, batch, batch_idx):
+        """Teacher-forced predictions at the supervised (answer) positions of each sample."""
+        out = self.model(**batch)
+        target = shift_labels(batch["labels"], batch.get("cu_seqlens"))
+        pred = out.logits.argmax(-1)
+        sup = target != -100
+        return {"sample_ids": batch.get("sample_ids"), "predicted": pred[sup].cpu(), "target": target[sup].cpu()}
 
     def configure_optimizers(self):
         hp = self.hparams

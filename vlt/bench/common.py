@@ -1,0 +1,238 @@
+"""Shared pieces of ``vlt bench train|infer|stream``: models at InfiniteVL-4B shapes, the report header,
+timing on CUDA (reusing vlt.bench.mixers' event timer and graph capture) or on CPU, peak memory,
+FLOP and byte counts, and the machine's two ceilings (bf16 matmul rate, copy bandwidth).
+
+Layouts benchmarked: ``full`` (36 causal attention layers), ``swa`` (36 window-8192 layers),
+``gdn`` (36 GDN layers), ``hybrid`` (InfiniteVL's [swa, gdn, gdn, gdn] * 9). ``--tiny`` swaps the
+4B shapes for a 4-layer, width-64 decoder so every code path runs on a CPU in seconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+from vlt.bench.mixers import _versions, cuda_time, graphed  # noqa: F401 - re-exported for train/infer/stream
+
+LAYOUTS = {"full": "[full] * {n}", "swa": "[swa] * {n}", "gdn": "[gdn] * {n}", "hybrid": "[swa, gdn, gdn, gdn] * {q}"}
+PEAK_BF16_TFLOPS = 789.0  # measured bf16 matmul on the H100 (REFERENCE.md); the run measures its own too
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16,
+            mrope_section=[2, 3, 3])
+
+
+def add_common_args(p, layouts=("full", "swa", "gdn", "hybrid")):
+    p.add_argument("--layouts", nargs="+", default=list(layouts), choices=list(LAYOUTS))
+    p.add_argument("--num-layers", type=int, default=None, help="decoder layers (default 36; --tiny 4)")
+    p.add_argument("--window", type=int, default=None, help="SWA window (default 8192; --tiny 32)")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (width 64, 4 layers) for CPU smoke runs")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                   help="default bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--time-limit", type=float, default=0, help="seconds; stop starting new rows after this (0: none)")
+    p.add_argument("--out", default="bench_out", help="folder for <name>.json and <name>.png")
+    return p
+
+
+def setup(args):
+    import torch
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    args.num_layers = args.num_layers or (4 if args.tiny else 36)
+    args.window = args.window or (32 if args.tiny else 8192)
+    args.t0 = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
+    return torch.device(args.device), getattr(torch, args.dtype)
+
+
+def out_of_time(args) -> bool:
+    return bool(args.time_limit) and time.perf_counter() - args.t0 > args.time_limit
+
+
+def model_config(layout: str, args):
+    from vlt.config import VLMConfig
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}; allowed: {list(LAYOUTS)}")
+    if args.num_layers % 4 and layout == "hybrid":
+        raise ValueError(f"--num-layers {args.num_layers} must be a multiple of 4 for the hybrid layout")
+    pattern = LAYOUTS[layout].format(n=args.num_layers, q=args.num_layers // 4)
+    dec = dict(layout=pattern, mixers={"swa": {"window": args.window, "qkv_bias": True},
+                                       "full": {"qkv_bias": True}, "gdn": {"expand_v": 2.0}})
+    if args.tiny:
+        dec.update(TINY)
+    return VLMConfig.from_name("infinitevl-4b", decoder=dec)
+
+
+def build_model(layout: str, args, device, dtype, seed: int = 0):
+    """Random-weight decoder (no vision tower) at InfiniteVL-4B shapes, built directly on ``device``."""
+    import torch
+    from vlt.model import VLM
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = VLM(model_config(layout, args))
+    return model.to(dtype)
+
+
+def header(args, name: str) -> dict:
+    import torch
+    cuda = torch.cuda.is_available() and str(args.device).startswith("cuda")
+    rep = {"bench": name, "command": " ".join(["vlt", "bench", name, *sys.argv[sys.argv.index(name) + 1:]])
+           if name in sys.argv else " ".join(sys.argv),
+           "machine": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
+           "versions": _versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+           "dtype": args.dtype, "tiny": bool(args.tiny), "num_layers": args.num_layers, "window": args.window,
+           "batch": 1, "results": []}
+    if cuda:
+        rep["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return rep
+
+
+def save_json(report: dict, path: str):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
+
+
+# -- timing and memory ------------------------------------------------------------------------------
+
+def time_ms(fn, device, rep_ms: float = 300.0, max_reps: int | None = None):
+    """Median ms of fn(): CUDA events (vlt.bench.mixers.cuda_time) on CUDA, perf_counter on CPU."""
+    import torch
+    if torch.device(device).type == "cuda":
+        if max_reps is not None and max_reps <= 3:  # long steps (a 128K training step): few, event-timed
+            fn()
+            torch.cuda.synchronize()
+            ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(max_reps)]
+            for s, e in ev:
+                s.record()
+                fn()
+                e.record()
+            torch.cuda.synchronize()
+            return statistics.median(s.elapsed_time(e) for s, e in ev), max_reps
+        return cuda_time(fn, rep_ms)
+    fn()
+    ts = []
+    for _ in range(max_reps or 3):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts), len(ts)
+
+
+def reset_peak(device):
+    import torch
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device):
+    import torch
+    if torch.device(device).type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+
+
+def allocated_bytes(device):
+    import torch
+    return torch.cuda.memory_allocated() if torch.device(device).type == "cuda" else None
+
+
+def is_oom(e: BaseException) -> bool:
+    import torch
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def err(e: BaseException) -> str:
+    return ("OOM: " if is_oom(e) else "") + f"{type(e).__name__}: {e}"[:300]
+
+
+def machine_ceilings(device) -> dict:
+    """Measured bf16 matmul TFLOP/s (8192^3) and device-to-device copy TB/s (bytes read + written)."""
+    import torch
+    if torch.device(device).type != "cuda":
+        return {}
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms, _ = cuda_time(lambda: a @ b, 200)
+    src = torch.randn(2**29, device=device, dtype=torch.bfloat16)  # 1 GiB
+    dst = torch.empty_like(src)
+    cms, _ = cuda_time(lambda: dst.copy_(src), 200)
+    out = {"matmul_bf16_tflops": round(2 * 8192**3 / ms / 1e9, 1),
+           "copy_tb_s": round(2 * src.numel() * 2 / cms / 1e9, 3)}
+    del a, b, src, dst
+    torch.cuda.empty_cache()
+    return out
+
+
+# -- counting ---------------------------------------------------------------------------------------
+
+def matmul_params(model) -> int:
+    """Weights of every matrix product a token goes through: decoder Linears + lm_head (tied or not)."""
+    from torch import nn
+    n = sum(m.weight.numel() for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not name.startswith("vision"))
+    return n
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights a decode step reads: all decoder parameters except the embedding table
+    (one row is read) unless it is tied to lm_head (then read once, as lm_head)."""
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    n = 0
+    for name, p in model.named_parameters():
+        if name.startswith("vision"):
+            continue
+        if name.startswith("embed_tokens") and not tied:
+            continue
+        n += p.numel() * p.element_size()
+    return n
+
+
+def mixer_flops_fwd(mixer, T: int, chunk: int = 64) -> float:
+    """Forward FLOPs of a mixer's token mixing (not its projections) over T tokens from empty state."""
+    name = mixer.mixer_name if hasattr(mixer, "mixer_name") else type(mixer).__name__
+    if hasattr(mixer, "head_dim") and hasattr(mixer, "window"):   # full / swa attention
+        W = mixer.window
+        visible = T * (T + 1) / 2 if W is None or W >= T else W * (W + 1) / 2 + (T - W) * W
+        return 4.0 * mixer.num_heads * mixer.head_dim * visible
+    if hasattr(mixer, "head_k_dim"):  # GDN, chunked form (intra-chunk products + state products)
+        K, V, H = mixer.head_k_dim, mixer.head_v_dim, mixer.num_v_heads
+        return 2.0 * H * T * (3 * chunk * K + 2 * chunk * V + 3 * K * V)
+    raise ValueError(f"no FLOP model for mixer {name}")
+
+
+def train_flops(model, T: int) -> float:
+    """Model FLOPs of one training step on T tokens: 6 * matmul params * T plus 3x the mixers'
+    forward mixing FLOPs (recomputation by activation checkpointing is not counted, as for MFU)."""
+    f = 6.0 * matmul_params(model) * T
+    for blk in model.layers:
+        f += 3.0 * mixer_flops_fwd(blk.mixer, T)
+    return f
+
+
+def state_bytes_per_token(model, context: int) -> tuple[int, int]:
+    """(bytes of state read, bytes written) by one decode step at ``context`` tokens of history."""
+    read = write = 0
+    for blk in model.layers:
+        m = blk.mixer
+        if hasattr(m, "head_k_dim"):
+            s = m.state_size(1, context)
+            read, write = read + s, write + s
+        else:
+            kv_tok = 2 * m.num_kv_heads * m.head_dim * 2  # bf16 K and V of one token
+            L = context + 1 if m.window is None else min(context + 1, m.window)
+            read, write = read + L * kv_tok, write + kv_tok
+    return read, write
+
+
+# -- plots --------------------------------------------------------------------------------------------
+
+def plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+    return pyplot
