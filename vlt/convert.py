@@ -36,7 +36,7 @@ from torch import nn
 
 from vlt.config import DecoderConfig, VisionConfig, VLMConfig
 from vlt.qwen_vision import pixel_inputs
-from vlt.student import INITS, attention_weights, init_mixer_from_attention
+from vlt.student import INITS, attention_weights, init_mixer_from_attention, recording_copy
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +147,7 @@ def convert_to_student(teacher_or_path, layout=None, mixers: dict | None = None,
     cfg = vlm_from_teacher_config(teacher.config, layout, mixers, window)
     student = VLM(cfg)
     t_lm, t_vis = teacher.model.language_model, teacher.model.visual
-    copied: set[str] = set()
-
-    def copy(dst: nn.Parameter, src: torch.Tensor, name: str):
-        if tuple(dst.shape) != tuple(src.shape):
-            raise ValueError(f"{name}: teacher tensor has shape {tuple(src.shape)} but the student expects "
-                             f"{tuple(dst.shape)}; check the mixer options against the teacher's config")
-        with torch.no_grad():
-            dst.copy_(src.to(dst.dtype))
-        copied.add(name)
+    copy, copied = recording_copy()
 
     for n, p in student.vision.visual.named_parameters():
         copy(p, t_vis.get_parameter(n), f"vision.visual.{n}")

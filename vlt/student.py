@@ -51,15 +51,7 @@ def convert(teacher: VLM, layout, mixers: dict | None = None, init: str = "mimic
                          "conversion keeps depth - give one mixer per teacher layer")
     student = VLM(cfg)
     t_params = dict(teacher.named_parameters())
-    copied: set[str] = set()
-
-    def copy(dst, src, name):
-        if tuple(dst.shape) != tuple(src.shape):
-            raise ValueError(f"{name}: teacher tensor has shape {tuple(src.shape)} but the student expects "
-                             f"{tuple(dst.shape)}; check the mixer options against the teacher's config")
-        with torch.no_grad():
-            dst.copy_(src.to(dst.dtype))
-        copied.add(name)
+    copy, copied = recording_copy()
 
     for name, p in student.named_parameters():
         if ".mixer." in name:
@@ -74,6 +66,22 @@ def convert(teacher: VLM, layout, mixers: dict | None = None, init: str = "mimic
         init_mixer_from_attention(s_block.mixer, attention_weights(attn), attn.num_heads, attn.num_kv_heads,
                                   attn.head_dim, init, f"layers.{i}.mixer.", copy)
     return student, [n for n, _ in student.named_parameters() if n not in copied]
+
+
+def recording_copy():
+    """``(copy, copied)``: ``copy(dst, src, name)`` copies a teacher tensor into a student parameter
+    (shapes must agree) and records ``name`` in the set ``copied``; what is not in it is new."""
+    copied: set[str] = set()
+
+    def copy(dst, src, name):
+        if tuple(dst.shape) != tuple(src.shape):
+            raise ValueError(f"{name}: teacher tensor has shape {tuple(src.shape)} but the student expects "
+                             f"{tuple(dst.shape)}; check the mixer options against the teacher's config")
+        with torch.no_grad():
+            dst.copy_(src.to(dst.dtype))
+        copied.add(name)
+
+    return copy, copied
 
 
 def attention_weights(attn) -> dict:

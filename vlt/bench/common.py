@@ -61,7 +61,8 @@ def model_config(layout: str, args):
                                        "full": {"qkv_bias": True}, "gdn": {"expand_v": 2.0}})
     if args.tiny:
         dec.update(TINY)
-    return VLMConfig.from_name("infinitevl-4b", decoder=dec)
+    extra = dict(image_token_id=500, video_token_id=501, vision_start_token_id=502) if args.tiny else {}
+    return VLMConfig.from_name("infinitevl-4b", decoder=dec, **extra)
 
 
 def build_model(layout: str, args, device, dtype, seed: int = 0):

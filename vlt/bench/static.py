@@ -1,0 +1,206 @@
+"""Graph-friendly stepping of a VLM decoder: preallocated state updated in place, no host syncs.
+
+The mixers' own decode path (``model(ids, state=..., use_cache=True)``) is out of place and keys the
+SWA ring slot and positions off Python ints, so a CUDA graph captured over it would replay one fixed
+slot. ``StaticStepper`` runs the same weights over T new tokens (T = 1: a decode step; T = 256: one
+video frame) with every index on the device:
+
+- attention layers (``full``, ``swa``) keep K/V buffers [1, L, Hkv, D] and ``ktok`` [L], the token
+  index each slot holds (-1 = empty). New keys go to slot ``tok % L`` (the ring convention of
+  layers/attention.py, so states convert both ways). The query at token t sees slots with
+  ``t - window < ktok <= t``. With T > 1 in a ring the new keys would overwrite keys the earlier new
+  queries still see, so they attend over ring + new keys (masked) before the write.
+- ``dense=True`` (the decode benchmark: every slot valid, T == 1): write, then unmasked SDPA over the
+  whole buffer, so the fastest SDPA kernels run; buffers are sized min(context + 1, window) / context + 1.
+- GDN layers run the mixer's own forward with the carried state and copy the new conv/SSM state
+  back into the static buffers.
+- ``advance=True`` adds T to the token counter inside the step (streaming); ``False`` replays the
+  same slot (latency benchmark at a fixed context).
+
+``eager_step`` is the reference: the model's blocks on the mixers' own state dicts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vlt.layers.attention import Attention
+from vlt.layers.gdn import GatedDeltaNet
+from vlt.layers.rotary import apply_rope, rope_cos_sin
+
+
+class StaticStepper:
+    def __init__(self, model, T: int, *, capacity: int | None = None, dense: bool = False,
+                 advance: bool = True, logits: bool = True, fill: str = "zeros", context: int = 0):
+        """``capacity``: slots of a ``full`` layer (ring layers hold ``window``). ``fill='random'``
+        with ``context``: states as after ``context`` tokens (random K/V and SSM contents)."""
+        p = next(model.parameters())
+        self.model, self.T, self.dense, self.advance, self.logits = model, T, dense, advance, logits
+        dev, dt = p.device, p.dtype
+        self.device, self.dtype = dev, dt
+        d = model.config.decoder
+        self.x = torch.zeros(1, T, d.hidden_size, device=dev, dtype=dt)      # input embeddings
+        self.pos = torch.zeros(3, 1, T, device=dev, dtype=torch.long)         # M-RoPE positions
+        self.tok = torch.full((), context, device=dev, dtype=torch.long)      # tokens seen
+        self.ar = torch.arange(T, device=dev)
+        self.states = []
+        rnd = fill == "random"
+        for blk in model.layers:
+            m = blk.mixer
+            if isinstance(m, Attention):
+                if m.window is not None:
+                    L = min(context + T, m.window) if dense else m.window
+                else:
+                    L = context + T if dense else capacity
+                    if L is None:
+                        raise ValueError("full attention layers need capacity= (or dense=True with context=)")
+                shape = (1, L, m.num_kv_heads, m.head_dim)
+                k = torch.randn(shape, device=dev, dtype=dt) if rnd else torch.zeros(shape, device=dev, dtype=dt)
+                v = torch.randn(shape, device=dev, dtype=dt) if rnd else torch.zeros(shape, device=dev, dtype=dt)
+                ktok = torch.full((L,), -1, device=dev, dtype=torch.long)
+                if context:  # slot s holds the latest token t < context with t % L == s
+                    s = torch.arange(L, device=dev)
+                    last = context - 1 - ((context - 1 - s) % L)
+                    ktok = torch.where(last >= 0, last, ktok)
+                self.states.append({"kind": "attn", "k": k, "v": v, "ktok": ktok, "L": L})
+            elif isinstance(m, GatedDeltaNet):
+                W = m.conv_size - 1
+                mk = (torch.randn if rnd else torch.zeros)
+                conv = tuple(mk(1, c, W, device=dev, dtype=dt) for c in (m.key_dim, m.key_dim, m.value_dim))
+                ssm = mk(1, m.num_v_heads, m.head_k_dim, m.head_v_dim, device=dev, dtype=torch.float32)
+                if rnd:
+                    ssm.mul_(0.05)
+                self.states.append({"kind": "gdn", "conv": conv, "ssm": ssm})
+            else:
+                raise ValueError(f"static stepping supports full/swa/gdn layers, not {type(m).__name__}")
+        self.out = None
+
+    # -- conversions ---------------------------------------------------------------------------
+    def state_nbytes(self) -> int:
+        n = 0
+        for s in self.states:
+            for key in ("k", "v", "ssm"):
+                if key in s:
+                    n += s[key].numel() * s[key].element_size()
+            for c in s.get("conv", ()):
+                n += c.numel() * c.element_size()
+        return n
+
+    def eager_state(self, next_pos: int):
+        """The same contents as the mixers' state dicts (clones), for ``eager_step``."""
+        seen = int(self.tok)
+        layers = []
+        for blk, s in zip(self.model.layers, self.states):
+            if s["kind"] == "gdn":
+                layers.append({"conv": tuple(c.clone() for c in s["conv"]), "ssm": s["ssm"].clone(), "seen": seen})
+                continue
+            m, L = blk.mixer, s["L"]
+            if m.window is not None and seen >= m.window:
+                assert L == m.window
+                layers.append({"k": s["k"].clone(), "v": s["v"].clone(), "seen": seen})
+            else:  # chronological: slot t holds token t
+                layers.append({"k": s["k"][:, :seen].clone(), "v": s["v"][:, :seen].clone(), "seen": seen})
+        return {"layers": layers, "next_pos": torch.tensor([next_pos])}
+
+    # -- the step --------------------------------------------------------------------------------
+    def _attn(self, m, s, x):
+        B, T, _ = x.shape
+        q = m.q_proj(x).view(B, T, m.num_heads, m.head_dim)
+        k = m.k_proj(x).view(B, T, m.num_kv_heads, m.head_dim)
+        v = m.v_proj(x).view(B, T, m.num_kv_heads, m.head_dim)
+        cos, sin = rope_cos_sin(self.pos, m.head_dim, m.rope_theta, m.mrope_section)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        L = s["L"]
+        qtok = self.tok + self.ar
+        slots = qtok % L
+        if self.dense:
+            s["k"].index_copy_(1, slots, k)
+            s["v"].index_copy_(1, slots, v)
+            o = _gqa_sdpa(q, s["k"], s["v"], None)
+        elif m.window is not None and T > 1:
+            keys, vals = torch.cat([s["k"], k], 1), torch.cat([s["v"], v], 1)
+            o = _gqa_sdpa(q, keys, vals, _mask(torch.cat([s["ktok"], qtok]), qtok, m.window))
+            s["k"].index_copy_(1, slots, k)
+            s["v"].index_copy_(1, slots, v)
+        else:
+            s["k"].index_copy_(1, slots, k)
+            s["v"].index_copy_(1, slots, v)
+            s["ktok"].index_copy_(0, slots, qtok)
+            o = _gqa_sdpa(q, s["k"], s["v"], _mask(s["ktok"], qtok, m.window))
+            return m.o_proj(o.reshape(B, T, -1))
+        s["ktok"].index_copy_(0, slots, qtok)
+        return m.o_proj(o.reshape(B, T, -1))
+
+    def _gdn(self, m, s, x):
+        y, ns = m(x, state={"conv": s["conv"], "ssm": s["ssm"], "seen": 0}, use_cache=True)
+        for dst, src in zip(s["conv"], ns["conv"]):
+            dst.copy_(src)
+        s["ssm"].copy_(ns["ssm"])
+        return y
+
+    @torch.no_grad()
+    def step(self):
+        """One step over ``self.x`` at positions ``self.pos``; returns last-token logits (or hidden)."""
+        x = self.x
+        for blk, s in zip(self.model.layers, self.states):
+            h = blk.input_layernorm(x)
+            h = self._attn(blk.mixer, s, h) if s["kind"] == "attn" else self._gdn(blk.mixer, s, h)
+            x = x + h
+            x = x + blk.mlp(blk.post_attention_layernorm(x))
+        if self.advance:
+            self.tok += self.T
+        last = self.model.norm(x[:, -1:])
+        self.out = self.model.lm_head(last) if self.logits else last
+        return self.out
+
+
+def _mask(ktok, qtok, window):
+    m = (ktok[None, :] <= qtok[:, None]) & (ktok[None, :] >= 0)
+    if window is not None:
+        m &= ktok[None, :] > qtok[:, None] - window
+    return m
+
+
+def _gqa_sdpa(q, k, v, mask):
+    """q [B, T, Hq, D], k/v [B, L, Hkv, D] (any strides), mask [T, L] bool or None -> [B, T, Hq, D].
+
+    The G = Hq / Hkv query heads of a KV head become G*T query rows of one head, so every SDPA
+    kernel runs GQA without expanding K/V (and decode gets G rows per head instead of one)."""
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+    qh = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)
+    kh, vh = k.transpose(1, 2), v.transpose(1, 2)
+    if mask is not None:
+        mask = mask.repeat(G, 1)
+    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+    return o.view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D)
+
+
+@torch.no_grad()
+def eager_step(model, x, pos, state):
+    """The reference: the model's blocks on embeddings x [1, T, D] with the mixers' own state dicts.
+    Returns (last-token logits, new state)."""
+    layer_states = [None] * len(model.layers) if state is None else state["layers"]
+    new = []
+    for blk, s in zip(model.layers, layer_states):
+        x, ns = blk(x, state=s, position_ids=pos, use_cache=True)
+        new.append(ns)
+    next_pos = int(pos.max()) + 1
+    return model.lm_head(model.norm(x[:, -1:])), {"layers": new, "next_pos": torch.tensor([next_pos])}
+
+
+def frame_positions(T: int, base: int, device, grid: tuple[int, int] | None = None):
+    """M-RoPE positions [3, 1, T] of one video frame of h x w merged tokens (or text if grid is None)."""
+    if grid is None:
+        p = torch.arange(base, base + T, device=device)
+        return p.expand(3, T)[:, None].clone()
+    h, w = grid
+    r = torch.arange(h, device=device).repeat_interleave(w)
+    c = torch.arange(w, device=device).repeat(h)
+    return torch.stack([torch.full_like(r, base), base + r, base + c])[:, None]
+
+
+def rel_err(a, b) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
