@@ -18,7 +18,7 @@ import torch
 
 PRESETS = {
     # the quickstart's data: colour task, 56x56 images (4 image tokens), byte tokenizer
-    "quickstart": {"task": "color", "image_size": 56, "max_length": 512, "batch_size": 8},
+    "quickstart": {"task": "color", "image_size": 56, "max_length": 256, "batch_size": 4},  # recipes/quickstart.yaml
     # realistic image size: 448x448 -> 16x16 = 256 image tokens per image
     "448": {"task": "color", "image_size": 448, "max_length": 2048, "batch_size": 4},
 }
