@@ -18,7 +18,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from vlt.kernels.backends import resolve_backend
+from vlt.kernels.backends import available_backends, resolve_backend
 
 _Q_BLOCK = 1024
 
@@ -45,6 +45,10 @@ def attention(q, k, v, *, window: int | None = None, cu_seqlens=None, scale: flo
         backend = "sdpa" if (window is None and q.is_cuda) else "torch"
     if backend == "sdpa":
         return _sdpa(q, k, v, scale)
+    if backend == "fla" and q.dtype == torch.float32:
+        # fla 0.6.0 routes fp32 parallel_attn to a tilelang kernel that fails to compile on Hopper
+        # ("Layout infer conflict"); FlexAttention computes the same masks in fp32.
+        backend = "flex" if "flex" in available_backends(op, q.device) else "torch"
     if backend == "flex" and Tq == Tk:
         return _flex(q, k, v, window, cu_seqlens, scale)
     if backend == "fla" and Tq == Tk:

@@ -44,7 +44,7 @@ def short_conv(x, weight, bias=None, *, activation: str | None = "silu", conv_st
         xt = x.transpose(1, 2)                                           # [B, C, T]
         prev = xt.new_zeros(B, C, W - 1) if conv_state is None else conv_state.to(xt.dtype)
         full = torch.cat([prev, xt], dim=-1)                             # [B, C, W-1+T]
-        y = F.conv1d(full, weight.unsqueeze(1), groups=C).transpose(1, 2)
+        y = F.conv1d(full, weight.to(xt.dtype).unsqueeze(1), groups=C).transpose(1, 2)
         new_state = full[:, :, -(W - 1):].clone() if output_final_state else None
     if bias is not None:
         y = y + bias

@@ -31,8 +31,14 @@ def linear_attention(q, k, v, g=None, *, scale: float | None = None, initial_sta
             # a per-head constant decay broadcast over (B, T): fla's g_gamma form skips the cumsum
             # (it gives g_gamma no gradient, hence only when none is needed)
             g, g_gamma = None, g[0, 0]
-        return fn(q, k, v, g=g, g_gamma=g_gamma, scale=scale, initial_state=initial_state,
+        out_dtype = v.dtype
+        if g is not None and q.dtype != torch.float32 and _gated_bwd_needs_fp32(q, k, v, g):
+            # fla refuses the gated backward on Hopper with triton < 3.7.1 (it miscompiles), and its
+            # tilelang replacement takes fp32 inputs only: run the kernel in fp32, return v's dtype.
+            q, k, v = q.float(), k.float(), v.float()
+        o, S = fn(q, k, v, g=g, g_gamma=g_gamma, scale=scale, initial_state=initial_state,
                   output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+        return o.to(out_dtype), S
     if g is None:
         g = q.new_zeros(B, T, H, dtype=torch.float32)
     if cu_seqlens is None:
@@ -68,3 +74,13 @@ def _chunked(q, k, v, g, scale, initial_state, output_final_state, C):
         S = S * G[:, :, i, -1, None, None].exp() + k_dec[:, :, i].transpose(-1, -2) @ v[:, :, i]
     o = (o * scale).reshape(B, H, n * C, V)[:, :, :T].transpose(1, 2).to(out_dtype)
     return o, (S if output_final_state else None)
+
+
+def _gated_bwd_needs_fp32(*xs) -> bool:
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in xs)):
+        return False
+    try:
+        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+    except ImportError:  # other fla versions: trust the kernel
+        return False
+    return bool(IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1)

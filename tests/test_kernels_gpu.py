@@ -221,7 +221,14 @@ def test_mixer_auto_matches_torch(name, packed):
         res[backend] = {"y": y.detach(), "dx": xi.grad,
                         **{f"d{n}": p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}}
     tol = TOL["gdn" if "gdn" in name else "attn"][torch.float32]
-    check(f"mixer {name} packed={packed}", res["auto"], res["torch"], tol)
+    # A_log and dt_bias gradients are per-head sums over every token of terms that largely cancel,
+    # which amplifies the kernels' tf32 rounding (measured 8.8e-3 on the H100, vs ~1e-3 for the
+    # others); they get a looser bound that still catches a wrong decay gradient (error ~1).
+    reduced = [k for k in res["auto"] if k.endswith(("A_log", "dt_bias"))]
+    check(f"mixer {name} packed={packed} (per-head sums)", {k: res["auto"][k] for k in reduced},
+          {k: res["torch"][k] for k in reduced}, 3e-2)
+    check(f"mixer {name} packed={packed}", {k: v for k, v in res["auto"].items() if k not in reduced},
+          res["torch"] if not reduced else {k: v for k, v in res["torch"].items() if k not in reduced}, tol)
 
 
 @pytest.mark.parametrize("name", ["full", "swa", "linear", "gdn", "swa_gdn"])

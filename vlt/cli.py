@@ -142,6 +142,16 @@ def tool_main(argv: list[str]) -> int:
         p.set_defaults(func=run_bench_mixers)
     except ImportError:
         pass
+    from vlt.bench.infer import add_bench_infer_args, run_bench_infer
+    from vlt.bench.stream import add_bench_stream_args, run_bench_stream
+    from vlt.bench.train import add_bench_train_args, run_bench_train
+    for name, add, run, help_ in (
+            ("train", add_bench_train_args, run_bench_train, "training tokens/s, peak memory, MFU per layout and length"),
+            ("infer", add_bench_infer_args, run_bench_infer, "prefill time, decode latency and memory vs context"),
+            ("stream", add_bench_stream_args, run_bench_stream, "video stream FPS and memory per frame index")):
+        p = bsub.add_parser(name, help=help_)
+        add(p)
+        p.set_defaults(func=run)
     gen = sub.add_parser("generate", help="chat with a saved vlt model")
     try:
         from vlt.generate_cli import add_generate_args, run_generate

@@ -72,14 +72,43 @@ def build_model(layout: str, args, device, dtype, seed: int = 0):
     torch.manual_seed(seed)
     with torch.device(device):
         model = VLM(model_config(layout, args))
+    vectorised_text_positions(model)
     return model.to(dtype)
+
+
+def vectorised_text_positions(model):
+    """Text-only M-RoPE positions (p, p, p) computed on the device. ``VLM.positions`` ignores
+    ``position_ids`` under M-RoPE and ``mrope_positions`` walks the tokens in a Python loop (0.3-0.6 s
+    per 128K-token step on a host CPU), which would be timed as part of every step; with no images
+    its result is start + arange(T) on all three axes, which this computes instead."""
+    import torch
+    original = model.positions
+
+    def positions(input_ids, images, position_ids, cu_seqlens, start):
+        if images or cu_seqlens is not None or model.config.decoder.mrope_section is None:
+            return original(input_ids, images, position_ids, cu_seqlens, start)
+        B, T = input_ids.shape
+        base = torch.zeros(B, dtype=torch.long) if start is None else start.long().cpu()
+        pos = base.to(input_ids.device)[:, None] + torch.arange(T, device=input_ids.device)
+        return pos.expand(3, B, T), base + T
+    model.positions = positions
+    return model
+
+
+def token_ids(model, shape, device):
+    """Random ids below every special token (an image id would ask for an image)."""
+    import torch
+    cfg = model.config
+    specials = [t for t in (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id) if t is not None]
+    high = min([cfg.decoder.vocab_size, *specials])
+    return torch.randint(0, high, shape, device=device)
 
 
 def header(args, name: str) -> dict:
     import torch
     cuda = torch.cuda.is_available() and str(args.device).startswith("cuda")
-    rep = {"bench": name, "command": " ".join(["vlt", "bench", name, *sys.argv[sys.argv.index(name) + 1:]])
-           if name in sys.argv else " ".join(sys.argv),
+    argv = sys.argv[sys.argv.index(name) + 1:] if name in sys.argv else sys.argv[1:]
+    rep = {"bench": name, "command": " ".join(["vlt", "bench", name, *argv]),
            "machine": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
            "versions": _versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
            "dtype": args.dtype, "tiny": bool(args.tiny), "num_layers": args.num_layers, "window": args.window,

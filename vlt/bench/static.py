@@ -102,6 +102,19 @@ class StaticStepper:
                 layers.append({"k": s["k"][:, :seen].clone(), "v": s["v"][:, :seen].clone(), "seen": seen})
         return {"layers": layers, "next_pos": torch.tensor([next_pos])}
 
+    def snapshot(self):
+        """Copies of the recurrent (GDN) states, which every step advances; attention slots are
+        rewritten with the same key by a non-advancing step, so they need none."""
+        return [(tuple(c.clone() for c in s["conv"]), s["ssm"].clone()) if s["kind"] == "gdn" else None
+                for s in self.states]
+
+    def restore(self, snap):
+        for s, saved in zip(self.states, snap):
+            if saved is not None:
+                for dst, src in zip(s["conv"], saved[0]):
+                    dst.copy_(src)
+                s["ssm"].copy_(saved[1])
+
     # -- the step --------------------------------------------------------------------------------
     def _attn(self, m, s, x):
         B, T, _ = x.shape

@@ -22,7 +22,7 @@ import time
 
 from vlt.bench.common import (PEAK_BF16_TFLOPS, add_common_args, build_model, err, header, is_oom,
                               machine_ceilings, matmul_params, out_of_time, peak_gib, plt, reset_peak,
-                              save_json, setup, time_ms, train_flops)
+                              save_json, setup, time_ms, token_ids, train_flops)
 
 
 def add_bench_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -68,7 +68,7 @@ def run_row(model, T, args, device, trainable, ckpt):
     params = set_trainable(model, trainable)
     model.gradient_checkpointing = ckpt
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
-    ids = torch.randint(0, model.config.decoder.vocab_size, (1, T), device=device)
+    ids = token_ids(model, (1, T), device)
 
     def step():
         loss = chunked_loss(model, ids, args.loss_chunk)
@@ -164,7 +164,8 @@ def goals(rows):
 
 
 def print_table(rep):
-    print(f"\n{rep['machine']}  train step, {rep['dtype']}, batch 1  (ceilings {rep.get('ceilings')})")
+    print("=== SUMMARY train ===")
+    print(f"{rep['machine']}  train step, {rep['dtype']}, batch 1  (ceilings {rep.get('ceilings')})")
     print(f"{'layout':7} {'T':>7} {'tok/s':>9} {'step ms':>9} {'MFU':>6} {'peak GiB':>9} {'ckpt':>5} trainable / error")
     for r in rep["results"]:
         if r.get("tokens_per_s") is None:

@@ -93,7 +93,8 @@ class VLTModule(L.LightningModule):
         hp = self.hparams
         base = None
         if hp.model_name is None and hp.model is None and hp.init_from:
-            base = load_model_state(hp.init_from)[0]  # take the previous stage's model as it was
+            self._init_state = load_model_state(hp.init_from)  # kept: load_init reuses it (4B = 8 GB)
+            base = self._init_state[0]  # take the previous stage's model as it was
         return VLM(build_config(hp.model_name, hp.model, hp.tokens, hp.layout, hp.mixers, base))
 
     def initial_new_params(self) -> list[str]:
@@ -105,7 +106,7 @@ class VLTModule(L.LightningModule):
 
     # ---- init from a previous stage ---------------------------------------------------------------
     def load_init(self, path: str):
-        cfg, state = load_model_state(path)
+        cfg, state = self.__dict__.pop("_init_state", None) or load_model_state(path)
         why = describe_mismatch(self.model.config.to_dict(), cfg)
         if why:
             raise ValueError(f"init_from {path!r} does not fit this recipe's model: {why}. Use the previous "
