@@ -142,7 +142,8 @@ def _flex_block_mask(T, window, cu_seqlens, device):
             m = m & (doc[qi] == doc[ki])
         return m
 
-    bm = create_block_mask(mask_mod, None, None, T, T, device=device)
+    # _compile: the eager builder materialises a dense T x T mask first (128 GiB at T = 128K)
+    bm = create_block_mask(mask_mod, None, None, T, T, device=device, _compile=True)
     if len(_block_masks) > 32:  # packed batches change boundaries every step; keep the cache small
         _block_masks.clear()
     _block_masks[key] = bm

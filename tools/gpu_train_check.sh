@@ -8,8 +8,8 @@ export PYTHONUNBUFFERED=1
 repo=$(pwd)
 work=/tmp/gpucheck && rm -rf $work && mkdir -p $work && cd $work
 quiet="--trainer.enable_progress_bar=false --trainer.enable_model_summary=false"
-echo "== quickstart on the GPU (300 steps)"
-timeout 240 python -m vlt.cli fit --config quickstart --trainer.accelerator=gpu --trainer.max_steps=300 \
+echo "== quickstart on the GPU (200 steps)"
+timeout 130 python -m vlt.cli fit --config quickstart --trainer.accelerator=gpu --trainer.max_steps=200 \
   --trainer.val_check_interval=100 $quiet > quick.log 2>&1; echo "rc=$?"; tail -3 quick.log
 python - <<'PY'
 import csv, json, os, statistics
@@ -23,15 +23,15 @@ print(json.dumps(out))
 json.dump(out, open(os.path.join(os.environ["OUT"], "quickstart_gpu.json"), "w"), indent=1)
 PY
 echo "== loader throughput on this machine (quickstart preset, 1 and 4 workers)"
-for w in 1 4; do
-  timeout 120 python -m vlt.cli bench data --preset quickstart --num-workers $w --out $OUT/bench_data_gpuhost_w$w.json 2>&1 | tail -4
+for w in 4; do
+  timeout 60 python -m vlt.cli bench data --preset quickstart --batches 40 --num-workers $w --out $OUT/bench_data_gpuhost_w$w.json 2>&1 | tail -4
 done
 echo "== FSDP (per-block units), devices=1, bf16, sharded checkpoint, then resume from last"
 common="--config quickstart --trainer.accelerator=gpu --trainer.devices=1 --trainer.strategy=fsdp --trainer.precision=bf16-mixed --checkpoint.every_n_train_steps=10 --trainer.val_check_interval=10 --trainer.limit_val_batches=2 --trainer.log_every_n_steps=1 $quiet"
 rm -rf lightning_logs
-timeout 200 python -m vlt.cli fit $common --trainer.max_steps=20 > fsdp1.log 2>&1; echo "rc=$?"; tail -3 fsdp1.log
+timeout 110 python -m vlt.cli fit $common --trainer.max_steps=20 > fsdp1.log 2>&1; echo "rc=$?"; tail -3 fsdp1.log
 ls -la lightning_logs/version_0/checkpoints/ lightning_logs/version_0/checkpoints/last.ckpt 2>&1 | head -12
-timeout 200 python -m vlt.cli fit $common --trainer.max_steps=30 --ckpt_path last > fsdp2.log 2>&1; echo "rc=$?"; tail -3 fsdp2.log
+timeout 110 python -m vlt.cli fit $common --trainer.max_steps=30 --ckpt_path last > fsdp2.log 2>&1; echo "rc=$?"; tail -3 fsdp2.log
 python - <<'PY'
 import csv
 for v in ("version_0", "version_1"):

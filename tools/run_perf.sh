@@ -16,9 +16,9 @@ for part in $PARTS; do
   case $part in
     stream) timeout ${T_STREAM:-200} python3 -m vlt.bench.stream --out "$OUT" --frames ${FRAMES:-1000} \
               --time-limit 150 2>&1 | tee "$OUT/stream.log" ;;
-    infer)  timeout ${T_INFER:-300} python3 -m vlt.bench.infer --out "$OUT" --time-limit ${TL_INFER:-240} \
+    infer)  timeout ${T_INFER:-300} python3 -m vlt.bench.infer --out "$OUT" ${INFER_ARGS:-} --time-limit ${TL_INFER:-240} \
               2>&1 | tee "$OUT/infer.log" ;;
-    train)  timeout ${T_TRAIN:-480} python3 -m vlt.bench.train --out "$OUT" --time-limit ${TL_TRAIN:-330} \
+    train)  timeout ${T_TRAIN:-480} python3 -m vlt.bench.train --out "$OUT" ${TRAIN_ARGS:-} --time-limit ${TL_TRAIN:-330} \
               2>&1 | tee "$OUT/train.log" ;;
   esac
 done

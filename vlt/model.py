@@ -106,14 +106,20 @@ class VLM(nn.Module):
                              "each <image> must expand to (H/28)*(W/28) <|image_pad|> tokens for its image")
         return x.masked_scatter(mask[..., None], feats)
 
+    @staticmethod
+    def positions_1d(input_ids, position_ids, cu_seqlens, start):
+        pos = position_ids if position_ids is not None else text_positions(input_ids, cu_seqlens, start)
+        return pos, pos[:, -1] + 1
+
     def positions(self, input_ids, images, position_ids, cu_seqlens, start):
+        """Position ids for the mixers ([B, T], or [3, B, T] with M-RoPE) and the next position [B]."""
         if self.config.decoder.mrope_section is None:
-            if position_ids is not None:
-                return position_ids, position_ids[:, -1] + 1
-            pos = text_positions(input_ids, cu_seqlens, start)
-            return pos, pos[:, -1] + 1
+            return self.positions_1d(input_ids, position_ids, cu_seqlens, start)
+        if not images:  # text only: M-RoPE's three axes are equal
+            pos, nxt = self.positions_1d(input_ids, position_ids, cu_seqlens, start)
+            return pos[None].expand(3, *pos.shape), nxt
         v = self.config.vision
-        grids = [image_grid(im, v.patch_size, v.merge_size) for im in (images or [])]
+        grids = [image_grid(im, v.patch_size, v.merge_size) for im in images]
         return mrope_positions(input_ids, self.image_token_ids, grids, cu_seqlens, start)
 
     def forward(self, input_ids, labels=None, images=None, position_ids=None, cu_seqlens=None, state=None,

@@ -13,46 +13,41 @@ def mrope_positions(input_ids, image_token_ids: tuple[int, ...], grids: list[tup
                     cu_seqlens=None, start=None):
     """input_ids [B, T] -> position ids [3, B, T] and the next text position per row [B].
 
-    ``grids`` lists (h, w) of every image run in reading order over the flattened batch;
-    ``start`` [B] continues positions from a previous call (decode).
+    ``grids`` lists (h, w) of every image run in reading order over the batch; ``start`` [B]
+    continues positions from a previous call (decode). Vectorised over tokens: each token advances
+    the position by 1 (text) or, for the last token of an image run, by max(h, w); positions are the
+    exclusive running sum, restarted at packed boundaries; image tokens add (row, col) offsets.
     """
     B, T = input_ids.shape
-    pos = torch.empty(3, B, T, dtype=torch.long)
-    ids = input_ids.cpu()
-    is_img = torch.isin(ids, torch.tensor(image_token_ids))
-    bounds = set(cu_seqlens.tolist()) if cu_seqlens is not None else set()
-    next_pos = torch.zeros(B, dtype=torch.long)
-    g = 0
-    for b in range(B):
-        p = 0 if start is None else int(start[b])
-        t = 0
-        row = is_img[b].tolist()
-        while t < T:
-            if t in bounds and t > 0:
-                p = 0
-            if row[t]:
-                if g >= len(grids):
-                    raise ValueError("more image-token runs in input_ids than images given")
-                h, w = grids[g]
-                g += 1
-                n = h * w
-                if t + n > T or not all(row[t:t + n]):
-                    raise ValueError(f"an image-token run at position {t} is shorter than its image's {n} tokens")
-                r = torch.arange(h).repeat_interleave(w)
-                c = torch.arange(w).repeat(h)
-                pos[0, b, t:t + n] = p
-                pos[1, b, t:t + n] = p + r
-                pos[2, b, t:t + n] = p + c
-                p += max(h, w)
-                t += n
-            else:
-                pos[:, b, t] = p
-                p += 1
-                t += 1
-        next_pos[b] = p
-    if g != len(grids):
-        raise ValueError(f"{len(grids)} images given but input_ids hold {g} image-token runs")
-    return pos.to(input_ids.device), next_pos
+    dev = input_ids.device
+    is_img = torch.isin(input_ids, torch.tensor(image_token_ids, device=dev))
+    adv = (~is_img).long()
+    row = torch.zeros(B, T, dtype=torch.long, device=dev)
+    col = torch.zeros(B, T, dtype=torch.long, device=dev)
+    prev = torch.nn.functional.pad(is_img[:, :-1], (1, 0), value=False)
+    starts = (is_img & ~prev).nonzero().tolist()  # row-major = reading order
+    if len(starts) != len(grids):
+        raise ValueError(f"{len(grids)} images given but input_ids hold {len(starts)} image-token runs")
+    for (b, t), (h, w) in zip(starts, grids):
+        n = h * w
+        run_ok = t + n <= T and bool(is_img[b, t:t + n].all()) and (t + n == T or not bool(is_img[b, t + n]))
+        if not run_ok:
+            raise ValueError(f"the image-token run at position {t} does not hold exactly its image's {n} tokens")
+        adv[b, t + n - 1] = max(h, w)
+        row[b, t:t + n] = torch.arange(h, device=dev).repeat_interleave(w)
+        col[b, t:t + n] = torch.arange(w, device=dev).repeat(h)
+    incl = adv.cumsum(1)
+    base = incl - adv
+    if cu_seqlens is not None:  # restart at every packed sample
+        idx = torch.arange(T, device=dev)
+        seg_start = cu_seqlens.to(dev).long()[torch.searchsorted(cu_seqlens[1:].to(dev), idx, right=True)]
+        base = base - base[:, seg_start]
+        incl = base + adv
+    if start is not None:
+        base = base + start.to(dev)[:, None]
+        incl = incl + start.to(dev)[:, None]
+    pos = torch.stack([base, base + row, base + col])
+    return pos, incl[:, -1]
 
 
 def text_positions(input_ids, cu_seqlens=None, start=None):

@@ -95,6 +95,22 @@ def vectorised_text_positions(model):
     return model
 
 
+def long_swa_backend(model, T: int, limit: int = 65536) -> str | None:
+    """SWA layers use fla's parallel_attn above ``limit`` tokens: kernels/attention.py builds its
+    FlexAttention block mask with ``create_block_mask`` uncompiled, which materialises a [T, T]
+    int64 mask (128 GiB at 128K tokens; seen on the H100). Returns the backend set (or None)."""
+    chosen = None
+    for blk in model.layers:
+        m = blk.mixer
+        if getattr(m, "window", None) is not None:
+            if not hasattr(m, "_bench_backend"):
+                m._bench_backend = m.backend
+            m.backend = "fla" if (T > limit and m._bench_backend == "auto" and next(m.parameters()).is_cuda) \
+                else m._bench_backend
+            chosen = m.backend
+    return chosen
+
+
 def token_ids(model, shape, device):
     """Random ids below every special token (an image id would ask for an image)."""
     import torch

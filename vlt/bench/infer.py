@@ -23,7 +23,7 @@ import argparse
 import sys
 import time
 
-from vlt.bench.common import (add_common_args, allocated_bytes, build_model, err, graphed, header, is_oom,
+from vlt.bench.common import (long_swa_backend, add_common_args, allocated_bytes, build_model, err, graphed, header, is_oom,
                               machine_ceilings, out_of_time, peak_gib, plt, reset_peak, save_json, setup,
                               state_bytes_per_token, time_ms, token_ids, weight_bytes_per_token)
 
@@ -56,7 +56,7 @@ def decode_row(model, layout, L, args, device, bw):
     row = dict(layout=layout, context=L, state="constructed at full size (random contents), not prefilled")
     read, write = state_bytes_per_token(model, L)
     wbytes = weight_bytes_per_token(model)
-    row.update(state_gib=round(read / 2**30, 3), weight_gib=round(wbytes / 2**30, 3))
+    row.update(state_bytes=read, state_gib=round(read / 2**30, 3), weight_gib=round(wbytes / 2**30, 3))
     if bw:
         row["floor_ms"] = round((wbytes + read + write) / (bw * 1e12) * 1e3, 4)
     if device.type == "cuda":
@@ -122,6 +122,9 @@ def decode_row(model, layout, L, args, device, bw):
 def prefill_row(model, layout, T, device, args):
     import torch
     row = dict(layout=layout, T=T)
+    swa_b = long_swa_backend(model, T)
+    if swa_b:
+        row['swa_backend'] = swa_b
     ids = token_ids(model, (1, T), device)
     reset_peak(device)
     base = allocated_bytes(device)

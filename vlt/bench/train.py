@@ -20,7 +20,7 @@ import argparse
 import sys
 import time
 
-from vlt.bench.common import (PEAK_BF16_TFLOPS, add_common_args, build_model, err, header, is_oom,
+from vlt.bench.common import (long_swa_backend, PEAK_BF16_TFLOPS, add_common_args, build_model, err, header, is_oom,
                               machine_ceilings, matmul_params, out_of_time, peak_gib, plt, reset_peak,
                               save_json, setup, time_ms, token_ids, train_flops)
 
@@ -107,6 +107,9 @@ def run_bench_train(args) -> int:
             tries = [(tr, c) for tr in (["all", "mixers"] if args.trainable == "auto" else [args.trainable])
                      for c in ([ckpt, True] if args.checkpointing == "auto" and not ckpt else [ckpt])]
             row = dict(layout=layout, T=T)
+            swa_b = long_swa_backend(model, T)
+            if swa_b:
+                row['swa_backend'] = swa_b
             for trainable, c in tries:
                 t0 = time.perf_counter()
                 try:

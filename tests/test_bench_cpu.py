@@ -1,0 +1,98 @@
+"""CPU smoke tests of ``vlt bench train|infer|stream`` at tiny shapes: the JSON each writes, the
+graph-friendly static step against the mixers' own eager path, and constant per-frame state."""
+import argparse
+import json
+
+import pytest
+import torch
+
+from vlt.bench.common import add_common_args, build_model, setup, train_flops
+from vlt.bench.static import StaticStepper, eager_step, frame_positions, rel_err
+
+
+def _tiny_args(*extra):
+    a = add_common_args(argparse.ArgumentParser()).parse_args(["--tiny", "--device", "cpu", *extra])
+    return a, *setup(a)
+
+
+@pytest.mark.parametrize("layout", ["full", "swa", "gdn", "hybrid"])
+def test_static_step_matches_eager(layout):
+    a, dev, dt = _tiny_args()
+    model = build_model(layout, a, dev, dt).eval()
+    for ctx in (20, 50):  # below and above the window (32): ring not yet full, then wrapped
+        st = StaticStepper(model, 1, dense=True, advance=False, fill="random", context=ctx)
+        x, pos = torch.randn(1, 1, 64), frame_positions(1, ctx, dev)
+        ref, _ = eager_step(model, x, pos, st.eager_state(ctx))
+        st.x.copy_(x)
+        st.pos.copy_(pos)
+        assert rel_err(st.step(), ref) < 1e-5
+    # frames of 8 tokens carried over 10 frames (80 tokens: the SWA ring wraps twice)
+    st, state = StaticStepper(model, 8, capacity=128), None
+    for f in range(10):
+        x, pos = torch.randn(1, 8, 64), frame_positions(8, 4 * f, dev, (2, 4))
+        ref, state = eager_step(model, x, pos, state)
+        st.x.copy_(x)
+        st.pos.copy_(pos)
+        assert rel_err(st.step(), ref) < 1e-5, f
+    assert int(st.tok) == 80
+
+
+def test_bench_stream_tiny(tmp_path):
+    from vlt.bench.stream import main
+    assert main(["--tiny", "--device", "cpu", "--frames", "12", "--eager-frames", "10", "--out", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "stream.json").read_text())
+    assert (tmp_path / "stream.png").stat().st_size > 0
+    assert rep["bench"] == "stream" and rep["command"].startswith("vlt bench stream") and rep["machine"]
+    assert rep["tokens_per_frame"] == 8
+    r = rep["results"][0]
+    assert r["layout"] == "hybrid" and len(r["fps"]) == len(r["decoder_ms"]) == len(r["mem_bytes"]) == 12
+    assert r["check_static_vs_eager_max_rel_err"] < 1e-5
+    # hybrid state: grows while the SWA ring fills (window 32 = 4 frames of 8), then stays constant
+    eb = r["eager_state_bytes"]
+    assert eb[0] < eb[4] and len(set(eb[4:])) == 1
+    assert set(r["mem_bytes"]) == {r["state_bytes"]} and r["mem_change_from_100"] == 0
+    assert eb[-1] == r["state_bytes"]  # the static buffers hold exactly the mixers' steady-state
+
+
+def test_bench_infer_tiny(tmp_path):
+    from vlt.bench.infer import main
+    assert main(["--tiny", "--device", "cpu", "--layouts", "full", "hybrid", "--prefill-lens", "64",
+                 "--contexts", "16", "64", "--check-max", "64", "--rep-ms", "1", "--out", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "infer.json").read_text())
+    assert {(r["layout"], r["T"]) for r in rep["prefill"]} == {("full", 64), ("hybrid", 64)}
+    assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 for r in rep["prefill"])
+    dec = {(r["layout"], r["context"]): r for r in rep["decode"]}
+    assert set(dec) == {(lay, c) for lay in ("full", "hybrid") for c in (16, 64)}
+    for r in dec.values():
+        assert r["ms"] > 0 and r["check_rel_err"] < 1e-5 and r["state"].startswith("constructed")
+    # the full layout's KV grows with the context, the hybrid's state is capped by the window
+    assert dec["full", 64]["state_bytes"] > dec["full", 16]["state_bytes"]
+    s16, s64 = (dec["hybrid", c]["state_bytes"] for c in (16, 64))
+    assert s64 >= s16 and rep["goals"][0]["goal"].startswith("hybrid decode flat")
+
+
+def test_bench_train_tiny(tmp_path):
+    from vlt.bench.train import main
+    assert main(["--tiny", "--device", "cpu", "--layouts", "full", "hybrid", "--seq-lens", "64",
+                 "--steps", "1", "--checkpointing", "on", "--out", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "train.json").read_text())
+    rows = {r["layout"]: r for r in rep["results"]}
+    assert set(rows) == {"full", "hybrid"}
+    for r in rows.values():
+        assert r["tokens_per_s"] > 0 and r["checkpointing"] is True and r["trainable"] == "all"
+        assert r["model_tflop"] >= 0 and 0 <= r["mfu"] < 1
+
+
+def test_train_flops_scale():
+    a, dev, dt = _tiny_args()
+    full, hybrid = (build_model(lay, a, "meta", dt) for lay in ("full", "hybrid"))
+    # full attention is quadratic in T; the hybrid's window caps its attention term
+    assert train_flops(full, 4096) / train_flops(full, 1024) > train_flops(hybrid, 4096) / train_flops(hybrid, 1024) > 3.9
+
+
+def test_cli_registers_bench_commands():
+    from vlt.cli import tool_main
+    for name in ("train", "infer", "stream"):
+        with pytest.raises(SystemExit) as e:
+            tool_main(["bench", name, "--help"])
+        assert e.value.code == 0
