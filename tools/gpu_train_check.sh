@@ -23,7 +23,7 @@ print(json.dumps(out))
 json.dump(out, open(os.path.join(os.environ["OUT"], "quickstart_gpu.json"), "w"), indent=1)
 PY
 echo "== loader throughput on this machine (quickstart preset, 1 and 4 workers)"
-for w in 4; do
+for w in ${DATA_WORKERS-4}; do
   timeout 60 python -m vlt.cli bench data --preset quickstart --batches 40 --num-workers $w --out $OUT/bench_data_gpuhost_w$w.json 2>&1 | tail -4
 done
 echo "== FSDP (per-block units), devices=1, bf16, sharded checkpoint, then resume from last"
