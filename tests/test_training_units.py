@@ -116,3 +116,17 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path, weights_only=False) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_fsdp_strategy_wraps_each_decoder_block():
+    """`--trainer.strategy fsdp` resolves to per-DecoderBlock units with sharded checkpoints
+    (the strategy object only; running FSDP needs GPUs, which CI does not have)."""
+    from lightning.pytorch.strategies import StrategyRegistry
+    from vlt.model import DecoderBlock
+    from vlt.training.strategies import register_strategies
+    register_strategies()
+    strategy = StrategyRegistry.get("fsdp")
+    assert strategy._state_dict_type == "sharded"
+    assert strategy.kwargs["use_orig_params"] is True
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert DecoderBlock in getattr(policy, "_module_classes", policy)

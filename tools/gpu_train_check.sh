@@ -3,6 +3,8 @@
 # rate from `vlt bench data` on the same machine) and the FSDP strategy with devices=1 (per-block
 # wrapping, bf16, sharded checkpoint, resume from `last`). Run from the repo root on the GPU machine:
 #   bash .whl/install.sh && source tools/devpath.sh && bash tools/gpu_train_check.sh
+# Needs tools/device-extra-wheels.sh run once here first (LightningCLI's jsonargparse extras).
+# Logs go to $OUT as they are written, so a call stopped at its time limit still returns them.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 repo=$(pwd)
@@ -10,7 +12,7 @@ work=/tmp/gpucheck && rm -rf $work && mkdir -p $work && cd $work
 quiet="--trainer.enable_progress_bar=false --trainer.enable_model_summary=false"
 echo "== quickstart on the GPU (200 steps)"
 timeout 130 python -m vlt.cli fit --config quickstart --trainer.accelerator=gpu --trainer.max_steps=200 \
-  --trainer.val_check_interval=100 $quiet > quick.log 2>&1; echo "rc=$?"; tail -3 quick.log
+  --trainer.val_check_interval=100 $quiet > $OUT/quick.log 2>&1; echo "rc=$?"; tail -3 $OUT/quick.log
 python - <<'PY'
 import csv, json, os, statistics
 rows = list(csv.DictReader(open("lightning_logs/version_0/metrics.csv")))
@@ -29,13 +31,12 @@ done
 echo "== FSDP (per-block units), devices=1, bf16, sharded checkpoint, then resume from last"
 common="--config quickstart --trainer.accelerator=gpu --trainer.devices=1 --trainer.strategy=fsdp --trainer.precision=bf16-mixed --checkpoint.every_n_train_steps=10 --trainer.val_check_interval=10 --trainer.limit_val_batches=2 --trainer.log_every_n_steps=1 $quiet"
 rm -rf lightning_logs
-timeout 110 python -m vlt.cli fit $common --trainer.max_steps=20 > fsdp1.log 2>&1; echo "rc=$?"; tail -3 fsdp1.log
+timeout 110 python -m vlt.cli fit $common --trainer.max_steps=20 > $OUT/fsdp1.log 2>&1; echo "rc=$?"; tail -3 $OUT/fsdp1.log
 ls -la lightning_logs/version_0/checkpoints/ lightning_logs/version_0/checkpoints/last.ckpt 2>&1 | head -12
-timeout 110 python -m vlt.cli fit $common --trainer.max_steps=30 --ckpt_path last > fsdp2.log 2>&1; echo "rc=$?"; tail -3 fsdp2.log
+timeout 110 python -m vlt.cli fit $common --trainer.max_steps=30 --ckpt_path last > $OUT/fsdp2.log 2>&1; echo "rc=$?"; tail -3 $OUT/fsdp2.log
 python - <<'PY'
 import csv
 for v in ("version_0", "version_1"):
     rows = list(csv.DictReader(open(f"lightning_logs/{v}/metrics.csv")))
     print(v, [(r["step"], round(float(r["train/loss"]), 4)) for r in rows if r.get("train/loss")][-6:])
 PY
-cp quick.log fsdp1.log fsdp2.log $OUT/ 2>/dev/null
