@@ -267,9 +267,8 @@ def plot(rep, path):
 
 
 def main(argv=None) -> int:
-    p = add_bench_infer_args(argparse.ArgumentParser(prog="vlt bench infer", description=__doc__,
-                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
-    return run_bench_infer(p.parse_args(argv))
+    from vlt.bench import module_main
+    return module_main("vlt bench infer", add_bench_infer_args, run_bench_infer, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -413,9 +413,8 @@ def plot(report, path):
 
 
 def main(argv=None) -> int:
-    p = add_bench_mixers_args(argparse.ArgumentParser(prog="vlt bench mixers", description=__doc__,
-                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
-    return run_bench_mixers(p.parse_args(argv))
+    from vlt.bench import module_main
+    return module_main("vlt bench mixers", add_bench_mixers_args, run_bench_mixers, __doc__, argv)
 
 
 if __name__ == "__main__":

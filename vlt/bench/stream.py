@@ -284,9 +284,8 @@ def plot(rep, path):
 
 
 def main(argv=None) -> int:
-    p = add_bench_stream_args(argparse.ArgumentParser(prog="vlt bench stream", description=__doc__,
-                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
-    return run_bench_stream(p.parse_args(argv))
+    from vlt.bench import module_main
+    return module_main("vlt bench stream", add_bench_stream_args, run_bench_stream, __doc__, argv)
 
 
 if __name__ == "__main__":

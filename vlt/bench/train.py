@@ -198,9 +198,8 @@ def plot(rep, path):
 
 
 def main(argv=None) -> int:
-    p = add_bench_train_args(argparse.ArgumentParser(prog="vlt bench train", description=__doc__,
-                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
-    return run_bench_train(p.parse_args(argv))
+    from vlt.bench import module_main
+    return module_main("vlt bench train", add_bench_train_args, run_bench_train, __doc__, argv)
 
 
 if __name__ == "__main__":
