@@ -146,3 +146,22 @@ def test_ddp_two_cpu_processes_split_samples_evenly(tmp_path):
     assert len(ranks) == 2 and len(ranks[0]) == len(ranks[1]) == 3
     ids = [{i for b in r for i in b["ids"]} for r in ranks]
     assert ids[0] and ids[1] and not (ids[0] & ids[1])
+
+
+def test_distillation_from_a_qwen2_5_vl_checkpoint_directory(tmp_path):
+    """Stage I from a real (tiny, random) Qwen2.5-VL saved by transformers: its tokenizer feeds the
+    data module, the student keeps its vision tower, and both phases run through the CLI."""
+    from vlt.convert import make_tiny_teacher
+    teacher = make_tiny_teacher(tmp_path / "qwen", num_layers=4)
+    distill = ["--model=vlt.training.Distillation", f"--model.init_args.teacher={teacher}",
+               "--model.init_args.student_layout=[swa, gdn, gdn, gdn]",
+               "--model.init_args.student_mixers={swa: {window: 64}}", f"--data.init_args.tokenizer={teacher}"]
+    main(["fit", "--config", "quickstart", *distill, "--model.init_args.phase=layer", *common(tmp_path, 2)])
+    layer = versions(tmp_path)[-1]
+    ckpt = torch.load(layer / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["vlt_layout"] == ["swa", "gdn", "gdn", "gdn"]
+    assert ckpt["vlt_config"]["vision"]["kind"] == "qwen2_5_vl"
+    assert ckpt["vlt_config"]["decoder"]["mixers"]["swa"] == {"qkv_bias": True, "window": 64}
+    main(["fit", "--config", "quickstart", *distill, "--model.init_args.phase=kl",
+          f"--model.init_args.init_from={layer}/checkpoints/last.ckpt", *common(tmp_path, 2)])
+    assert "train/loss/kl" in open(versions(tmp_path)[-1] / "metrics.csv").read()
