@@ -48,7 +48,8 @@ def build_config(model_name: str | None, model: dict | None, tokens: dict | None
 
 class VLTModule(L.LightningModule):
     def __init__(self, model_name: str | None = None, model: dict | None = None, layout: str | list | None = None,
-                 mixers: dict | None = None, tokens: dict | None = None, init_from: str | None = None, trainable: list[str] | None = None, lora: dict | None = None,
+                 mixers: dict | None = None, tokens: dict | None = None, init_from: str | None = None,
+                 trainable: list[str] | None = None, lora: dict | None = None,
                  lr: float = 1e-3, weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 0, schedule: str = "cosine", min_lr_ratio: float = 0.1,
                  activation_checkpointing: bool = False, peak_tflops: float | None = None):
