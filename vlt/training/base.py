@@ -141,24 +141,29 @@ class VLTModule(L.LightningModule):
         self.log("train/loss", loss, batch_size=bs, prog_bar=True)
         return loss
 
-    def on_train_batch_start(self, batch, batch_idx):
-        self._t0 = time.perf_counter()
-
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self._t0 is None:
+        # Throughput from the wall time between consecutive steps: no device synchronisation (which
+        # would stall the CUDA queue every step); in steady state this is the true step time.
+        now = time.perf_counter()
+        last, self._t0 = self._t0, now
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "stats"):
+            for reason, n in dm.stats().items():
+                self.log(f"data/{reason}", float(n))
+        if last is None:
             return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        dt = time.perf_counter() - self._t0
+        dt = now - last
         tokens = batch["input_ids"].numel() * self.trainer.world_size
         self.log("perf/tokens_per_s", tokens / dt)
         peak = self.hparams.peak_tflops or (789.0 if self.device.type == "cuda" else None)
         if peak:
             self.log("perf/mfu_est", self._flops_per_token * tokens / dt / (peak * 1e12 * self.trainer.world_size))
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "stats"):
-            for reason, n in dm.stats().items():
-                self.log(f"data/{reason}", float(n))
+
+    def on_train_epoch_start(self):
+        self._t0 = None  # the gap across an epoch boundary (loader restart) is not a step
+
+    def on_validation_end(self):
+        self._t0 = None  # nor is a validation pass
 
     def on_before_optimizer_step(self, optimizer):
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
