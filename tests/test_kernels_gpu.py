@@ -197,17 +197,22 @@ def set_backend(module, backend):
             m.backend = backend
 
 
-@pytest.mark.parametrize("name", ["full", "swa", "linear", "gdn", "swa_gdn"])
-@pytest.mark.parametrize("packed", [True])      # fp32 + varlen: shares the GDN kernels compiled above
-def test_mixer_auto_matches_torch(name, packed):
+def small_mixer(name, seed):
+    """A mixer at test scale (2 heads of 128, 1 KV head, window 1024) on the GPU."""
     from vlt.layers import create_mixer
-    torch.manual_seed(9)
+    torch.manual_seed(seed)
     opts = dict(hidden_size=256, num_heads=2, head_dim=128)
     if name in ("full", "swa", "swa_gdn"):
         opts["num_kv_heads"] = 1
     if name in ("swa", "swa_gdn"):
         opts["window"] = 1024
-    m = create_mixer(name, **opts).to(DEV)
+    return create_mixer(name, **opts).to(DEV)
+
+
+@pytest.mark.parametrize("name", ["full", "swa", "linear", "gdn", "swa_gdn"])
+@pytest.mark.parametrize("packed", [True])      # fp32 + varlen: shares the GDN kernels compiled above
+def test_mixer_auto_matches_torch(name, packed):
+    m = small_mixer(name, seed=9)
     B = 1 if packed else 2
     cu = torch.tensor(CU, device=DEV) if packed else None
     x = randn(B, 4096, 256)
@@ -234,14 +239,7 @@ def test_mixer_auto_matches_torch(name, packed):
 @pytest.mark.parametrize("name", ["full", "swa", "linear", "gdn", "swa_gdn"])
 def test_mixer_decode_auto_matches_torch(name):
     """Prefill 4096 tokens with a cache, then decode 4 (the SWA ring is full: its fast path)."""
-    from vlt.layers import create_mixer
-    torch.manual_seed(10)
-    opts = dict(hidden_size=256, num_heads=2, head_dim=128)
-    if name in ("full", "swa", "swa_gdn"):
-        opts["num_kv_heads"] = 1
-    if name in ("swa", "swa_gdn"):
-        opts["window"] = 1024
-    m = create_mixer(name, **opts).to(DEV)
+    m = small_mixer(name, seed=10)
     x = randn(2, 4100, 256)
     res = {}
     with torch.no_grad():

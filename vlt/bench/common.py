@@ -72,33 +72,14 @@ def build_model(layout: str, args, device, dtype, seed: int = 0):
     torch.manual_seed(seed)
     with torch.device(device):
         model = VLM(model_config(layout, args))
-    vectorised_text_positions(model)
     return model.to(dtype)
 
 
-def vectorised_text_positions(model):
-    """Text-only M-RoPE positions (p, p, p) computed on the device. ``VLM.positions`` ignores
-    ``position_ids`` under M-RoPE and ``mrope_positions`` walks the tokens in a Python loop (0.3-0.6 s
-    per 128K-token step on a host CPU), which would be timed as part of every step; with no images
-    its result is start + arange(T) on all three axes, which this computes instead."""
-    import torch
-    original = model.positions
-
-    def positions(input_ids, images, position_ids, cu_seqlens, start):
-        if images or cu_seqlens is not None or model.config.decoder.mrope_section is None:
-            return original(input_ids, images, position_ids, cu_seqlens, start)
-        B, T = input_ids.shape
-        base = torch.zeros(B, dtype=torch.long) if start is None else start.long().cpu()
-        pos = base.to(input_ids.device)[:, None] + torch.arange(T, device=input_ids.device)
-        return pos.expand(3, B, T), base + T
-    model.positions = positions
-    return model
-
-
 def long_swa_backend(model, T: int, limit: int = 65536) -> str | None:
-    """SWA layers use fla's parallel_attn above ``limit`` tokens: kernels/attention.py builds its
-    FlexAttention block mask with ``create_block_mask`` uncompiled, which materialises a [T, T]
-    int64 mask (128 GiB at 128K tokens; seen on the H100). Returns the backend set (or None)."""
+    """SWA layers use fla's parallel_attn above ``limit`` tokens. The committed results needed it:
+    kernels/attention.py then built FlexAttention block masks uncompiled, a dense [T, T] mask
+    (128 GiB at 128K tokens, seen on the H100). It now compiles the builder, but that path has not
+    been run at 128K on the device yet; keep this until it has. Returns the backend set (or None)."""
     chosen = None
     for blk in model.layers:
         m = blk.mixer
