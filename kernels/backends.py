@@ -6,7 +6,6 @@ the reason and the backends that can run. The choice is logged once per (op, bac
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 
@@ -22,13 +21,17 @@ PREFERENCE = {
     "swa": ["flex", "fla", "flash_attn", "torch"],
     "varlen_attention": ["flex", "fla", "flash_attn", "torch"],
     "short_conv": ["fla", "torch"],
-    "norm": ["torch"],
+    "norm": ["fla", "torch"],
 }
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once at import (find_spec does not import): a plain dict read is also traceable by
+# torch.compile, which the decode pieces of vlt.bench.static go through.
+_INSTALLED = {name: importlib.util.find_spec(name) is not None for name in ("fla", "flash_attn")}
+
+
 def _has_module(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+    return _INSTALLED[name]
 
 
 def _unavailable_reason(backend: str, device: torch.device) -> str | None:
@@ -72,7 +75,7 @@ def resolve_backend(op: str, backend: str, device: torch.device | str) -> str:
                 f"Available here: {available_backends(op, device)} (or 'auto')")
         chosen = backend
     key = (op, chosen, device.type)
-    if key not in _logged:
+    if key not in _logged and not torch.compiler.is_compiling():
         _logged.add(key)
         log.info("vlt.kernels: %s uses backend %r on %s", op, chosen, device.type)
     return chosen

@@ -21,7 +21,7 @@ def short_conv(x, weight, bias=None, *, activation: str | None = "silu", conv_st
     backend = resolve_backend("short_conv", backend, x.device)
     if activation not in ("silu", None):
         raise ValueError(f"short_conv activation {activation!r}; allowed: 'silu', None")
-    if backend == "fla":
+    if backend == "fla" and not (T <= 8 and cu_seqlens is None and torch.compiler.is_compiling()):
         return _fla(x, weight, bias, activation, conv_state, output_final_state, cu_seqlens)
     if cu_seqlens is not None:
         # Gather-based: each output sums W shifted copies, a tap masked out where it would read a
@@ -44,7 +44,12 @@ def short_conv(x, weight, bias=None, *, activation: str | None = "silu", conv_st
         xt = x.transpose(1, 2)                                           # [B, C, T]
         prev = xt.new_zeros(B, C, W - 1) if conv_state is None else conv_state.to(xt.dtype)
         full = torch.cat([prev, xt], dim=-1)                             # [B, C, W-1+T]
-        y = F.conv1d(full, weight.to(xt.dtype).unsqueeze(1), groups=C).transpose(1, 2)
+        if T <= 8:  # decode: W shifted multiply-adds (at least fp32) - elementwise, so Inductor fuses them
+            acc = torch.promote_types(xt.dtype, torch.float32)
+            w = weight.to(acc)
+            y = sum(full[:, :, j:j + T].to(acc) * w[:, j, None] for j in range(W)).to(xt.dtype).transpose(1, 2)
+        else:
+            y = F.conv1d(full, weight.to(xt.dtype).unsqueeze(1), groups=C).transpose(1, 2)
         new_state = full[:, :, -(W - 1):].clone() if output_final_state else None
     if bias is not None:
         y = y + bias
@@ -53,6 +58,7 @@ def short_conv(x, weight, bias=None, *, activation: str | None = "silu", conv_st
     return y, new_state
 
 
+@torch.compiler.disable  # fla's Triton launcher is not traceable; under compile it runs between graphs
 def _fla(x, weight, bias, activation, conv_state, output_final_state, cu_seqlens):
     from fla.modules.causal_conv1d.ops import causal_conv1d
     # fla's states hold the last W inputs ([N, C, W]), ours the last W-1: the oldest one is never

@@ -10,7 +10,12 @@ Recurrence per head (decay first, then the delta-rule write, as fla's naive refe
 The torch backend is the chunked (WY) form: inside a chunk of C tokens the writes solve one unit
 lower-triangular system, across chunks the state is carried, so cost is O(T C (K + V) + T K V)
 and memory O(T) - never the O(T^2) quadratic form. It runs on any device and is the reference the
-fla Triton kernels are tested against.
+fla Triton kernels are tested against. A few tokens (decode: T <= ``RECURRENT_MAX_T``) run the
+token-by-token recurrence instead of padding a whole chunk.
+
+Decode under ``torch.compile``: fla's kernels are opaque to Dynamo (they run outside the graph), so
+inside a compiled region a decode step takes the recurrence, which is plain tensor math that Inductor
+fuses with the norms, gates and convs around it - the fused GDN decode step of the static stepper.
 """
 from __future__ import annotations
 
@@ -27,11 +32,19 @@ def gated_delta_rule(q, k, v, g, beta, *, scale: float | None = None, initial_st
     """Returns ``(o [B, T, HV, V] in v's dtype, final_state [N, HV, K, V] fp32 or None)``."""
     _check_shapes(q, k, v, g, beta, initial_state, cu_seqlens)
     backend = resolve_backend("gated_delta", backend, q.device)
-    if backend == "fla":
+    few = q.shape[1] <= RECURRENT_MAX_T and cu_seqlens is None
+    if backend == "fla" and not (few and torch.compiler.is_compiling()):
         return _fla(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, qk_l2norm)
     if qk_l2norm:
         q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
+    if few:
+        f32 = [x.float() for x in (q, k, v, g, beta)]
+        o, S = gated_delta_rule_reference(*f32, scale=scale, initial_state=initial_state)
+        return o.to(v.dtype), (S if output_final_state else None)
     return _torch_varlen(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
+
+
+RECURRENT_MAX_T = 8  # up to here the token loop beats padding one chunk (decode, a few draft tokens)
 
 
 def _check_shapes(q, k, v, g, beta, initial_state, cu_seqlens):
@@ -47,6 +60,7 @@ def _check_shapes(q, k, v, g, beta, initial_state, cu_seqlens):
         assert initial_state.shape == (n, HV, K, v.shape[-1]), (initial_state.shape, n, HV, K)
 
 
+@torch.compiler.disable  # fla's autotuned Triton launchers are not traceable; they run between graphs
 def _fla(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, qk_l2norm):
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,

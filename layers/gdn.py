@@ -109,7 +109,7 @@ class GatedDeltaNet(TokenMixer):
                                   output_final_state=use_cache, cu_seqlens=cu_seqlens, qk_l2norm=True,
                                   backend=self.backend)
         gate = self.g_proj(x).view(B, T, self.num_v_heads, self.head_v_dim)
-        o = gated_rms_norm(o.to(x.dtype), gate, self.o_norm_weight, self.norm_eps)
+        o = gated_rms_norm(o.to(x.dtype), gate, self.o_norm_weight, self.norm_eps, self.backend)
         y = self.o_proj(o.reshape(B, T, self.value_dim))
         if not use_cache:
             return y, None

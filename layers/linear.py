@@ -69,7 +69,7 @@ class LinearAttention(TokenMixer):
             g = F.logsigmoid(self.a_proj(x).float()) / 16.0  # slow decays at init, as GLA's normaliser
         o, S = linear_attention(q, k, v, g, initial_state=None if state is None else state["ssm"],
                                 output_final_state=use_cache, cu_seqlens=cu_seqlens, backend=self.backend)
-        o = rms_norm(o.to(x.dtype), self.o_norm_weight, self.norm_eps)
+        o = rms_norm(o.to(x.dtype), self.o_norm_weight, self.norm_eps, self.backend)
         y = self.o_proj(o.reshape(B, T, -1))
         if not use_cache:
             return y, None

@@ -189,6 +189,22 @@ def test_short_conv_fla_matches_torch(dtype, packed, with_state):
           TOL["attn"][dtype])
 
 
+# -- norms: fla's fused RMSNorm / gated RMSNorm vs the torch path -----------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated", [False, True])
+def test_norms_fla_match_torch(dtype, gated):
+    from vlt.kernels import gated_rms_norm, rms_norm
+    torch.manual_seed(10)
+    x = dict(x=randn(2, 4096, 4, 256, dtype=dtype, scale=3.0), weight=1 + randn(256, scale=0.1))
+    if gated:
+        x["gate"] = randn(2, 4096, 4, 256, dtype=dtype)
+
+    def fn(b):
+        return (lambda **a: gated_rms_norm(**a, backend=b)) if gated else (lambda **a: rms_norm(**a, backend=b))
+    check(f"norm fla gated={gated} {dtype}", run(fn("fla"), x), run(fn("torch"), x), TOL["attn"][dtype])
+
+
 # -- mixers: backend auto (CUDA kernels) vs backend torch on the same weights ----------------------
 
 def set_backend(module, backend):

@@ -130,3 +130,28 @@ def test_fsdp_strategy_wraps_each_decoder_block():
     assert strategy.kwargs["use_orig_params"] is True
     policy = strategy.kwargs["auto_wrap_policy"]
     assert DecoderBlock in getattr(policy, "_module_classes", policy)
+
+
+def test_partial_activation_checkpointing_recomputes_the_first_blocks_same_grads(monkeypatch):
+    from vlt.model import checkpointed_blocks
+    assert [checkpointed_blocks(s, 8) for s in (False, True, 0.5, 0.1, 0.0, 1.0)] == [0, 8, 4, 1, 0, 8]
+    with pytest.raises(ValueError, match="activation_checkpointing=1.5.*fraction"):
+        checkpointed_blocks(1.5, 8)
+    with pytest.raises(ValueError, match="activation_checkpointing='yes'"):
+        InstructionTuning(model_name="tiny-hybrid", activation_checkpointing="yes")
+
+    model = VLM(VLMConfig.from_name("tiny-hybrid")).train()
+    ids = torch.randint(0, model.embed_tokens.num_embeddings, (1, 24))
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    grads = {}
+    for setting in (False, 0.5):
+        model.zero_grad()
+        model.gradient_checkpointing = setting
+        model(ids, labels=ids).loss.backward()
+        grads[setting] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    n = len(model.layers)
+    assert calls == list(model.layers[: math.ceil(n / 2)])  # only the 0.5 run, and its first half
+    for a, b in zip(grads[False], grads[0.5]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -7,6 +7,7 @@ excluded), and the decode state when ``use_cache``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +73,7 @@ class VLM(nn.Module):
         self._init_weights()
         if d.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing: bool | float = False  # see checkpointed_blocks
         self.image_token_ids = tuple(t for t in (config.image_token_id, config.video_token_id) if t is not None)
 
     def _init_weights(self):
@@ -130,11 +131,12 @@ class VLM(nn.Module):
         pos, next_pos = self.positions(input_ids, images, position_ids if state is None else None, cu_seqlens, start)
         layer_states = [None] * len(self.layers) if state is None else state["layers"]
         hidden, new_states = [], []
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for block, s in zip(self.layers, layer_states):
+        n_ckpt = checkpointed_blocks(self.gradient_checkpointing, len(self.layers)) \
+            if self.training and torch.is_grad_enabled() else 0
+        for i, (block, s) in enumerate(zip(self.layers, layer_states)):
             if output_hidden_states:
                 hidden.append(x)
-            if checkpointing:  # recompute each block in backward: activations O(layers) -> O(1) blocks
+            if i < n_ckpt:  # recompute the block in backward: its activations are not kept
                 x, ns = torch.utils.checkpoint.checkpoint(block, x, state=s, cu_seqlens=cu_seqlens, position_ids=pos,
                                                           use_cache=use_cache, use_reentrant=False)
             else:
@@ -167,3 +169,16 @@ def shift_labels(labels, cu_seqlens=None):
 def next_token_loss(logits, labels, cu_seqlens=None):
     target = shift_labels(labels, cu_seqlens)
     return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
+
+
+def checkpointed_blocks(setting, num_blocks: int) -> int:
+    """How many blocks (the first ones) recompute their activations in backward.
+
+    ``setting``: True / False (all / none) or a fraction in (0, 1] of the blocks - a memory/speed dial
+    between the two: each block not recomputed saves a forward in backward and keeps its activations."""
+    if isinstance(setting, bool):
+        return num_blocks if setting else 0
+    if isinstance(setting, (int, float)) and 0 <= setting <= 1:
+        return math.ceil(setting * num_blocks)
+    raise ValueError(f"activation_checkpointing={setting!r}; allowed: true, false, or a fraction of the "
+                     "blocks in [0, 1] (e.g. 0.5 recomputes the first half)")

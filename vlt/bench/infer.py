@@ -11,7 +11,9 @@ device-side indices) captured in a CUDA graph; each replay rewrites the same slo
 the step is checked against the mixers' own eager decode path (``eager_step``) on the same state
 (``check_rel_err`` of the logits), at contexts <= ``--check-max`` and always after graph replay.
 ``eager_ms`` times that eager path (the "before" of the graphed path) where its out-of-place cache
-copy fits. Full attention is timed with each SDPA backend (flash, efficient, cuDNN) and the best is
+copy fits. On CUDA the step's per-block pieces are compiled with Inductor (``--compile``), which
+fuses the small kernels of norms, RoPE, gates, the GDN step and the MLP; ``uncompiled_graph_ms``
+is the same graphed step without it. Full attention is timed with each SDPA backend (flash, efficient, cuDNN) and the best is
 reported. A layout whose state would not fit is recorded as OOM (estimated up front, or caught).
 
 Bandwidth floor per token = (weight bytes + state bytes read + written) / measured copy bandwidth.
@@ -39,6 +41,9 @@ def add_bench_infer_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--eager-max", type=int, default=131072, help="time the eager decode path up to this context")
     p.add_argument("--rep-ms", type=float, default=200.0)
     p.add_argument("--no-graph", action="store_true", help="time the static step without CUDA graphs")
+    p.add_argument("--compile", default="auto",
+                   help="torch.compile backend for the step's per-block pieces (auto: inductor on CUDA, "
+                        "none on CPU; 'none' to disable). The uncompiled graphed step is timed too, as 'before'")
     return p
 
 
@@ -52,7 +57,7 @@ def _sdpa_ctx(name):
 
 def decode_row(model, layout, L, args, device, bw):
     import torch
-    from vlt.bench.static import StaticStepper, eager_step, frame_positions, rel_err
+    from vlt.bench.static import StaticStepper, eager_step, frame_positions, rel_err, step_pieces
     row = dict(layout=layout, context=L, state="constructed at full size (random contents), not prefilled")
     read, write = state_bytes_per_token(model, L)
     wbytes = weight_bytes_per_token(model)
@@ -65,7 +70,8 @@ def decode_row(model, layout, L, args, device, bw):
             row["error"] = f"OOM (estimated): state {read / 2**30:.1f} GiB > free {free / 2**30:.1f} GiB"
             return row
     reset_peak(device)
-    st = StaticStepper(model, 1, dense=True, advance=False, fill="random", context=L)
+    compile = step_compile_backend(args, device)
+    st = StaticStepper(model, 1, dense=True, advance=False, fill="random", context=L, compile=compile)
     x = model.embed_tokens(token_ids(model, (1, 1), device))
     pos = frame_positions(1, L, device)
     st.x.copy_(x)
@@ -106,6 +112,14 @@ def decode_row(model, layout, L, args, device, bw):
             row["ms_over_floor"] = round(ok[best] / row["floor_ms"], 3)
     else:
         row["error"] = "; ".join(str(v) for v in times.values())
+    if compile and ok and device.type == "cuda" and not args.no_graph:  # the same step, uncompiled
+        st.pieces = step_pieces(None)
+        try:
+            with _sdpa_ctx(None if row["backend"] == "auto" else row["backend"]):
+                row["uncompiled_graph_ms"] = round(time_ms(graphed(st.step), device, args.rep_ms)[0], 4)
+        except Exception as e:  # noqa: BLE001
+            row["uncompiled_graph_ms"] = err(e)
+    row["compile"] = compile
     row["peak_gib"] = peak_gib(device)
     if L <= args.eager_max or layout != "full":
         try:
@@ -117,6 +131,13 @@ def decode_row(model, layout, L, args, device, bw):
             row["eager_ms"] = err(e)
     del st
     return row
+
+
+def step_compile_backend(args, device):
+    """``--compile`` resolved: a torch.compile backend name, or None for eager pieces."""
+    if args.compile == "auto":
+        return "inductor" if device.type == "cuda" else None
+    return None if args.compile == "none" else args.compile
 
 
 def prefill_row(model, layout, T, device, args):
@@ -236,7 +257,8 @@ def print_table(rep):
     for r in rep["decode"]:
         if "check_rel_err" in r:
             print(f"  check {r['layout']} L={r['context']}: eager vs static {r['check_rel_err']}, "
-                  f"graph {[v for k, v in r.items() if k.startswith('graph_rel_err')]}, eager {r.get('eager_ms')} ms")
+                  f"graph {[v for k, v in r.items() if k.startswith('graph_rel_err')]}, eager {r.get('eager_ms')} ms, "
+                  f"uncompiled graph {r.get('uncompiled_graph_ms')} ms")
     for g in rep.get("goals", []):
         print("GOAL", g)
 

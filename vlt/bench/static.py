@@ -17,6 +17,13 @@ video frame) with every index on the device:
 - ``advance=True`` adds T to the token counter inside the step (streaming); ``False`` replays the
   same slot (latency benchmark at a fixed context).
 
+``compile``: a ``torch.compile`` backend ("inductor" on the GPU) for the per-block pieces - norms,
+projections, RoPE, the GDN step (conv update + gates + recurrence + gated norm: the torch recurrence
+under compile, see vlt.kernels.gated_delta) and the MLP - so Inductor fuses the dozens of small
+kernels a decode step launches per layer. The attention read/write (index_copy into the buffers +
+SDPA) stays eager between the compiled pieces: it honours the caller's SDPA backend choice and its
+buffer length never forces a recompile. Shared RoPE tables are computed once per step.
+
 ``eager_step`` is the reference: the model's blocks on the mixers' own state dicts.
 """
 from __future__ import annotations
@@ -31,9 +38,11 @@ from vlt.layers.rotary import apply_rope, rope_cos_sin
 
 class StaticStepper:
     def __init__(self, model, T: int, *, capacity: int | None = None, dense: bool = False,
-                 advance: bool = True, logits: bool = True, fill: str = "zeros", context: int = 0):
+                 advance: bool = True, logits: bool = True, fill: str = "zeros", context: int = 0,
+                 compile: str | None = None):
         """``capacity``: slots of a ``full`` layer (ring layers hold ``window``). ``fill='random'``
-        with ``context``: states as after ``context`` tokens (random K/V and SSM contents)."""
+        with ``context``: states as after ``context`` tokens (random K/V and SSM contents).
+        ``compile``: torch.compile backend for the per-block pieces (None: eager)."""
         p = next(model.parameters())
         self.model, self.T, self.dense, self.advance, self.logits = model, T, dense, advance, logits
         dev, dt = p.device, p.dtype
@@ -74,6 +83,7 @@ class StaticStepper:
             else:
                 raise ValueError(f"static stepping supports full/swa/gdn layers, not {type(m).__name__}")
         self.out = None
+        self.pieces = step_pieces(compile)
 
     # -- conversions ---------------------------------------------------------------------------
     def state_nbytes(self) -> int:
@@ -116,13 +126,9 @@ class StaticStepper:
                 s["ssm"].copy_(saved[1])
 
     # -- the step --------------------------------------------------------------------------------
-    def _attn(self, m, s, x):
-        B, T, _ = x.shape
-        q = m.q_proj(x).view(B, T, m.num_heads, m.head_dim)
-        k = m.k_proj(x).view(B, T, m.num_kv_heads, m.head_dim)
-        v = m.v_proj(x).view(B, T, m.num_kv_heads, m.head_dim)
-        cos, sin = rope_cos_sin(self.pos, m.head_dim, m.rope_theta, m.mrope_section)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    def _attend(self, m, s, q, k, v):
+        """Write this step's K/V into the buffers and attend; q [B, T, Hq, D], k/v [B, T, Hkv, D]."""
+        T = q.shape[1]
         L = s["L"]
         qtok = self.tok + self.ar
         slots = qtok % L
@@ -139,32 +145,71 @@ class StaticStepper:
             s["k"].index_copy_(1, slots, k)
             s["v"].index_copy_(1, slots, v)
             s["ktok"].index_copy_(0, slots, qtok)
-            o = _gqa_sdpa(q, s["k"], s["v"], _mask(s["ktok"], qtok, m.window))
-            return m.o_proj(o.reshape(B, T, -1))
+            return _gqa_sdpa(q, s["k"], s["v"], _mask(s["ktok"], qtok, m.window))
         s["ktok"].index_copy_(0, slots, qtok)
-        return m.o_proj(o.reshape(B, T, -1))
-
-    def _gdn(self, m, s, x):
-        y, ns = m(x, state={"conv": s["conv"], "ssm": s["ssm"], "seen": 0}, use_cache=True)
-        for dst, src in zip(s["conv"], ns["conv"]):
-            dst.copy_(src)
-        s["ssm"].copy_(ns["ssm"])
-        return y
+        return o
 
     @torch.no_grad()
     def step(self):
         """One step over ``self.x`` at positions ``self.pos``; returns last-token logits (or hidden)."""
+        attn_in, gdn_block, mixer_out = self.pieces
         x = self.x
+        rope = {}
         for blk, s in zip(self.model.layers, self.states):
-            h = blk.input_layernorm(x)
-            h = self._attn(blk.mixer, s, h) if s["kind"] == "attn" else self._gdn(blk.mixer, s, h)
-            x = x + h
-            x = x + blk.mlp(blk.post_attention_layernorm(x))
+            m = blk.mixer
+            if s["kind"] == "attn":
+                key = (m.head_dim, m.rope_theta, tuple(m.mrope_section or ()))
+                if key not in rope:  # every attention layer of a model shares its RoPE tables
+                    rope[key] = rope_cos_sin(self.pos, m.head_dim, m.rope_theta, m.mrope_section)
+                q, k, v = attn_in(blk, x, *rope[key])
+                x = mixer_out(blk, x, m.o_proj, self._attend(m, s, q, k, v))
+            else:
+                x = mixer_out(blk, x, None, gdn_block(blk, x, *s["conv"], s["ssm"]))
         if self.advance:
             self.tok += self.T
         last = self.model.norm(x[:, -1:])
         self.out = self.model.lm_head(last) if self.logits else last
         return self.out
+
+
+# -- the per-block pieces (module functions, so one compiled copy serves every layer of a kind) ----
+
+def _attn_in(blk, x, cos, sin):
+    m = blk.mixer
+    h = blk.input_layernorm(x)
+    B, T, _ = h.shape
+    q = m.q_proj(h).view(B, T, m.num_heads, m.head_dim)
+    k = m.k_proj(h).view(B, T, m.num_kv_heads, m.head_dim)
+    v = m.v_proj(h).view(B, T, m.num_kv_heads, m.head_dim)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _gdn_block(blk, x, conv_q, conv_k, conv_v, ssm):
+    """The GDN mixer's own forward on carried state, its new state copied back into the buffers."""
+    y, ns = blk.mixer(blk.input_layernorm(x), state={"conv": (conv_q, conv_k, conv_v), "ssm": ssm, "seen": 0}, use_cache=True)
+    for dst, src in zip((conv_q, conv_k, conv_v), ns["conv"]):
+        dst.copy_(src)
+    ssm.copy_(ns["ssm"])
+    return y
+
+
+def _mixer_out(blk, x, o_proj, y):
+    """Residual around the mixer (attention's output projection applied here), then the MLP half."""
+    if o_proj is not None:
+        y = o_proj(y.flatten(2))
+    x = x + y
+    return x + blk.mlp(blk.post_attention_layernorm(x))
+
+
+def step_pieces(backend: str | None):
+    if backend is None:
+        return _attn_in, _gdn_block, _mixer_out
+    import torch._dynamo
+    cfg = torch._dynamo.config  # one compile per kind of block, a few per stepper: room for all
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 64))
+    return tuple(torch.compile(f, backend=backend, dynamic=False) for f in (_attn_in, _gdn_block, _mixer_out))
 
 
 def _mask(ktok, qtok, window):

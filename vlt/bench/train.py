@@ -4,8 +4,8 @@ One step = forward + next-token loss + backward + fused AdamW on random weights,
 bf16 parameters (AdamW states in bf16 too: fp32 master weights for 3.7B parameters would not leave
 room for 128K-token activations on one 80 GB GPU). The loss runs lm_head + cross-entropy in
 checkpointed chunks of 4096 tokens so a [T, 151936] logits matrix never exists. Activation
-checkpointing per decoder block is used when ``--checkpointing`` says so (default: from 32K tokens on,
-and at any length after an out-of-memory). If a step with every parameter trainable runs out of
+checkpointing per decoder block is used when ``--checkpointing`` says so (default: from 32K tokens on;
+below, none, and after an out-of-memory half of the blocks, then all). If a step with every parameter trainable runs out of
 memory, the row is retried training only the token mixers (InfiniteVL stage I: MLPs, norms,
 embeddings frozen) and says so (``trainable: mixers``).
 
@@ -28,13 +28,30 @@ from vlt.bench.common import (long_swa_backend, PEAK_BF16_TFLOPS, add_common_arg
 def add_bench_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_common_args(p)
     p.add_argument("--seq-lens", nargs="+", type=int, default=[8192, 32768, 131072])
-    p.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"],
-                   help="auto: on from 32K tokens and after an OOM")
+    p.add_argument("--checkpointing", default="auto",
+                   help="auto | on | off | a fraction of the blocks (0.5); auto: off below 32K tokens, "
+                        "after an OOM half of the blocks, then all; on from 32K")
     p.add_argument("--trainable", default="auto", choices=["auto", "all", "mixers"],
                    help="auto: all, falling back to mixers only on OOM")
     p.add_argument("--steps", type=int, default=2, help="timed steps per row (after one warm-up)")
     p.add_argument("--loss-chunk", type=int, default=4096)
     return p
+
+
+def checkpointing_tries(setting: str, T: int):
+    """Activation checkpointing settings to try in order (the next after an out-of-memory): with
+    'auto', none below 32K tokens, then half of the blocks, then all of them."""
+    if setting == "auto":
+        return [False, 0.5, True] if T < 32768 else [True]
+    if setting in ("on", "off"):
+        return [setting == "on"]
+    try:
+        frac = float(setting)
+    except ValueError:
+        frac = -1.0
+    if not 0 <= frac <= 1:
+        raise ValueError(f"--checkpointing {setting!r}; allowed: auto, on, off, or a fraction in [0, 1]")
+    return [frac]
 
 
 def chunked_loss(model, ids, chunk: int):
@@ -103,9 +120,8 @@ def run_bench_train(args) -> int:
             if out_of_time(args):
                 rep["results"].append(dict(layout=layout, T=T, error="skipped: --time-limit reached"))
                 continue
-            ckpt = args.checkpointing == "on" or (args.checkpointing == "auto" and T >= 32768)
             tries = [(tr, c) for tr in (["all", "mixers"] if args.trainable == "auto" else [args.trainable])
-                     for c in ([ckpt, True] if args.checkpointing == "auto" and not ckpt else [ckpt])]
+                     for c in checkpointing_tries(args.checkpointing, T)]
             row = dict(layout=layout, T=T)
             swa_b = long_swa_backend(model, T)
             if swa_b:
@@ -175,7 +191,7 @@ def print_table(rep):
             print(f"{r['layout']:7} {r['T']:>7} {'-':>9} {'-':>9} {'-':>6} {'-':>9} {'-':>5} {r.get('error', '')[:60]}")
             continue
         print(f"{r['layout']:7} {r['T']:>7} {r['tokens_per_s']:>9.0f} {r['step_ms']:>9.1f} {r['mfu']:>6.3f} "
-              f"{r['peak_gib'] or 0:>9.1f} {str(r['checkpointing'])[0]:>5} {r['trainable']}")
+              f"{r['peak_gib'] or 0:>9.1f} {str(r['checkpointing']):>5} {r['trainable']}")
     for g in rep.get("goals", []):
         print("GOAL", g)
 

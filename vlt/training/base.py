@@ -13,7 +13,7 @@ import torch
 
 from vlt.checkpoint import describe_mismatch, load_model_state
 from vlt.config import VLMConfig, _deep_update
-from vlt.model import VLM, shift_labels
+from vlt.model import VLM, checkpointed_blocks, shift_labels
 from vlt.training.freezing import apply_trainable, check_new_params_train, trainable_table
 
 log = logging.getLogger("vlt")
@@ -52,7 +52,7 @@ class VLTModule(L.LightningModule):
                  trainable: list[str] | None = None, lora: dict | None = None,
                  lr: float = 1e-3, weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 0, schedule: str = "cosine", min_lr_ratio: float = 0.1,
-                 activation_checkpointing: bool = False, peak_tflops: float | None = None):
+                 activation_checkpointing: bool | float = False, peak_tflops: float | None = None):
         """
         Args:
             model_name: a named config (``tiny-hybrid``, ``infinitevl-4b``); ``model`` overrides it.
@@ -64,6 +64,8 @@ class VLTModule(L.LightningModule):
             trainable: part names (mixers, mlps, norms, embeddings, projector, vision, lora, all) or
                 parameter patterns (``layers.*.mixer.*``). Default: everything (or LoRA only with lora).
             lora: peft LoRA options ``{r, alpha, dropout, target_modules, adapter_only_checkpoint}``.
+            activation_checkpointing: recompute decoder blocks in backward: true (all), false, or a
+                fraction of the blocks (0.5: the first half) to trade memory for speed.
             peak_tflops: accelerator peak for the MFU estimate (default 789 on CUDA: measured bf16 H100).
         """
         super().__init__()
@@ -82,6 +84,7 @@ class VLTModule(L.LightningModule):
             self.new_params += [n for n, _ in self.model.named_parameters() if "lora_" in n]
             if self.lora_cfg.get("adapter_only_checkpoint", True):
                 self.strict_loading = False  # base weights come from init_from, not the checkpoint
+        checkpointed_blocks(activation_checkpointing, 1)  # a bad value fails here, before training starts
         self.model.gradient_checkpointing = activation_checkpointing
         default = ["lora"] if self.lora_cfg else ["all"]
         apply_trainable(self.model, trainable if trainable is not None else self.default_trainable(default))
