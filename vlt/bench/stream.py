@@ -1,16 +1,24 @@
 """``vlt bench stream``: a video stream prefilled one frame at a time with the state carried.
 
 Each frame is a 448x448 image (``--grid 16 16`` merged tokens = 256 LLM tokens) run through the
-Qwen2.5-VL vision tower (32 blocks, width 1280, random weights, transformers' module: eager) and
-then through the decoder as one 256-token step with M-RoPE video positions (t, t + row, t + col).
+Qwen2.5-VL vision tower (32 blocks, width 1280, random weights, transformers' module) and then
+through the decoder as one 256-token step with M-RoPE video positions (t, t + row, t + col).
 The decoder step is ``vlt.bench.static.StaticStepper`` (in-place SWA ring / GDN states, positions
 and slots computed on the device) captured once in a CUDA graph and replayed every frame.
 
+Vision (``--vision-mode``): ``static`` (default) runs the HF module's weights through
+``vlt.qwen_vision_static.StaticQwenVision`` (window order, rotary table and window mask precomputed
+for the frame's grid, one SDPA call per layer, no host syncs), captured in its own CUDA graph on
+CUDA (not with ``--no-graph``); it is checked once against transformers' forward on the stream's
+frame (relative error in the JSON). ``eager`` runs transformers' forward every frame (window
+indices rebuilt, host syncs, one SDPA call per window). Vision time per frame includes patchifying
+the frame.
+
 Recorded per frame index: total / vision / decoder ms (CUDA events), FPS, allocated GPU memory and
-the state's bytes. ``--eager-frames`` frames are also run through the mixers' own eager path (the
-"before" of the graphed path), and ``--check-frames`` frames (past the SWA ring's wrap) are checked
-eager vs static vs graph on the same inputs. Layouts with a growing cache (``full``) are not
-streamed: their state would need a capacity; see ``vlt bench infer`` for them.
+the state's bytes. ``--eager-frames`` frames are also run through transformers' vision forward and
+the mixers' own eager path (the "before" of the static, graphed path), and ``--check-frames`` frames
+(past the SWA ring's wrap) are checked eager vs static vs graph on the same inputs. Layouts with a
+growing cache (``full``) are not streamed: their state would need a capacity; see ``vlt bench infer``.
 Writes stream.json and stream.png to --out.
 """
 from __future__ import annotations
@@ -38,10 +46,12 @@ def add_bench_stream_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--grid", nargs=2, type=int, default=None, help="merged tokens per frame h w (default 16 16)")
     p.add_argument("--vision", default="qwen", choices=["qwen", "none"],
                    help="qwen: Qwen2.5-VL tower per frame; none: random features (decoder only)")
+    p.add_argument("--vision-mode", default="static", choices=["static", "eager"],
+                   help="static: StaticQwenVision, in a CUDA graph on CUDA; eager: transformers' forward per frame")
     p.add_argument("--eager-frames", type=int, default=100, help="frames through the eager path (0: none)")
     p.add_argument("--check-frames", type=int, default=None, help="frames compared eager vs graph "
                    "(default: enough to wrap the SWA ring, window / tokens + 2)")
-    p.add_argument("--no-graph", action="store_true")
+    p.add_argument("--no-graph", action="store_true", help="no CUDA graphs (decoder step and vision tower)")
     return p
 
 
@@ -53,18 +63,39 @@ def build_tower(args, device, dtype):
     return tower.to(device, dtype).eval()
 
 
+def static_vision(tower, image, rep, use_graph):
+    """Per-frame features from StaticQwenVision (graphed when ``use_graph``), checked once against
+    transformers' forward on ``image``; what was used and the check go into ``rep``."""
+    from vlt.bench.static import rel_err
+    from vlt.qwen_vision import patchify
+    from vlt.qwen_vision_static import StaticQwenVision
+
+    def patchified():
+        return patchify(image, tower.patch_size, tower.merge_size, tower.temporal_patch_size)
+    static = StaticQwenVision(tower, patchified()[1])
+    run, rep["vision_graph"] = static.forward, False
+    if use_graph:
+        try:
+            run, rep["vision_graph"] = static.graphed(), True
+        except Exception as e:  # noqa: BLE001 - stream the static forward without the graph, and say so
+            rep["vision_graph_error"] = err(e)
+    rep["vision_equal_windows"] = static.equal_windows
+
+    def features():  # the graph's output buffer: the decoder step copies it in before the next frame
+        return run(patchified()[0])[None]
+    rep["vision_check_static_vs_hf_rel_err"] = float(f"{rel_err(features(), tower([image])[None]):.3g}")
+    return features
+
+
 def run_bench_stream(args) -> int:
     import torch
-    from vlt.bench.static import StaticStepper, eager_step, frame_positions, rel_err
-    from vlt.layers import state_nbytes
     device, dtype = setup(args)
     cuda = device.type == "cuda"
     h, w = args.grid or ((2, 4) if args.tiny else (16, 16))
     T = h * w
     rep = header(args, "stream")
     rep.update(frames=args.frames, tokens_per_frame=T, grid=[h, w], image_px=[28 * h, 28 * w], vision=args.vision,
-               method="vision tower eager per frame; decoder step = StaticStepper in a CUDA graph, state in place; "
-                      "per-frame times from CUDA events")
+               vision_mode=args.vision_mode if args.vision == "qwen" else None)
     path = f"{args.out}/stream.json"
     tower = None
     if args.vision == "qwen":
@@ -76,10 +107,27 @@ def run_bench_stream(args) -> int:
     image = torch.randn(3, 28 * h, 28 * w, device=device, dtype=dtype)
     D = None
 
-    def features():
+    def eager_features():
         if tower is not None:
             return tower([image]).to(dtype)[None]
         return torch.randn(1, T, D, device=device, dtype=dtype)
+    features, vision_method = eager_features, "transformers' forward per frame (eager)"
+    if tower is not None and args.vision_mode == "static":
+        try:
+            with torch.no_grad():
+                features = static_vision(tower, image, rep, cuda and not args.no_graph)
+            vision_method = ("StaticQwenVision (fixed grid, one SDPA call per layer)"
+                             + (" in a CUDA graph" if rep["vision_graph"] else " without a graph"))
+            print("vision static vs transformers rel err:", rep["vision_check_static_vs_hf_rel_err"], flush=True)
+        except Exception as e:  # noqa: BLE001 - reported; the stream runs transformers' forward instead
+            rep["vision_static_error"] = err(e)
+            print("static vision unavailable:", rep["vision_static_error"], flush=True)
+    if tower is None:
+        vision_method = "none (random features)"
+    rep["method"] = (f"vision: {vision_method}; decoder step = StaticStepper, state in place, "
+                     f"{'in a CUDA graph (per layout: graph)' if cuda and not args.no_graph else 'no graph'}; "
+                     f"eager baseline: transformers' vision forward + the mixers' own path; per-frame times from "
+                     f"{'CUDA events' if cuda else 'perf_counter'}")
 
     for layout in args.layouts:
         res = dict(layout=layout)
@@ -88,7 +136,7 @@ def run_bench_stream(args) -> int:
         D = model.config.decoder.hidden_size
         with torch.no_grad():
             try:
-                _stream_layout(model, res, args, device, dtype, T, (h, w), features, tower, cuda)
+                _stream_layout(model, res, args, device, dtype, T, (h, w), features, eager_features, cuda)
             except Exception as e:  # noqa: BLE001
                 res["error"] = err(e)
                 print("STREAM error", res["error"], flush=True)
@@ -102,7 +150,7 @@ def run_bench_stream(args) -> int:
     return 0
 
 
-def _stream_layout(model, res, args, device, dtype, T, grid, features, tower, cuda):
+def _stream_layout(model, res, args, device, dtype, T, grid, features, eager_features, cuda):
     import torch
     from vlt.bench.static import StaticStepper, eager_step, frame_positions, rel_err
     from vlt.layers import state_nbytes
@@ -147,12 +195,12 @@ def _stream_layout(model, res, args, device, dtype, T, grid, features, tower, cu
         res["check_graph_vs_eager_rel_err"] = round(rel_err(st.out, ref), 6) if xs else None
     else:
         step = frame_step
-    # -- 2. eager baseline ("before"): the mixers' own path, state carried as dicts
+    # -- 2. eager baseline ("before"): transformers' vision forward, the mixers' own path, state as dicts
     eager_ms, eager_state_bytes = [], []
     state = None
     for f in range(args.eager_frames):
         t0 = time.perf_counter()
-        feats = features()
+        feats = eager_features()
         _, state = eager_step(model, feats, frame_positions(T, f * adv, device, grid), state)
         if cuda:
             torch.cuda.synchronize()
@@ -164,7 +212,7 @@ def _stream_layout(model, res, args, device, dtype, T, grid, features, tower, cu
         res.update(eager_frames=len(eager_ms), eager_fps_median_2nd_half=round(1e3 / statistics.median(tail), 2),
                    eager_state_bytes=eager_state_bytes,
                    eager_ms=[round(v, 3) for v in eager_ms])
-    # -- 3. the stream: graphed decoder step per frame, vision eager
+    # -- 3. the stream: graphed decoder step per frame, vision as --vision-mode says
     reset()
     reset_peak(device)
     n = args.frames
@@ -243,6 +291,10 @@ def print_table(rep):
     print("=== SUMMARY stream ===")
     print(f"{rep['machine']}  stream: {rep['tokens_per_frame']} tokens/frame, vision={rep['vision']}"
           f"{' (' + rep['vision_error'] + ')' if rep.get('vision_error') else ''}")
+    print(f"  method: {rep['method']}")
+    if "vision_check_static_vs_hf_rel_err" in rep:
+        print(f"  vision static vs transformers' forward on the frame: rel err "
+              f"{rep['vision_check_static_vs_hf_rel_err']}")
     for r in rep["results"]:
         if "error" in r:
             print(f"  {r['layout']}: {r['error']}")

@@ -1,0 +1,105 @@
+"""StaticQwenVision (fixed grid, one SDPA call per layer) against transformers' own Qwen2.5-VL vision
+forward on a tiny random tower, fp32 on the CPU: equal windows, unequal windows (the masked path),
+non-square grids and several frames per call."""
+import pytest
+import torch
+
+from vlt.config import VisionConfig
+from vlt.qwen_vision import QwenVisionTower
+from vlt.qwen_vision_static import StaticQwenVision
+
+# window_size 56 = 2 merged units of 2 patches of 14 px: a merged grid of 4x4 has 2x2 equal windows.
+TINY = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, out_hidden_size=48,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+            fullatt_block_indexes=[1, 3], hidden_act="silu")
+PATCH_DIM = 3 * 2 * 14 * 14
+
+
+def _rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def visual():
+    torch.manual_seed(0)
+    tower = QwenVisionTower(VisionConfig(kind="qwen2_5_vl", hf_config=TINY), TINY["out_hidden_size"]).eval()
+    with torch.no_grad():  # HF's init is near-uniform at this size; spread every weight so errors show
+        for p in tower.parameters():
+            p.normal_(0, 0.3)
+    return tower.visual
+
+
+def _hf_and_static(visual, grid, static=None):
+    t, h, w = grid
+    pixels = torch.randn(t * h * w, PATCH_DIM)
+    with torch.no_grad():
+        ref = visual(pixels, grid_thw=torch.tensor([grid])).pooler_output
+        out = (static or StaticQwenVision(visual, grid))(pixels)
+    return out, ref
+
+
+@pytest.mark.parametrize("grid, equal_windows", [
+    ((1, 8, 8), True),     # merged 4x4: 2x2 windows of 2x2 units
+    ((3, 8, 8), True),     # three frames in one call, each attended on its own
+    ((1, 4, 12), True),    # non-square, merged 2x6: 1x3 windows
+    ((1, 10, 8), False),   # merged 5x4: window rows of 2, 2 and 1 units -> masked path
+    ((2, 6, 10), False),   # non-square and unequal, merged 3x5, two frames
+    ((1, 2, 2), True),     # a single merged unit: one window smaller than the window size
+])
+def test_static_matches_hf_forward(visual, grid, equal_windows):
+    static = StaticQwenVision(visual, grid)
+    assert static.equal_windows is equal_windows and (static.window_mask is None) is equal_windows
+    out, ref = _hf_and_static(visual, grid, static)
+    assert out.shape == ref.shape == (grid[0] * grid[1] * grid[2] // 4, TINY["out_hidden_size"])
+    assert _rel_err(out, ref) < 1e-5
+
+
+def test_window_order_matches_hf(visual):
+    """The precomputed window order and window sizes are HF's (its helper exists from transformers 5.x)."""
+    vision_utils = pytest.importorskip("transformers.vision_utils")
+    for grid in [(1, 8, 8), (1, 10, 8), (1, 6, 10), (1, 2, 2)]:
+        order, cu = vision_utils.get_vision_window_index(torch.tensor([grid]), 2, TINY["window_size"], 14)
+        static = StaticQwenVision(visual, grid)
+        assert torch.equal(static.unit_order, order)
+        assert static.window_tokens == torch.diff(cu).tolist()
+
+
+def test_wrong_window_layout_is_detected(visual):
+    """The comparison above is sensitive to window membership: a tower built for one-unit windows
+    (window_size 28) is far from HF's forward with window_size 56."""
+    grid = (1, 8, 8)
+    visual.window_size = 28
+    try:
+        wrong = StaticQwenVision(visual, grid)
+    finally:
+        visual.window_size = TINY["window_size"]
+    out, ref = _hf_and_static(visual, grid, wrong)
+    assert _rel_err(out, ref) > 1e-2
+
+
+def test_grid_mismatch_and_bad_grid_errors(visual):
+    static = StaticQwenVision(visual, (1, 8, 8))
+    with pytest.raises(ValueError, match=r"shape \(80, 1176\).*grid_thw=\(1, 8, 8\).*takes 64 patches"):
+        static(torch.randn(80, PATCH_DIM))
+    with pytest.raises(ValueError, match="multiples of spatial_merge_size=2"):
+        StaticQwenVision(visual, (1, 7, 8))
+    with pytest.raises(ValueError, match="CUDA"):
+        static.graphed()
+
+
+@pytest.mark.parametrize("mode", ["static", "eager"])
+def test_bench_stream_vision_modes(tmp_path, mode):
+    import json
+
+    from vlt.bench.stream import main
+    assert main(["--tiny", "--device", "cpu", "--frames", "2", "--eager-frames", "1", "--check-frames", "1",
+                 "--vision-mode", mode, "--out", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "stream.json").read_text())
+    assert rep["vision_mode"] == mode and "vision_static_error" not in rep
+    assert len(rep["results"][0]["vision_ms"]) == 2
+    if mode == "static":  # no graph on the CPU; checked against transformers' forward on the frame
+        assert rep["method"].startswith("vision: StaticQwenVision") and rep["vision_graph"] is False
+        assert rep["vision_check_static_vs_hf_rel_err"] < 1e-5
+    else:
+        assert rep["method"].startswith("vision: transformers' forward")
+        assert "vision_check_static_vs_hf_rel_err" not in rep

@@ -1,0 +1,157 @@
+"""A fixed-grid, host-sync-free forward of transformers' Qwen2.5-VL vision tower, for CUDA graphs.
+
+HF's ``Qwen2_5_VisionTransformerPretrainedModel.forward`` rebuilds the rotary table and the window
+order from ``grid_thw`` on every call, reads ``cu_seqlens`` back to the host (``.tolist()``) and runs
+one SDPA call per window: ~40 ms per 448x448 frame on an H100 for ~1.4 TFLOP of work, and nothing a
+CUDA graph can capture. ``StaticQwenVision(visual, grid_thw)`` computes all of that once for one grid
+and then runs the HF module's own submodules and weights (patch_embed's projection, the blocks' norms,
+qkv / proj and MLPs, the merger) with fixed shapes:
+
+- tokens are kept in HF's window order for the whole tower (merged units grouped window by window,
+  windows in raster order, units in raster order inside a window), so a window is a contiguous run;
+- window layers: when every window holds the same number of tokens, the frame is reshaped to
+  [frames * windows, heads, window_len, head_dim] for one SDPA call; otherwise one SDPA call over the
+  frame with a precomputed block-diagonal boolean mask;
+- full-attention layers (``fullatt_block_indexes``): one SDPA call over each frame's tokens;
+- the 2D rotary cos / sin table (fp32, as HF applies it) comes from the module's own ``inv_freq``;
+- the merger's output is put back into raster order of the merged grid by a precomputed inverse.
+
+A grid (t, h, w) in patch units is t frames of h x w patches, each attended on its own (HF's
+semantics for such a ``grid_thw`` row), so several frames of one size go through in one call.
+``graphed()`` captures the forward in a CUDA graph for a static input buffer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class StaticQwenVision:
+    """``visual(pixel_values, grid_thw=[grid_thw]).pooler_output`` for one fixed ``grid_thw``.
+
+    ``tower_or_visual``: a ``vlt.qwen_vision.QwenVisionTower`` or the HF module itself (its weights
+    are used in place, so later weight updates are seen; build it after moving the module to its
+    device). ``grid_thw``: (frames, patch rows, patch cols), rows and cols multiples of the merge size.
+    """
+
+    def __init__(self, tower_or_visual, grid_thw):
+        visual = getattr(tower_or_visual, "visual", tower_or_visual)
+        self.visual = visual
+        t, gh, gw = (int(v) for v in grid_thw)
+        m = visual.spatial_merge_size
+        if t < 1 or gh % m or gw % m or gh < m or gw < m:
+            raise ValueError(f"grid_thw={tuple(grid_thw)} must be (frames >= 1, rows, cols) with rows and cols "
+                             f"positive multiples of spatial_merge_size={m}")
+        units_per_window_side = visual.window_size // m // visual.patch_size
+        if units_per_window_side < 1:
+            raise ValueError(f"window_size={visual.window_size} is smaller than patch_size * spatial_merge_size = "
+                             f"{visual.patch_size * m}")
+        proj = visual.patch_embed.proj
+        self.device, self.dtype = proj.weight.device, proj.weight.dtype
+        self.grid_thw = (t, gh, gw)
+        self.frames, self.tokens = t, gh * gw          # tokens (patches) per frame
+        self.unit = m * m                              # patches per merged token
+        self.patch_dim = proj.weight[0].numel()        # C * T * P * P
+        self.full_layers = {int(i) for i in visual.fullatt_block_indexes}
+
+        # Window order of the merged units: sort by (window row, window col, unit index) - the unit
+        # index is raster order, which is also raster order inside a window.
+        lh, lw = gh // m, gw // m
+        r = torch.arange(lh).repeat_interleave(lw)
+        c = torch.arange(lw).repeat(lh)
+        windows_per_row = -(-lw // units_per_window_side)
+        window_id = (r // units_per_window_side) * windows_per_row + c // units_per_window_side
+        unit_order = torch.argsort(window_id * (lh * lw) + r * lw + c)
+        window_tokens = torch.bincount(window_id) * self.unit    # every window id is hit: no empty windows
+        self.unit_order = unit_order.to(self.device)
+        self.unit_inverse = torch.argsort(unit_order).to(self.device)
+        self.window_tokens = window_tokens.tolist()
+        self.equal_windows = len(set(self.window_tokens)) == 1
+        self.window_mask = None
+        if not self.equal_windows:  # True = may attend: the block diagonal of the window runs
+            owner = torch.repeat_interleave(torch.arange(len(self.window_tokens)), window_tokens)
+            self.window_mask = (owner[:, None] == owner[None, :]).to(self.device)
+
+        # Rotary: patch (i, j) of merged unit (r, c) sits at row r*m + i, col c*m + j; HF rotates the whole
+        # head dim with [h freqs, w freqs] twice over, in fp32, scaled by attention_scaling (1 for axial).
+        i = torch.arange(m).repeat_interleave(m)
+        j = torch.arange(m).repeat(m)
+        rows = (r[unit_order, None] * m + i).flatten()
+        cols = (c[unit_order, None] * m + j).flatten()
+        rope = visual.rotary_pos_emb
+        inv_freq = rope.inv_freq.float()
+        positions = torch.stack([rows, cols], -1).to(inv_freq.device, torch.float)   # [tokens, 2]
+        angles = (positions[..., None] * inv_freq).flatten(1)                          # [h freqs, w freqs]
+        angles = torch.cat([angles, angles], -1).to(self.device)
+        scaling = getattr(rope, "attention_scaling", 1.0)
+        self.cos = (angles.cos() * scaling)[:, None, :]  # [tokens, 1 (heads), head_dim]
+        self.sin = (angles.sin() * scaling)[:, None, :]
+
+    def _attention(self, attn, x: torch.Tensor, windowed: bool) -> torch.Tensor:
+        t, n, d = x.shape
+        heads = attn.num_heads
+        q, k, v = attn.qkv(x).view(t, n, 3, heads, d // heads).unbind(2)
+        q = (q.float() * self.cos + _rotate_half(q.float()) * self.sin).to(v.dtype)
+        k = (k.float() * self.cos + _rotate_half(k.float()) * self.sin).to(v.dtype)
+        mask, seqs, seq_len = None, t, n
+        if windowed and self.equal_windows:
+            seqs, seq_len = t * len(self.window_tokens), self.window_tokens[0]
+        elif windowed:
+            mask = self.window_mask
+        q, k, v = (z.reshape(seqs, seq_len, heads, -1).transpose(1, 2) for z in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+        return attn.proj(o.transpose(1, 2).reshape(t, n, d))
+
+    def _check_input(self, pixel_values: torch.Tensor):
+        expected = (self.frames * self.tokens, self.patch_dim)
+        if tuple(pixel_values.shape) != expected:
+            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} do not fit grid_thw={self.grid_thw}, "
+                             f"the grid this StaticQwenVision was built for: it takes {expected[0]} patches "
+                             f"(frames * rows * cols) of {expected[1]} values (C*T*P*P); build one for the new grid")
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [frames * tokens, C*T*P*P] (HF processor order) -> [frames * tokens / merge^2, out]."""
+        t, n, u = self.frames, self.tokens, self.unit
+        self._check_input(pixel_values)
+        proj = self.visual.patch_embed.proj
+        # The Conv3d's kernel equals its stride and covers one patch: a matmul with the flattened weight.
+        x = F.linear(pixel_values.to(self.dtype), proj.weight.flatten(1), proj.bias)
+        d = x.shape[-1]
+        x = x.view(t, n // u, u, d)[:, self.unit_order].reshape(t, n, d)
+        for idx, blk in enumerate(self.visual.blocks):
+            x = x + self._attention(blk.attn, blk.norm1(x), windowed=idx not in self.full_layers)
+            x = x + blk.mlp(blk.norm2(x))
+        merged = self.visual.merger(x.reshape(t * n, d))
+        return merged.view(t, n // u, -1)[:, self.unit_inverse].reshape(t * n // u, -1)
+
+    __call__ = forward
+
+    def graphed(self, warmup: int = 3):
+        """A callable ``pixel_values -> features`` replaying this forward from a CUDA graph.
+
+        The input is copied into a static buffer; the returned tensor is the graph's static output,
+        overwritten by the next call (clone it to keep it)."""
+        if self.device.type != "cuda":
+            raise ValueError(f"graphed() needs the vision tower on a CUDA device, not {self.device}")
+        static_in = torch.zeros(self.frames * self.tokens, self.patch_dim, device=self.device, dtype=self.dtype)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad(), torch.cuda.stream(side):  # warm-up: allocator and kernel choices settle
+            for _ in range(warmup):
+                self.forward(static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            static_out = self.forward(static_in)
+
+        def replay(pixel_values: torch.Tensor) -> torch.Tensor:
+            self._check_input(pixel_values)
+            static_in.copy_(pixel_values)
+            graph.replay()
+            return static_out
+        return replay
