@@ -35,6 +35,20 @@ def add_common_args(p, layouts=("full", "swa", "gdn", "hybrid")):
     return p
 
 
+def add_compile_arg(p):
+    p.add_argument("--compile", default="auto",
+                   help="torch.compile backend for the static step's per-block pieces (auto: inductor on CUDA, "
+                        "none on CPU; 'none' to disable)")
+    return p
+
+
+def step_compile_backend(args, device):
+    """``--compile`` resolved: a torch.compile backend name, or None for eager pieces."""
+    if args.compile == "auto":
+        return "inductor" if device.type == "cuda" else None
+    return None if args.compile == "none" else args.compile
+
+
 def setup(args):
     import torch
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -25,7 +25,7 @@ import argparse
 import sys
 import time
 
-from vlt.bench.common import (long_swa_backend, add_common_args, allocated_bytes, build_model, err, graphed, header, is_oom,
+from vlt.bench.common import (long_swa_backend, add_common_args, add_compile_arg, step_compile_backend, allocated_bytes, build_model, err, graphed, header, is_oom,
                               machine_ceilings, out_of_time, peak_gib, plt, reset_peak, save_json, setup,
                               state_bytes_per_token, time_ms, token_ids, weight_bytes_per_token)
 
@@ -34,16 +34,14 @@ SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
 
 def add_bench_infer_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_common_args(p)
-    p.add_argument("--prefill-lens", nargs="+", type=int, default=[4096, 32768, 131072])
+    p.add_argument("--prefill-lens", nargs="*", type=int, default=[4096, 32768, 131072], help="none: decode only")
     p.add_argument("--contexts", nargs="+", type=int,
                    default=[4096, 16384, 65536, 131072, 262144, 524288, 1048576])
     p.add_argument("--check-max", type=int, default=16384, help="check the graphed step against eager up to here")
     p.add_argument("--eager-max", type=int, default=131072, help="time the eager decode path up to this context")
     p.add_argument("--rep-ms", type=float, default=200.0)
     p.add_argument("--no-graph", action="store_true", help="time the static step without CUDA graphs")
-    p.add_argument("--compile", default="auto",
-                   help="torch.compile backend for the step's per-block pieces (auto: inductor on CUDA, "
-                        "none on CPU; 'none' to disable). The uncompiled graphed step is timed too, as 'before'")
+    add_compile_arg(p)
     return p
 
 
@@ -131,13 +129,6 @@ def decode_row(model, layout, L, args, device, bw):
             row["eager_ms"] = err(e)
     del st
     return row
-
-
-def step_compile_backend(args, device):
-    """``--compile`` resolved: a torch.compile backend name, or None for eager pieces."""
-    if args.compile == "auto":
-        return "inductor" if device.type == "cuda" else None
-    return None if args.compile == "none" else args.compile
 
 
 def prefill_row(model, layout, T, device, args):

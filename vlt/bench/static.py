@@ -83,7 +83,7 @@ class StaticStepper:
             else:
                 raise ValueError(f"static stepping supports full/swa/gdn layers, not {type(m).__name__}")
         self.out = None
-        self.pieces = step_pieces(compile)
+        self.compile, self.pieces = compile, step_pieces(compile)
 
     # -- conversions ---------------------------------------------------------------------------
     def state_nbytes(self) -> int:

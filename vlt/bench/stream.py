@@ -4,7 +4,8 @@ Each frame is a 448x448 image (``--grid 16 16`` merged tokens = 256 LLM tokens) 
 Qwen2.5-VL vision tower (32 blocks, width 1280, random weights, transformers' module) and then
 through the decoder as one 256-token step with M-RoPE video positions (t, t + row, t + col).
 The decoder step is ``vlt.bench.static.StaticStepper`` (in-place SWA ring / GDN states, positions
-and slots computed on the device) captured once in a CUDA graph and replayed every frame.
+and slots computed on the device; per-block pieces compiled by Inductor on CUDA, ``--compile``)
+captured once in a CUDA graph and replayed every frame.
 
 Vision (``--vision-mode``): ``static`` (default) runs the HF module's weights through
 ``vlt.qwen_vision_static.StaticQwenVision`` (window order, rotary table and window mask precomputed
@@ -28,8 +29,8 @@ import statistics
 import sys
 import time
 
-from vlt.bench.common import (add_common_args, allocated_bytes, build_model, err, graphed, header, plt,
-                              reset_peak, save_json, setup)
+from vlt.bench.common import (add_common_args, add_compile_arg, allocated_bytes, build_model, err, graphed, header,
+                              plt, reset_peak, save_json, setup, step_compile_backend)
 
 # Qwen2.5-VL-3B's vision_config (REFERENCE.md), random weights.
 QWEN25_VL_3B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3,
@@ -52,6 +53,7 @@ def add_bench_stream_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--check-frames", type=int, default=None, help="frames compared eager vs graph "
                    "(default: enough to wrap the SWA ring, window / tokens + 2)")
     p.add_argument("--no-graph", action="store_true", help="no CUDA graphs (decoder step and vision tower)")
+    add_compile_arg(p)
     return p
 
 
@@ -124,7 +126,8 @@ def run_bench_stream(args) -> int:
             print("static vision unavailable:", rep["vision_static_error"], flush=True)
     if tower is None:
         vision_method = "none (random features)"
-    rep["method"] = (f"vision: {vision_method}; decoder step = StaticStepper, state in place, "
+    rep["method"] = (f"vision: {vision_method}; decoder step = StaticStepper (compile: "
+                     f"{step_compile_backend(args, device)}), state in place, "
                      f"{'in a CUDA graph (per layout: graph)' if cuda and not args.no_graph else 'no graph'}; "
                      f"eager baseline: transformers' vision forward + the mixers' own path; per-frame times from "
                      f"{'CUDA events' if cuda else 'perf_counter'}")
@@ -160,7 +163,8 @@ def _stream_layout(model, res, args, device, dtype, T, grid, features, eager_fea
     n_check = args.check_frames if args.check_frames is not None else window // T + 2
     # -- 1. correctness: eager (mixers' own state) vs static step vs graph replay on the same frames
     xs = [torch.randn(1, T, model.config.decoder.hidden_size, device=device, dtype=dtype) for _ in range(n_check)]
-    st = StaticStepper(model, T, capacity=None)
+    st = StaticStepper(model, T, capacity=None, compile=step_compile_backend(args, device))
+    res["compile"] = st.compile
     offs = frame_positions(T, 0, device, grid)
     base = torch.zeros((), dtype=torch.long, device=device)
 
