@@ -162,6 +162,34 @@ def time_ms(fn, device, rep_ms: float = 300.0, max_reps: int | None = None):
     return statistics.median(ts), len(ts)
 
 
+def kernel_profile(fn, path: str, reps: int = 1, rows: int = 30) -> dict:
+    """Run ``fn`` ``reps`` times under torch.profiler (CUDA activity) and write the kernels sorted by
+    total device time to ``path`` (a text table); returns a summary (kernel launches and device ms per
+    call, the top kernels' share) for the JSON. Where a goal is missed this says where the time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_us = sum(e.time_range.elapsed_us() for e in events)
+    by_name = {}
+    for e in events:
+        n, t = by_name.get(e.name, (0, 0.0))
+        by_name[e.name] = (n + 1, t + e.time_range.elapsed_us())
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:rows]
+    with open(path, "w") as f:
+        f.write(f"{len(events) / reps:.0f} kernels and {total_us / reps / 1e3:.3f} ms device time per call\n")
+        f.write(f"{'share':>6} {'ms/call':>9} {'calls':>6}  kernel\n")
+        for name, (n, t) in top:
+            f.write(f"{t / max(total_us, 1e-9):6.1%} {t / reps / 1e3:9.3f} {n // reps:6d}  {name[:150]}\n")
+    return dict(kernels_per_call=round(len(events) / reps), device_ms_per_call=round(total_us / reps / 1e3, 3),
+                top=[dict(kernel=name[:120], share=round(t / max(total_us, 1e-9), 4)) for name, (n, t) in top[:8]])
+
+
 def reset_peak(device):
     import torch
     if torch.device(device).type == "cuda":

@@ -25,9 +25,10 @@ import argparse
 import sys
 import time
 
-from vlt.bench.common import (long_swa_backend, add_common_args, add_compile_arg, step_compile_backend, allocated_bytes, build_model, err, graphed, header, is_oom,
-                              machine_ceilings, out_of_time, peak_gib, plt, reset_peak, save_json, setup,
-                              state_bytes_per_token, time_ms, token_ids, weight_bytes_per_token)
+from vlt.bench.common import (add_common_args, add_compile_arg, allocated_bytes, build_model, err, graphed, header,
+                              is_oom, kernel_profile, long_swa_backend, machine_ceilings, out_of_time, peak_gib, plt,
+                              reset_peak, save_json, setup, state_bytes_per_token, step_compile_backend, time_ms,
+                              token_ids, weight_bytes_per_token)
 
 SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
 
@@ -42,6 +43,8 @@ def add_bench_infer_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--rep-ms", type=float, default=200.0)
     p.add_argument("--no-graph", action="store_true", help="time the static step without CUDA graphs")
     add_compile_arg(p)
+    p.add_argument("--profile", action="store_true",
+                   help="profile the (ungraphed) step at each layout's first context: profile_decode_<layout>.txt")
     return p
 
 
@@ -118,6 +121,8 @@ def decode_row(model, layout, L, args, device, bw):
         except Exception as e:  # noqa: BLE001
             row["uncompiled_graph_ms"] = err(e)
     row["compile"] = compile
+    if args.profile and device.type == "cuda" and L == args.contexts[0]:
+        row["profile"] = kernel_profile(st.step, f"{args.out}/profile_decode_{layout}.txt", reps=5)
     row["peak_gib"] = peak_gib(device)
     if L <= args.eager_max or layout != "full":
         try:

@@ -21,6 +21,7 @@ import sys
 import time
 
 from vlt.bench.common import (long_swa_backend, PEAK_BF16_TFLOPS, add_common_args, build_model, err, header, is_oom,
+                              kernel_profile,
                               machine_ceilings, matmul_params, out_of_time, peak_gib, plt, reset_peak,
                               save_json, setup, time_ms, token_ids, train_flops)
 
@@ -35,6 +36,8 @@ def add_bench_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="auto: all, falling back to mixers only on OOM")
     p.add_argument("--steps", type=int, default=2, help="timed steps per row (after one warm-up)")
     p.add_argument("--loss-chunk", type=int, default=4096)
+    p.add_argument("--profile", action="store_true",
+                   help="profile a step of each layout's first length: kernels by device time, profile_train_<layout>_<T>.txt")
     return p
 
 
@@ -80,7 +83,7 @@ def set_trainable(model, which: str):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def run_row(model, T, args, device, trainable, ckpt):
+def run_row(model, T, args, device, trainable, ckpt, profile_path=None):
     import torch
     params = set_trainable(model, trainable)
     model.gradient_checkpointing = ckpt
@@ -97,7 +100,9 @@ def run_row(model, T, args, device, trainable, ckpt):
     try:
         step()  # warm-up: kernel compiles and autotuning, optimizer state allocation
         ms, n = time_ms(step, device, max_reps=args.steps)
-        return ms, n, peak_gib(device)
+        peak = peak_gib(device)
+        prof = kernel_profile(step, profile_path) if profile_path else None
+        return ms, n, peak, prof
     finally:
         del opt
         for p in model.parameters():
@@ -129,7 +134,9 @@ def run_bench_train(args) -> int:
             for trainable, c in tries:
                 t0 = time.perf_counter()
                 try:
-                    ms, n, peak = run_row(model, T, args, device, trainable, c)
+                    first = T == args.seq_lens[0] and args.profile and device.type == "cuda"
+                    ms, n, peak, prof = run_row(model, T, args, device, trainable, c,
+                                                f"{args.out}/profile_train_{layout}_{T}.txt" if first else None)
                 except Exception as e:  # noqa: BLE001 - OOM and kernel failures are results too
                     row.setdefault("attempts", []).append(dict(trainable=trainable, checkpointing=c, error=err(e)))
                     if device.type == "cuda":
@@ -142,6 +149,8 @@ def run_bench_train(args) -> int:
                            tokens_per_s=round(T / ms * 1e3, 1), model_tflop=round(flops / 1e12, 2),
                            mfu=round(flops / (ms * 1e-3) / (PEAK_BF16_TFLOPS * 1e12), 4),
                            peak_gib=peak, wall_s=round(time.perf_counter() - t0, 1))
+                if prof:
+                    row["profile"] = prof
                 break
             if "step_ms" not in row:
                 row["error"] = row["attempts"][-1]["error"]
