@@ -113,6 +113,8 @@ def decode_row(model, layout, L, args, device, bw):
             row["ms_over_floor"] = round(ok[best] / row["floor_ms"], 3)
     else:
         row["error"] = "; ".join(str(v) for v in times.values())
+    if args.profile and device.type == "cuda" and L == args.contexts[0]:  # the timed (compiled) step, ungraphed
+        row["profile"] = kernel_profile(st.step, f"{args.out}/profile_decode_{layout}.txt", reps=5)
     if compile and ok and device.type == "cuda" and not args.no_graph:  # the same step, uncompiled
         st.pieces = step_pieces(None)
         try:
@@ -121,8 +123,6 @@ def decode_row(model, layout, L, args, device, bw):
         except Exception as e:  # noqa: BLE001
             row["uncompiled_graph_ms"] = err(e)
     row["compile"] = compile
-    if args.profile and device.type == "cuda" and L == args.contexts[0]:
-        row["profile"] = kernel_profile(st.step, f"{args.out}/profile_decode_{layout}.txt", reps=5)
     row["peak_gib"] = peak_gib(device)
     if L <= args.eager_max or layout != "full":
         try:
