@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vlt.kernels import attention as attention_kernel
-from vlt.layers.base import TokenMixer, check_heads, check_positive_int, seq_positions
+from vlt.layers.base import TokenMixer, check_heads, check_positive_int, project, seq_positions
 from vlt.layers.registry import register_mixer
 from vlt.layers.rotary import apply_rope, rope_cos_sin
 
@@ -86,9 +86,10 @@ class Attention(TokenMixer):
             raise ValueError(f"{self.mixer_name}: a carried state with packed sequences (cu_seqlens) is not "
                              "supported; prefill packed samples without state or decode them one by one")
         seen = 0 if state is None else state["seen"]
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if self.use_rope:
             if position_ids is None:
                 position_ids = seq_positions(T, cu_seqlens, seen, x.device).expand(B, T)

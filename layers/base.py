@@ -79,3 +79,33 @@ def seq_positions(T: int, cu_seqlens, start: int, device) -> torch.Tensor:
         seq = torch.searchsorted(cu_seqlens[1:], torch.arange(T, device=device), right=True)
         pos = pos - start - cu_seqlens[:-1][seq]
     return pos[None]
+
+
+def pack_linears(*linears: nn.Linear) -> torch.Tensor:
+    """Make the weights (and biases) of Linears that read the same input row blocks of one tensor
+    (their own storage is dropped, no copy stays), so ``project`` runs them as one GEMM.
+
+    For decode: a batch-1 step is a matrix-vector product per projection, and one GEMV over the
+    stacked rows reads the same bytes at a better fraction of the memory bandwidth than several small
+    ones (and launches one kernel). Parameters keep their names and shapes (state dicts, LoRA targets
+    and freezing patterns are unchanged); the stacks are non-persistent buffers of the first Linear."""
+    has_bias = {lin.bias is not None for lin in linears}
+    if len(has_bias) != 1 or len({lin.in_features for lin in linears}) != 1:
+        raise ValueError("pack_linears takes Linears with one input size, all with a bias or none")
+    rows = [lin.out_features for lin in linears]
+    for name in ("weight", "bias") if has_bias.pop() else ("weight",):
+        stacked = torch.cat([getattr(lin, name).detach() for lin in linears])
+        for lin, part in zip(linears, stacked.split(rows)):
+            setattr(lin, name, nn.Parameter(part, requires_grad=getattr(lin, name).requires_grad))
+        linears[0].register_buffer(f"packed_{name}", stacked, persistent=False)
+    linears[0].packed_rows = rows
+    return linears[0].packed_weight
+
+
+def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """``tuple(lin(x) for lin in linears)``, as one GEMM when ``pack_linears`` stacked exactly these."""
+    stacked = getattr(linears[0], "packed_weight", None)
+    if stacked is not None and len(linears[0].packed_rows) == len(linears):
+        bias = getattr(linears[0], "packed_bias", None)
+        return torch.nn.functional.linear(x, stacked, bias).split(linears[0].packed_rows, dim=-1)
+    return tuple(lin(x) for lin in linears)

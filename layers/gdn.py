@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlt.kernels import gated_delta_rule, gated_rms_norm, short_conv
-from vlt.layers.base import TokenMixer, check_heads, check_positive_int
+from vlt.layers.base import TokenMixer, check_heads, check_positive_int, project
 from vlt.layers.registry import register_mixer
 
 
@@ -97,18 +97,19 @@ class GatedDeltaNet(TokenMixer):
     def forward(self, x, *, state=None, cu_seqlens=None, position_ids=None, use_cache=False):
         B, T, _ = x.shape
         conv_q, conv_k, conv_v = (None, None, None) if state is None else state["conv"]
-        q, cq = self.q_conv1d(self.q_proj(x), conv_q, cu_seqlens, use_cache)
-        k, ck = self.k_conv1d(self.k_proj(x), conv_k, cu_seqlens, use_cache)
-        v, cv = self.v_conv1d(self.v_proj(x), conv_v, cu_seqlens, use_cache)
+        q, k, v, gate, a, b = project(x, self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.a_proj, self.b_proj)
+        q, cq = self.q_conv1d(q, conv_q, cu_seqlens, use_cache)
+        k, ck = self.k_conv1d(k, conv_k, cu_seqlens, use_cache)
+        v, cv = self.v_conv1d(v, conv_v, cu_seqlens, use_cache)
         q = q.view(B, T, self.num_heads, self.head_k_dim)
         k = k.view(B, T, self.num_heads, self.head_k_dim)
         v = v.view(B, T, self.num_v_heads, self.head_v_dim)
-        beta = self.b_proj(x).float().sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        beta = b.float().sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         o, ssm = gated_delta_rule(q, k, v, g, beta, initial_state=None if state is None else state["ssm"],
                                   output_final_state=use_cache, cu_seqlens=cu_seqlens, qk_l2norm=True,
                                   backend=self.backend)
-        gate = self.g_proj(x).view(B, T, self.num_v_heads, self.head_v_dim)
+        gate = gate.view(B, T, self.num_v_heads, self.head_v_dim)
         o = gated_rms_norm(o.to(x.dtype), gate, self.o_norm_weight, self.norm_eps, self.backend)
         y = self.o_proj(o.reshape(B, T, self.value_dim))
         if not use_cache:

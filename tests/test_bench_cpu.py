@@ -99,3 +99,30 @@ def test_cli_registers_bench_commands():
         with pytest.raises(SystemExit) as e:
             tool_main(["bench", name, "--help"])
         assert e.value.code == 0
+
+
+def test_packed_projections_same_outputs_fewer_gemms(monkeypatch):
+    from vlt.bench.common import token_ids
+    from vlt.bench.static import pack_projections
+    a, dev, dt = _tiny_args()
+    model = build_model("hybrid", a, dev, dt).eval()      # [swa, gdn, gdn, gdn]
+    ids = token_ids(model, (1, 12), dev)
+    keys = list(model.state_dict())
+    calls = []
+    real = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        ref = model(ids).logits
+        before = len(calls)
+        assert pack_projections(model) == 2 * len(model.layers)
+        calls.clear()
+        out = model(ids).logits
+    # per block: swa q/k/v -> 1 GEMM, gdn q/k/v/g/a/b -> 1, every MLP gate/up -> 1
+    assert before - len(calls) == 2 + 3 * 5 + 4 * 1
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert list(model.state_dict()) == keys                 # names and checkpoints unchanged
+    m = model.layers[1].mixer
+    assert m.q_proj.weight.data_ptr() == m.q_proj.packed_weight.data_ptr()  # a view: no second copy
+    with torch.no_grad():
+        m.q_proj.weight.zero_()                             # an update of the parameter is seen packed
+    assert m.q_proj.packed_weight[: m.key_dim].abs().sum() == 0

@@ -54,6 +54,14 @@ def test_static_matches_hf_forward(visual, grid, equal_windows):
     assert _rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("grid", [(1, 8, 8), (1, 10, 8)])
+def test_compiled_block_matches_hf_forward(visual, grid):
+    # Dynamo traces the block (aot_eager: no Inductor codegen on CPU); Inductor itself runs on the GPU
+    static = StaticQwenVision(visual, grid, compile="aot_eager")
+    out, ref = _hf_and_static(visual, grid, static)
+    assert _rel_err(out, ref) < 1e-5
+
+
 def test_window_order_matches_hf(visual):
     """The precomputed window order and window sizes are HF's (its helper exists from transformers 5.x)."""
     vision_utils = pytest.importorskip("transformers.vision_utils")

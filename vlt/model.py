@@ -16,7 +16,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from vlt.config import VLMConfig
-from vlt.layers import create_mixer
+from vlt.layers import create_mixer, project
 from vlt.positions import mrope_positions, text_positions
 from vlt.vision import RMSNorm, build_vision_tower, image_grid
 
@@ -29,7 +29,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderBlock(nn.Module):

@@ -31,6 +31,21 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _block(blk, x, cos, sin, mask, seqs: int, seq_len: int):
+    """One vision block on x [frames, tokens, dim] (window order); attention over ``seqs`` sequences
+    of ``seq_len`` tokens (windows or whole frames), ``mask`` for unequal windows."""
+    t, n, d = x.shape
+    attn = blk.attn
+    heads = attn.num_heads
+    q, k, v = attn.qkv(blk.norm1(x)).view(t, n, 3, heads, d // heads).unbind(2)
+    q = (q.float() * cos + _rotate_half(q.float()) * sin).to(v.dtype)
+    k = (k.float() * cos + _rotate_half(k.float()) * sin).to(v.dtype)
+    q, k, v = (z.reshape(seqs, seq_len, heads, -1).transpose(1, 2) for z in (q, k, v))
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+    x = x + attn.proj(o.transpose(1, 2).reshape(t, n, d))
+    return x + blk.mlp(blk.norm2(x))
+
+
 class StaticQwenVision:
     """``visual(pixel_values, grid_thw=[grid_thw]).pooler_output`` for one fixed ``grid_thw``.
 
@@ -39,9 +54,12 @@ class StaticQwenVision:
     device). ``grid_thw``: (frames, patch rows, patch cols), rows and cols multiples of the merge size.
     """
 
-    def __init__(self, tower_or_visual, grid_thw):
+    def __init__(self, tower_or_visual, grid_thw, compile: str | None = None):
         visual = getattr(tower_or_visual, "visual", tower_or_visual)
         self.visual = visual
+        # compile: a torch.compile backend for the block (one compiled copy serves every block of a
+        # kind): Inductor fuses the RMSNorms, the fp32 rotary and the MLP's gating around the GEMMs.
+        self.block = _block if compile is None else torch.compile(_block, backend=compile, dynamic=False)
         t, gh, gw = (int(v) for v in grid_thw)
         m = visual.spatial_merge_size
         if t < 1 or gh % m or gw % m or gh < m or gw < m:
@@ -92,20 +110,11 @@ class StaticQwenVision:
         self.cos = (angles.cos() * scaling)[:, None, :]  # [tokens, 1 (heads), head_dim]
         self.sin = (angles.sin() * scaling)[:, None, :]
 
-    def _attention(self, attn, x: torch.Tensor, windowed: bool) -> torch.Tensor:
-        t, n, d = x.shape
-        heads = attn.num_heads
-        q, k, v = attn.qkv(x).view(t, n, 3, heads, d // heads).unbind(2)
-        q = (q.float() * self.cos + _rotate_half(q.float()) * self.sin).to(v.dtype)
-        k = (k.float() * self.cos + _rotate_half(k.float()) * self.sin).to(v.dtype)
-        mask, seqs, seq_len = None, t, n
+    def _attention_layout(self, windowed: bool):
+        """(sequences, tokens per sequence, mask) of one layer's SDPA call over [frames, tokens]."""
         if windowed and self.equal_windows:
-            seqs, seq_len = t * len(self.window_tokens), self.window_tokens[0]
-        elif windowed:
-            mask = self.window_mask
-        q, k, v = (z.reshape(seqs, seq_len, heads, -1).transpose(1, 2) for z in (q, k, v))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
-        return attn.proj(o.transpose(1, 2).reshape(t, n, d))
+            return self.frames * len(self.window_tokens), self.window_tokens[0], None
+        return self.frames, self.tokens, self.window_mask if windowed else None
 
     def _check_input(self, pixel_values: torch.Tensor):
         expected = (self.frames * self.tokens, self.patch_dim)
@@ -124,8 +133,8 @@ class StaticQwenVision:
         d = x.shape[-1]
         x = x.view(t, n // u, u, d)[:, self.unit_order].reshape(t, n, d)
         for idx, blk in enumerate(self.visual.blocks):
-            x = x + self._attention(blk.attn, blk.norm1(x), windowed=idx not in self.full_layers)
-            x = x + blk.mlp(blk.norm2(x))
+            seqs, seq_len, mask = self._attention_layout(windowed=idx not in self.full_layers)
+            x = self.block(blk, x, self.cos, self.sin, mask, seqs, seq_len)
         merged = self.visual.merger(x.reshape(t * n, d))
         return merged.view(t, n // u, -1)[:, self.unit_inverse].reshape(t * n // u, -1)
 

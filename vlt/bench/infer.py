@@ -163,6 +163,9 @@ def run_bench_infer(args) -> int:
     path = f"{args.out}/infer.json"
     for layout in args.layouts:
         model = build_model(layout, args, device, dtype).eval()
+        if not args.no_pack:
+            from vlt.bench.static import pack_projections
+            rep.setdefault("packed_groups", {})[layout] = pack_projections(model)
         for T in args.prefill_lens:
             if out_of_time(args):
                 break

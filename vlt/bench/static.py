@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from vlt.layers import pack_linears, project
 from vlt.layers.attention import Attention
 from vlt.layers.gdn import GatedDeltaNet
 from vlt.layers.rotary import apply_rope, rope_cos_sin
@@ -178,9 +180,10 @@ def _attn_in(blk, x, cos, sin):
     m = blk.mixer
     h = blk.input_layernorm(x)
     B, T, _ = h.shape
-    q = m.q_proj(h).view(B, T, m.num_heads, m.head_dim)
-    k = m.k_proj(h).view(B, T, m.num_kv_heads, m.head_dim)
-    v = m.v_proj(h).view(B, T, m.num_kv_heads, m.head_dim)
+    q, k, v = project(h, m.q_proj, m.k_proj, m.v_proj)
+    q = q.view(B, T, m.num_heads, m.head_dim)
+    k = k.view(B, T, m.num_kv_heads, m.head_dim)
+    v = v.view(B, T, m.num_kv_heads, m.head_dim)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
@@ -210,6 +213,22 @@ def step_pieces(backend: str | None):
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), 64))
     return tuple(torch.compile(f, backend=backend, dynamic=False) for f in (_attn_in, _gdn_block, _mixer_out))
+
+
+def pack_projections(model) -> int:
+    """Stack each block's input projections (attention q/k/v; GDN q/k/v/g/a/b; MLP gate/up) with
+    ``vlt.layers.pack_linears``: one GEMV each per decode step. Returns how many groups were packed."""
+    n = 0
+    for blk in model.layers:
+        m = blk.mixer
+        names = (("q_proj", "k_proj", "v_proj") if isinstance(m, Attention) else
+                 ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj") if isinstance(m, GatedDeltaNet) else ())
+        for mod, group in ((m, names), (blk.mlp, ("gate_proj", "up_proj"))):
+            linears = [getattr(mod, name) for name in group]
+            if linears and all(type(lin) is nn.Linear for lin in linears):  # not LoRA-wrapped
+                pack_linears(*linears)
+                n += 1
+    return n
 
 
 def _mask(ktok, qtok, window):

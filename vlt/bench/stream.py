@@ -30,7 +30,7 @@ import sys
 import time
 
 from vlt.bench.common import (add_common_args, add_compile_arg, allocated_bytes, build_model, err, graphed, header,
-                              plt, reset_peak, save_json, setup, step_compile_backend)
+                              kernel_profile, plt, reset_peak, save_json, setup, step_compile_backend)
 
 # Qwen2.5-VL-3B's vision_config (REFERENCE.md), random weights.
 QWEN25_VL_3B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3,
@@ -54,6 +54,8 @@ def add_bench_stream_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser
                    "(default: enough to wrap the SWA ring, window / tokens + 2)")
     p.add_argument("--no-graph", action="store_true", help="no CUDA graphs (decoder step and vision tower)")
     add_compile_arg(p)
+    p.add_argument("--profile", action="store_true",
+                   help="profile one ungraphed decoder frame step and vision forward: profile_stream_*.txt")
     return p
 
 
@@ -65,7 +67,7 @@ def build_tower(args, device, dtype):
     return tower.to(device, dtype).eval()
 
 
-def static_vision(tower, image, rep, use_graph):
+def static_vision(tower, image, rep, use_graph, compile=None, profile_path=None):
     """Per-frame features from StaticQwenVision (graphed when ``use_graph``), checked once against
     transformers' forward on ``image``; what was used and the check go into ``rep``."""
     from vlt.bench.static import rel_err
@@ -74,7 +76,7 @@ def static_vision(tower, image, rep, use_graph):
 
     def patchified():
         return patchify(image, tower.patch_size, tower.merge_size, tower.temporal_patch_size)
-    static = StaticQwenVision(tower, patchified()[1])
+    static = StaticQwenVision(tower, patchified()[1], compile=compile)
     run, rep["vision_graph"] = static.forward, False
     if use_graph:
         try:
@@ -82,6 +84,8 @@ def static_vision(tower, image, rep, use_graph):
         except Exception as e:  # noqa: BLE001 - stream the static forward without the graph, and say so
             rep["vision_graph_error"] = err(e)
     rep["vision_equal_windows"] = static.equal_windows
+    if profile_path:
+        rep["vision_profile"] = kernel_profile(lambda: static.forward(patchified()[0]), profile_path, reps=3)
 
     def features():  # the graph's output buffer: the decoder step copies it in before the next frame
         return run(patchified()[0])[None]
@@ -117,8 +121,10 @@ def run_bench_stream(args) -> int:
     if tower is not None and args.vision_mode == "static":
         try:
             with torch.no_grad():
-                features = static_vision(tower, image, rep, cuda and not args.no_graph)
-            vision_method = ("StaticQwenVision (fixed grid, one SDPA call per layer)"
+                features = static_vision(tower, image, rep, cuda and not args.no_graph, step_compile_backend(args, device),
+                                         f"{args.out}/profile_stream_vision.txt" if args.profile and cuda else None)
+            vision_method = (f"StaticQwenVision (fixed grid, one SDPA call per layer, compile: "
+                             f"{step_compile_backend(args, device)})"
                              + (" in a CUDA graph" if rep["vision_graph"] else " without a graph"))
             print("vision static vs transformers rel err:", rep["vision_check_static_vs_hf_rel_err"], flush=True)
         except Exception as e:  # noqa: BLE001 - reported; the stream runs transformers' forward instead
@@ -136,6 +142,9 @@ def run_bench_stream(args) -> int:
         res = dict(layout=layout)
         rep["results"].append(res)
         model = build_model(layout, args, device, dtype).eval()
+        if not args.no_pack:
+            from vlt.bench.static import pack_projections
+            res["packed_groups"] = pack_projections(model)
         D = model.config.decoder.hidden_size
         with torch.no_grad():
             try:
@@ -181,6 +190,9 @@ def _stream_layout(model, res, args, device, dtype, T, grid, features, eager_fea
         errs.append(rel_err(st.out, ref))
     res["check_frames"] = n_check
     res["check_static_vs_eager_max_rel_err"] = round(max(errs), 6) if errs else None
+    if args.profile and cuda:
+        res["decoder_profile"] = kernel_profile(frame_step, f"{args.out}/profile_stream_decoder_{res['layout']}.txt",
+                                                reps=3)
     use_graph = cuda and not args.no_graph
     reset = _resetter(st, base)
     if use_graph:
