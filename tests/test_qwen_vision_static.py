@@ -62,6 +62,19 @@ def test_compiled_block_matches_hf_forward(visual, grid):
     assert _rel_err(out, ref) < 1e-5
 
 
+def test_padded_mlp_keeps_the_output(visual):
+    import copy
+    from vlt.qwen_vision_static import pad_mlp_hidden
+    padded = copy.deepcopy(visual)
+    width = padded.blocks[0].mlp.gate_proj.out_features
+    assert pad_mlp_hidden(padded, 48) == width + (-width % 48) > width   # 64 -> 96
+    pixels = torch.randn(64, PATCH_DIM)
+    with torch.no_grad():
+        ref = visual(pixels, grid_thw=torch.tensor([(1, 8, 8)])).pooler_output
+        assert _rel_err(padded(pixels, grid_thw=torch.tensor([(1, 8, 8)])).pooler_output, ref) < 1e-6
+        assert _rel_err(StaticQwenVision(padded, (1, 8, 8))(pixels), ref) < 1e-5
+
+
 def test_window_order_matches_hf(visual):
     """The precomputed window order and window sizes are HF's (its helper exists from transformers 5.x)."""
     vision_utils = pytest.importorskip("transformers.vision_utils")

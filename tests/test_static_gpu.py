@@ -1,8 +1,10 @@
 """GPU: the Inductor-compiled static step (vlt.bench.static, what `vlt bench infer|stream` time)
 against the model's own eager path on CUDA. The eager path runs fla's kernels (fused recurrent GDN,
 fla short conv); the compiled one runs the torch recurrence and conv taps fused by Inductor, so this
-also pins the fused GDN decode step to fla. Decode steps (T = 1) and frames (T = 8, state carried)."""
+also pins the fused GDN decode step to fla; with stacked projections (pack_projections) too. Decode
+steps (T = 1) and frames (T = 8, state carried)."""
 import argparse
+import copy
 
 import pytest
 import torch
@@ -11,23 +13,26 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 from vlt.bench.common import add_common_args, build_model, graphed, setup  # noqa: E402
-from vlt.bench.static import StaticStepper, eager_step, frame_positions, rel_err  # noqa: E402
+from vlt.bench.static import StaticStepper, eager_step, frame_positions, pack_projections, rel_err  # noqa: E402
 
 # fp32: fla's GDN kernels use tf32 inside (about 1.5e-3 measured in test_kernels_gpu); bf16 rounding
 # through 4 layers. A dropped state or a wrong slot gives errors near 1.
 TOL = {"float32": 3e-3, "bfloat16": 5e-2}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_compiled_static_step_matches_eager_cuda(dtype):
+@pytest.mark.parametrize("dtype,packed", [("float32", False), ("bfloat16", False), ("bfloat16", True)])
+def test_compiled_static_step_matches_eager_cuda(dtype, packed):
     a = add_common_args(argparse.ArgumentParser()).parse_args(["--tiny", "--device", "cuda", "--dtype", dtype])
     dev, dt = setup(a)
     torch.manual_seed(0)
-    model = build_model("hybrid", a, dev, dt).eval()
+    ref_model = build_model("hybrid", a, dev, dt).eval()    # the reference stays unpacked
+    model = copy.deepcopy(ref_model)
+    if packed:
+        assert pack_projections(model) == 2 * len(model.layers)
     for ctx in (20, 50):  # SWA ring (window 32) not yet full, then wrapped
         st = StaticStepper(model, 1, dense=True, advance=False, fill="random", context=ctx, compile="inductor")
         x, pos = torch.randn(1, 1, 64, device=dev, dtype=dt), frame_positions(1, ctx, dev)
-        ref, _ = eager_step(model, x, pos, st.eager_state(ctx))
+        ref, _ = eager_step(ref_model, x, pos, st.eager_state(ctx))
         st.x.copy_(x)
         st.pos.copy_(pos)
         snap = st.snapshot()
@@ -39,7 +44,7 @@ def test_compiled_static_step_matches_eager_cuda(dtype):
     st, state = StaticStepper(model, 8, capacity=128, compile="inductor"), None
     for f in range(6):                     # 48 tokens: the ring wraps
         x, pos = torch.randn(1, 8, 64, device=dev, dtype=dt), frame_positions(8, 4 * f, dev, (2, 4))
-        ref, state = eager_step(model, x, pos, state)
+        ref, state = eager_step(ref_model, x, pos, state)
         st.x.copy_(x)
         st.pos.copy_(pos)
         assert rel_err(st.step(), ref) < TOL[dtype], f

@@ -76,6 +76,9 @@ def static_vision(tower, image, rep, use_graph, compile=None, profile_path=None)
 
     def patchified():
         return patchify(image, tower.patch_size, tower.merge_size, tower.temporal_patch_size)
+    from vlt.qwen_vision_static import pad_mlp_hidden
+    if compile:  # the tuned path: aligned MLP GEMMs (exact: zero padding, see pad_mlp_hidden)
+        rep["vision_mlp_width"] = pad_mlp_hidden(tower.visual)
     static = StaticQwenVision(tower, patchified()[1], compile=compile)
     run, rep["vision_graph"] = static.forward, False
     if use_graph:
@@ -190,6 +193,7 @@ def _stream_layout(model, res, args, device, dtype, T, grid, features, eager_fea
         errs.append(rel_err(st.out, ref))
     res["check_frames"] = n_check
     res["check_static_vs_eager_max_rel_err"] = round(max(errs), 6) if errs else None
+    _progress(args, f"{res['layout']}: {n_check} frames checked, static vs eager {res['check_static_vs_eager_max_rel_err']}")
     if args.profile and cuda:
         res["decoder_profile"] = kernel_profile(frame_step, f"{args.out}/profile_stream_decoder_{res['layout']}.txt",
                                                 reps=3)
@@ -203,6 +207,7 @@ def _stream_layout(model, res, args, device, dtype, T, grid, features, eager_fea
             res["graph_error"] = err(e)
             use_graph = False
             step = frame_step
+    _progress(args, f"{res['layout']}: graph {'captured' if use_graph else 'not used'}")
     if use_graph:
         reset()
         for x in xs:
@@ -228,6 +233,7 @@ def _stream_layout(model, res, args, device, dtype, T, grid, features, eager_fea
         res.update(eager_frames=len(eager_ms), eager_fps_median_2nd_half=round(1e3 / statistics.median(tail), 2),
                    eager_state_bytes=eager_state_bytes,
                    eager_ms=[round(v, 3) for v in eager_ms])
+    _progress(args, f"{res['layout']}: {len(eager_ms)} eager baseline frames")
     # -- 3. the stream: graphed decoder step per frame, vision as --vision-mode says
     reset()
     reset_peak(device)
@@ -285,6 +291,10 @@ def _stream_layout(model, res, args, device, dtype, T, grid, features, eager_fea
     res["goal_60fps"] = res["fps_median_from_100"] >= 60
     res["goal_mem_const_1pct"] = res["mem_change_from_100"] <= 0.01
     print("STREAM", {k: v for k, v in res.items() if not isinstance(v, list)}, flush=True)
+
+
+def _progress(args, msg):
+    print(f"[{time.perf_counter() - args.t0:7.1f} s] {msg}", flush=True)
 
 
 def _resetter(st, base):
