@@ -245,11 +245,15 @@ def test_mixer_auto_matches_torch(name, packed):
     # A_log and dt_bias gradients are per-head sums over every token of terms that largely cancel,
     # which amplifies the kernels' tf32 rounding (measured 8.8e-3 on the H100, vs ~1e-3 for the
     # others); they get a looser bound that still catches a wrong decay gradient (error ~1).
+    # a_proj's weight gradient is that same decay gradient times x, summed over tokens: measured
+    # 1.9e-3 (gdn) and 3.75e-3 (swa_gdn) against 3e-3 for the rest; 1e-2 for it.
     reduced = [k for k in res["auto"] if k.endswith(("A_log", "dt_bias"))]
-    check(f"mixer {name} packed={packed} (per-head sums)", {k: res["auto"][k] for k in reduced},
-          {k: res["torch"][k] for k in reduced}, 3e-2)
-    check(f"mixer {name} packed={packed}", {k: v for k, v in res["auto"].items() if k not in reduced},
-          res["torch"] if not reduced else {k: v for k, v in res["torch"].items() if k not in reduced}, tol)
+    decay_in = [k for k in res["auto"] if k.endswith("a_proj.weight")]
+    for keys, bound, what in ((reduced, 3e-2, "per-head sums"), (decay_in, 1e-2, "decay input projection")):
+        check(f"mixer {name} packed={packed} ({what})", {k: res["auto"][k] for k in keys},
+              {k: res["torch"][k] for k in keys}, bound)
+    rest = [k for k in res["torch"] if k not in reduced + decay_in]
+    check(f"mixer {name} packed={packed}", {k: res["auto"][k] for k in rest}, {k: res["torch"][k] for k in rest}, tol)
 
 
 @pytest.mark.parametrize("name", ["full", "swa", "linear", "gdn", "swa_gdn"])
