@@ -9,4 +9,5 @@ from vlt.layers.base import TokenMixer, pack_linears, project, state_nbytes
 from vlt.layers.registry import create_mixer, get_mixer_class, list_mixers, register_mixer
 from vlt.layers import attention, gdn, hybrid, linear  # noqa: F401  (registers the built-ins)
 
-__all__ = ["TokenMixer", "state_nbytes", "pack_linears", "project", "create_mixer", "get_mixer_class", "list_mixers", "register_mixer"]
+__all__ = ["TokenMixer", "state_nbytes", "pack_linears", "project", "create_mixer", "get_mixer_class", "list_mixers",
+           "register_mixer"]

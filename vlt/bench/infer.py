@@ -13,8 +13,9 @@ the step is checked against the mixers' own eager decode path (``eager_step``) o
 ``eager_ms`` times that eager path (the "before" of the graphed path) where its out-of-place cache
 copy fits. On CUDA the step's per-block pieces are compiled with Inductor (``--compile``), which
 fuses the small kernels of norms, RoPE, gates, the GDN step and the MLP; ``uncompiled_graph_ms``
-is the same graphed step without it. Full attention is timed with each SDPA backend (flash, efficient, cuDNN) and the best is
-reported. A layout whose state would not fit is recorded as OOM (estimated up front, or caught).
+is the same graphed step without it. Input projections are stacked (one GEMV per group,
+``pack_projections``; ``--no-pack`` keeps them apart). Full attention is timed with each SDPA
+backend (flash, efficient, cuDNN) and the best is reported. A layout whose state would not fit is recorded as OOM (estimated up front, or caught).
 
 Bandwidth floor per token = (weight bytes + state bytes read + written) / measured copy bandwidth.
 Writes infer.json and infer.png to --out.

@@ -189,7 +189,8 @@ def _attn_in(blk, x, cos, sin):
 
 def _gdn_block(blk, x, conv_q, conv_k, conv_v, ssm):
     """The GDN mixer's own forward on carried state, its new state copied back into the buffers."""
-    y, ns = blk.mixer(blk.input_layernorm(x), state={"conv": (conv_q, conv_k, conv_v), "ssm": ssm, "seen": 0}, use_cache=True)
+    state = {"conv": (conv_q, conv_k, conv_v), "ssm": ssm, "seen": 0}
+    y, ns = blk.mixer(blk.input_layernorm(x), state=state, use_cache=True)
     for dst, src in zip((conv_q, conv_k, conv_v), ns["conv"]):
         dst.copy_(src)
     ssm.copy_(ns["ssm"])

@@ -124,7 +124,8 @@ def run_bench_stream(args) -> int:
     if tower is not None and args.vision_mode == "static":
         try:
             with torch.no_grad():
-                features = static_vision(tower, image, rep, cuda and not args.no_graph, step_compile_backend(args, device),
+                features = static_vision(tower, image, rep, cuda and not args.no_graph,
+                                         step_compile_backend(args, device),
                                          f"{args.out}/profile_stream_vision.txt" if args.profile and cuda else None)
             vision_method = (f"StaticQwenVision (fixed grid, one SDPA call per layer, compile: "
                              f"{step_compile_backend(args, device)})"
@@ -193,7 +194,8 @@ def _stream_layout(model, res, args, device, dtype, T, grid, features, eager_fea
         errs.append(rel_err(st.out, ref))
     res["check_frames"] = n_check
     res["check_static_vs_eager_max_rel_err"] = round(max(errs), 6) if errs else None
-    _progress(args, f"{res['layout']}: {n_check} frames checked, static vs eager {res['check_static_vs_eager_max_rel_err']}")
+    _progress(args, f"{res['layout']}: {n_check} frames checked, "
+                    f"static vs eager {res['check_static_vs_eager_max_rel_err']}")
     if args.profile and cuda:
         res["decoder_profile"] = kernel_profile(frame_step, f"{args.out}/profile_stream_decoder_{res['layout']}.txt",
                                                 reps=3)

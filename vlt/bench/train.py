@@ -37,7 +37,8 @@ def add_bench_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2, help="timed steps per row (after one warm-up)")
     p.add_argument("--loss-chunk", type=int, default=4096)
     p.add_argument("--profile", action="store_true",
-                   help="profile a step of each layout's first length: kernels by device time, profile_train_<layout>_<T>.txt")
+                   help="profile a step at each layout's first length: kernels by device time, "
+                        "profile_train_<layout>_<T>.txt")
     return p
 
 
