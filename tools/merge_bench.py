@@ -1,8 +1,8 @@
 """Merge several `vlt bench mixers` or `vlt bench train` JSON files (runs on the same kind of machine)
 into one, recompute the goals and redraw.
 
-    python tools/merge_bench.py OUT_DIR run1/mixers.json run2/mixers.json ...   -> OUT_DIR/mixers_h100.json
-    python tools/merge_bench.py OUT_DIR run1/train.json run2/train.json ...     -> OUT_DIR/train_h100.json
+    python tools/merge_bench.py OUT_DIR run1/mixers.json run2/mixers.json ...   -> OUT_DIR/mixers_<gpu>.json
+    python tools/merge_bench.py OUT_DIR run1/train.json run2/train.json ...     -> OUT_DIR/train_<gpu>.json
 Later files win for the same row (mixers: mixer, kind, op, mode, T; train: layout, T). Each row keeps
 the run it came from; ``runs`` lists each run's command, date and measured ceilings.
 """
@@ -35,7 +35,9 @@ def main(argv=None):
             rows[tuple(r[k] for k in ROW_KEYS[rep["bench"]])] = {**r, "run": i}
     merged["results"] = list(rows.values())
     os.makedirs(a.out, exist_ok=True)
-    stem = os.path.join(a.out, f"{merged['bench']}_h100")
+    # named by the GPU it ran on: mixers_h100.json, mixers_h200.json, ...
+    gpu = next((g for g in ("h100", "h200", "a100", "b200") if g in merged["machine"].lower()), "gpu")
+    stem = os.path.join(a.out, f"{merged['bench']}_{gpu}")
     if merged["bench"] == "mixers":
         from vlt.bench.mixers import goals, plot, print_table
         ns = argparse.Namespace(seq_lens=sorted({r["T"] for r in merged["results"]}))
