@@ -73,7 +73,9 @@ for part in "$@"; do
         timeout -k 10 "${T_MIXER:-150}" python3 -m vlt.bench.mixers --mixers $m --seq-lens ${SEQ_LENS:-4096 16384 65536} \
           --out "$work/mix_$m" > "$OUT/mixers_$m.log" 2>&1; echo "mixers $m rc=$?"
       done
-      python3 "$repo/tools/merge_bench.py" "$OUT" $work/mix_*/mixers.json 2>&1 | tail -3 ;;
+      done_json=$(ls $work/mix_*/mixers.json 2>/dev/null)  # a mixer cut by its timeout writes none
+      if [ -n "$done_json" ]; then python3 "$repo/tools/merge_bench.py" "$OUT" $done_json 2>&1 | tail -3
+      else echo "no mixer finished: the rows measured so far are in $OUT/mixers_*.log"; fi ;;
     stream|infer|train) bash "$repo/tools/run_perf.sh" "$part" ;;  # its own time limits: T_STREAM, T_INFER, ...
     fsdp)  # FSDP with per-block units, devices=1, bf16, sharded checkpoint, then resume from `last`
       mkdir -p "$work/fsdp" && cd "$work/fsdp" && rm -rf lightning_logs
@@ -84,6 +86,12 @@ for part in "$@"; do
       echo "fsdp first run rc=$?"; ls lightning_logs/version_0/checkpoints/ 2>&1 | head
       timeout -k 10 "${T_FSDP:-240}" python3 -m vlt.cli fit $common --trainer.max_steps=30 --ckpt_path last \
         > "$OUT/fsdp2.log" 2>&1; echo "fsdp resumed run rc=$?"
+      python3 - <<'PY'  # the resumed run's losses continue the first run's (steps 20-29 after 0-19)
+import csv, glob
+for path in sorted(glob.glob("lightning_logs/version_*/metrics.csv")):
+    rows = list(csv.DictReader(open(path)))
+    print(path, [(r["step"], round(float(r["train/loss"]), 4)) for r in rows if r.get("train/loss")][-6:])
+PY
       cd $work ;;
     *) echo "unknown part $part" ;;
   esac
