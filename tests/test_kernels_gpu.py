@@ -94,6 +94,30 @@ def test_gdn_decode_fused_recurrent_matches_torch(dtype):
     check(f"gdn decode {dtype}", outs["fla"], outs["torch"], TOL["gdn"][dtype])
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("HV", [16, 32])           # InfiniteVL's 16 heads (K 128, V 256); and GVA
+def test_gdn_decode_step_kernel_matches_torch(dtype, HV):
+    """vlt.kernels.gdn_decode (the static stepper's fused decode step) compiled for the GPU, against
+    the same step in torch ops, over 6 steps with every state carried; B = 2."""
+    from vlt.kernels.gdn_decode import gdn_decode_reference, gdn_decode_step
+    torch.manual_seed(3)
+    B, H, K, V, W = 2, 16, 128, 256, 4
+    Ck, Cv = H * K, HV * V
+    ws = [randn(c, W, dtype=dtype, scale=0.5) for c in (Ck, Ck, Cv)]
+    convs = [randn(B, c, W - 1, dtype=dtype) for c in (Ck, Ck, Cv)]
+    A_log, dt_bias, nw = torch.rand(HV, device=DEV).log(), randn(HV), randn(V, dtype=dtype)
+    ssm = randn(B, HV, K, V, scale=0.1)
+    convs2, ssm2, ys, refs = [c.clone() for c in convs], ssm.clone(), [], []
+    for _ in range(6):
+        ins = randn(B, 2 * Ck + 2 * Cv + 2 * HV, dtype=dtype).split([Ck, Ck, Cv, Cv, HV, HV], -1)
+        ys.append(gdn_decode_step(*ins, ws, convs, A_log, dt_bias, ssm, nw, 1e-6))
+        refs.append(gdn_decode_reference(*ins, ws, convs2, A_log, dt_bias, ssm2, nw, 1e-6))
+    check(f"gdn decode step kernel {dtype} HV={HV}",
+          {"o": torch.stack(ys), "ssm": ssm, **{f"conv{i}": c for i, c in enumerate(convs)}},
+          {"o": torch.stack(refs), "ssm": ssm2, **{f"conv{i}": c for i, c in enumerate(convs2)}},
+          1e-5 if dtype == torch.float32 else 1e-2)
+
 # -- linear attention: fla simple_gla --------------------------------------------------------------
 
 @pytest.mark.parametrize("decay", ["none", "data", "const"])

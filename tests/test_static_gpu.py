@@ -1,7 +1,8 @@
 """GPU: the Inductor-compiled static step (vlt.bench.static, what `vlt bench infer|stream` time)
 against the model's own eager path on CUDA. The eager path runs fla's kernels (fused recurrent GDN,
-fla short conv); the compiled one runs the torch recurrence and conv taps fused by Inductor, so this
-also pins the fused GDN decode step to fla; with stacked projections (pack_projections) too. Decode
+fla short conv); the static one runs vlt's fused Triton GDN decode step (vlt.kernels.gdn_decode) or
+the torch recurrence and conv taps fused by Inductor, so this also pins both to fla; with stacked
+projections (pack_projections) too. Decode
 steps (T = 1) and frames (T = 8, state carried)."""
 import argparse
 import copy
@@ -29,13 +30,17 @@ def test_compiled_static_step_matches_eager_cuda(dtype, packed):
     model = copy.deepcopy(ref_model)
     if packed:
         assert pack_projections(model) == 2 * len(model.layers)
-    for ctx in (20, 50):  # SWA ring (window 32) not yet full, then wrapped
-        st = StaticStepper(model, 1, dense=True, advance=False, fill="random", context=ctx, compile="inductor")
+    # SWA ring (window 32) not yet full, then wrapped; GDN decode through the fused Triton step (the
+    # default on CUDA) and through the compiled torch recurrence
+    for ctx, fused in ((20, True), (50, True), (50, False)):
+        st = StaticStepper(model, 1, dense=True, advance=False, fill="random", context=ctx, compile="inductor",
+                           fused_gdn=fused)
         x, pos = torch.randn(1, 1, 64, device=dev, dtype=dt), frame_positions(1, ctx, dev)
         ref, _ = eager_step(ref_model, x, pos, st.eager_state(ctx))
         st.x.copy_(x)
         st.pos.copy_(pos)
         snap = st.snapshot()
+        assert st.fused_gdn == fused
         assert rel_err(st.step(), ref) < TOL[dtype], ctx
         replay = graphed(st.step)          # captured after three warm-up steps: restore, then replay once
         st.restore(snap)

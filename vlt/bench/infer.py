@@ -13,7 +13,9 @@ the step is checked against the mixers' own eager decode path (``eager_step``) o
 ``eager_ms`` times that eager path (the "before" of the graphed path) where its out-of-place cache
 copy fits. On CUDA the step's per-block pieces are compiled with Inductor (``--compile``), which
 fuses the small kernels of norms, RoPE, gates, the GDN step and the MLP; ``uncompiled_graph_ms``
-is the same graphed step without it. Input projections are stacked (one GEMV per group,
+is the same graphed step without it. GDN layers decode through one fused Triton kernel per layer
+(``vlt.kernels.gdn_decode``; ``--no-fused-gdn``: the compiled torch recurrence instead), and
+``unfused_gdn_graph_ms`` times that alternative on the same state (the "before" of the kernel). Input projections are stacked (one GEMV per group,
 ``pack_projections``; ``--no-pack`` keeps them apart). Full attention is timed with each SDPA
 backend (flash, efficient, cuDNN) and the best is reported. A layout whose state would not fit is recorded as OOM (estimated up front, or caught).
 
@@ -44,6 +46,8 @@ def add_bench_infer_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--rep-ms", type=float, default=200.0)
     p.add_argument("--no-graph", action="store_true", help="time the static step without CUDA graphs")
     add_compile_arg(p)
+    p.add_argument("--no-fused-gdn", action="store_true",
+                   help="GDN decode through the compiled torch recurrence, not the fused Triton step")
     p.add_argument("--profile", action="store_true",
                    help="profile the (ungraphed) step at each layout's first context: profile_decode_<layout>.txt")
     return p
@@ -73,7 +77,8 @@ def decode_row(model, layout, L, args, device, bw):
             return row
     reset_peak(device)
     compile = step_compile_backend(args, device)
-    st = StaticStepper(model, 1, dense=True, advance=False, fill="random", context=L, compile=compile)
+    st = StaticStepper(model, 1, dense=True, advance=False, fill="random", context=L, compile=compile,
+                       fused_gdn=False if args.no_fused_gdn else None)
     x = model.embed_tokens(token_ids(model, (1, 1), device))
     pos = frame_positions(1, L, device)
     st.x.copy_(x)
@@ -116,6 +121,15 @@ def decode_row(model, layout, L, args, device, bw):
         row["error"] = "; ".join(str(v) for v in times.values())
     if args.profile and device.type == "cuda" and L == args.contexts[0]:  # the timed (compiled) step, ungraphed
         row["profile"] = kernel_profile(st.step, f"{args.out}/profile_decode_{layout}.txt", reps=5)
+    has_gdn = any(s["kind"] == "gdn" for s in st.states)
+    row["fused_gdn"] = bool(st.fused_gdn and has_gdn)
+    if row["fused_gdn"] and ok and not args.no_graph:  # before: GDN through the compiled recurrence
+        st.fused_gdn = False
+        try:
+            row["unfused_gdn_graph_ms"] = round(time_ms(graphed(st.step), device, args.rep_ms)[0], 4)
+        except Exception as e:  # noqa: BLE001
+            row["unfused_gdn_graph_ms"] = err(e)
+        st.fused_gdn = True
     if compile and ok and device.type == "cuda" and not args.no_graph:  # the same step, uncompiled
         st.pieces = step_pieces(None)
         try:

@@ -13,7 +13,9 @@ video frame) with every index on the device:
 - ``dense=True`` (the decode benchmark: every slot valid, T == 1): write, then unmasked SDPA over the
   whole buffer, so the fastest SDPA kernels run; buffers are sized min(context + 1, window) / context + 1.
 - GDN layers run the mixer's own forward with the carried state and copy the new conv/SSM state
-  back into the static buffers.
+  back into the static buffers; or, for decode (T = 1, ``fused_gdn``, the default on CUDA), one
+  Triton kernel from the projections to ``o_proj``'s input, updating the buffers in place
+  (``vlt.kernels.gdn_decode``).
 - ``advance=True`` adds T to the token counter inside the step (streaming); ``False`` replays the
   same slot (latency benchmark at a fixed context).
 
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlt.kernels import gdn_decode
 from vlt.layers import pack_linears, project
 from vlt.layers.attention import Attention
 from vlt.layers.gdn import GatedDeltaNet
@@ -41,10 +44,11 @@ from vlt.layers.rotary import apply_rope, rope_cos_sin
 class StaticStepper:
     def __init__(self, model, T: int, *, capacity: int | None = None, dense: bool = False,
                  advance: bool = True, logits: bool = True, fill: str = "zeros", context: int = 0,
-                 compile: str | None = None):
+                 compile: str | None = None, fused_gdn: bool | None = None):
         """``capacity``: slots of a ``full`` layer (ring layers hold ``window``). ``fill='random'``
         with ``context``: states as after ``context`` tokens (random K/V and SSM contents).
-        ``compile``: torch.compile backend for the per-block pieces (None: eager)."""
+        ``compile``: torch.compile backend for the per-block pieces (None: eager).
+        ``fused_gdn``: GDN decode through the fused Triton step (None: when T == 1 on CUDA)."""
         p = next(model.parameters())
         self.model, self.T, self.dense, self.advance, self.logits = model, T, dense, advance, logits
         dev, dt = p.device, p.dtype
@@ -86,6 +90,11 @@ class StaticStepper:
                 raise ValueError(f"static stepping supports full/swa/gdn layers, not {type(m).__name__}")
         self.out = None
         self.compile, self.pieces = compile, step_pieces(compile)
+        if fused_gdn is None:
+            fused_gdn = T == 1 and dev.type == "cuda" and gdn_decode.triton is not None
+        if fused_gdn and T != 1:
+            raise ValueError(f"fused_gdn=True is a decode step (T = 1), not T = {T}; use fused_gdn=False")
+        self.fused_gdn = fused_gdn
 
     # -- conversions ---------------------------------------------------------------------------
     def state_nbytes(self) -> int:
@@ -154,7 +163,7 @@ class StaticStepper:
     @torch.no_grad()
     def step(self):
         """One step over ``self.x`` at positions ``self.pos``; returns last-token logits (or hidden)."""
-        attn_in, gdn_block, mixer_out = self.pieces
+        attn_in, gdn_in, gdn_block, mixer_out = self.pieces
         x = self.x
         rope = {}
         for blk, s in zip(self.model.layers, self.states):
@@ -165,6 +174,8 @@ class StaticStepper:
                     rope[key] = rope_cos_sin(self.pos, m.head_dim, m.rope_theta, m.mrope_section)
                 q, k, v = attn_in(blk, x, *rope[key])
                 x = mixer_out(blk, x, m.o_proj, self._attend(m, s, q, k, v))
+            elif self.fused_gdn:
+                x = mixer_out(blk, x, m.o_proj, _gdn_fused(m, gdn_in(blk, x), s))
             else:
                 x = mixer_out(blk, x, None, gdn_block(blk, x, *s["conv"], s["ssm"]))
         if self.advance:
@@ -197,6 +208,22 @@ def _gdn_block(blk, x, conv_q, conv_k, conv_v, ssm):
     return y
 
 
+def _gdn_in(blk, x):
+    """A GDN block's input norm and projections (q, k, v, gate, a, b), for the fused step."""
+    m = blk.mixer
+    return project(blk.input_layernorm(x), m.q_proj, m.k_proj, m.v_proj, m.g_proj, m.a_proj, m.b_proj)
+
+
+def _gdn_fused(m, proj, s):
+    """The fused Triton decode step (conv updates, gates, recurrence, gated norm) on the static
+    buffers, in place; returns o_proj's input [1, 1, HV * V]. Runs between the compiled pieces."""
+    rows = [p[:, 0] if p.stride(-1) == 1 else p[:, 0].contiguous() for p in proj]
+    weights = (m.q_conv1d.weight[:, 0], m.k_conv1d.weight[:, 0], m.v_conv1d.weight[:, 0])
+    o = gdn_decode.gdn_decode_step(*rows, weights, s["conv"], m.A_log, m.dt_bias, s["ssm"], m.o_norm_weight,
+                                   m.norm_eps)
+    return o[:, None]
+
+
 def _mixer_out(blk, x, o_proj, y):
     """Residual around the mixer (attention's output projection applied here), then the MLP half."""
     if o_proj is not None:
@@ -206,14 +233,15 @@ def _mixer_out(blk, x, o_proj, y):
 
 
 def step_pieces(backend: str | None):
+    pieces = (_attn_in, _gdn_in, _gdn_block, _mixer_out)
     if backend is None:
-        return _attn_in, _gdn_block, _mixer_out
+        return pieces
     import torch._dynamo
     cfg = torch._dynamo.config  # one compile per kind of block, a few per stepper: room for all
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), 64))
-    return tuple(torch.compile(f, backend=backend, dynamic=False) for f in (_attn_in, _gdn_block, _mixer_out))
+    return tuple(torch.compile(f, backend=backend, dynamic=False) for f in pieces)
 
 
 def pack_projections(model) -> int:
