@@ -1,19 +1,26 @@
-"""Fused Gated DeltaNet decode step: one Triton kernel per GDN layer and token.
+"""Fused Gated DeltaNet decode step: two Triton kernels per GDN layer and token.
 
 A batch-1 decode step through the GDN mixer is a handful of GEMVs (the stacked input projection,
 ``o_proj``) around a chain of tiny ops: three short-conv state updates, SiLU, L2 norms, the decay and
 beta gates, the delta-rule recurrence and the gated RMSNorm. Compiled by Inductor that chain is
 still about a dozen kernels (about 28 us per layer on an H100, measured in
-``benchmarks/profiles/profile_decode_hybrid.txt``), each too short to load the GPU. Here it is one
-kernel: a program per (sequence, key head) convolves its head's q/k channels, then for each value
-head of its group walks the value dimension in blocks of the fp32 state [K, BV]:
+``benchmarks/profiles/profile_decode_hybrid.txt``), each too short to load the GPU. Here it is two:
 
-    S = exp(g) S;  u = beta (v - S^T k);  S += k u^T;  o = scale S^T q
+1. ``_gdn_recurrent_kernel``, a program per (sequence, value head, block of BV value channels):
+   q/k conv + SiLU + L2 norm of its key head (recomputed per block: 2 x K channels, cheap), its
+   value channels' conv, the gates, and the recurrence on its fp32 state block [K, BV]
 
-and finishes with ``rmsnorm(o) * weight * silu(gate)``, the input of ``o_proj``. Conv states
-[B, C, W-1] and the SSM state [B, HV, K, V] (fp32) are updated in place, so the step can be captured
-in a CUDA graph with fixed buffers. One program owns every channel it writes, so no two programs
-touch the same state.
+       S = exp(g) S;  u = beta (v - S^T k);  S += k u^T;  o = scale S^T q
+
+   writing the raw o and its partial sum of squares;
+2. ``_gdn_norm_kernel``, a program per (sequence, key head): shifts the q/k conv states and applies
+   ``rmsnorm(o) * weight * silu(gate)``, the input of ``o_proj``.
+
+Split this way each state byte has one writer and nothing is written while another program may
+still read it (every block of a head reads the q/k conv state, so its shift waits for kernel 2);
+and the recurrence runs on B * HV * V / BV programs instead of B * H, which is what loads the GPU
+at batch 1. Conv states [B, C, W-1] and the SSM state [B, HV, K, V] (fp32) are updated in place,
+so the step can be captured in a CUDA graph with fixed buffers.
 
 Intermediate roundings follow the reference path (the mixer's forward in ``layers/gdn.py``): the conv
 output and its SiLU in the input dtype, the recurrence in fp32, ``o`` rounded to the input dtype
@@ -34,7 +41,7 @@ except ImportError:  # CPU-only installs without Triton: the reference path stil
 
 
 def gdn_decode_step(q_in, k_in, v_in, g_in, a_in, b_in, conv_weights, conv_states, A_log, dt_bias, ssm,
-                    norm_weight, eps: float, *, scale: float | None = None, block_v: int = 64,
+                    norm_weight, eps: float, *, scale: float | None = None, block_v: int = 32,
                     num_warps: int = 4):
     """One token through a GDN layer, between its input projection and ``o_proj``.
 
@@ -48,15 +55,21 @@ def gdn_decode_step(q_in, k_in, v_in, g_in, a_in, b_in, conv_weights, conv_state
     H = q_in.shape[-1] // K
     W = conv_weights[0].shape[-1]
     _check(q_in, k_in, v_in, g_in, a_in, b_in, conv_weights, conv_states, ssm, B, H, HV, K, V, W)
-    out = torch.empty(B, HV * V, device=q_in.device, dtype=q_in.dtype)
     BV = min(block_v, triton.next_power_of_2(V))
-    _gdn_decode_kernel[(B * H,)](
-        q_in, k_in, v_in, g_in, a_in, b_in,
-        q_in.stride(0), k_in.stride(0), v_in.stride(0), g_in.stride(0), a_in.stride(0), b_in.stride(0),
-        *conv_weights, *conv_states, A_log, dt_bias, ssm, norm_weight, out,
-        K ** -0.5 if scale is None else scale, eps,
-        H=H, HV=HV, K=K, V=V, W=W, BK=triton.next_power_of_2(K), BV=BV,
-        WP=triton.next_power_of_2(max(W - 1, 1)), num_warps=num_warps)
+    NV = triton.cdiv(V, BV)
+    out = torch.empty(B, HV * V, device=q_in.device, dtype=q_in.dtype)
+    sumsq = torch.empty(B, HV, NV, device=q_in.device, dtype=torch.float32)
+    meta = dict(H=H, HV=HV, K=K, V=V, W=W, BK=triton.next_power_of_2(K), WP=triton.next_power_of_2(max(W - 1, 1)))
+    # 1) every (sequence, value head, value block): q/k conv (read only), v conv, gates, recurrence, raw o
+    _gdn_recurrent_kernel[(B * HV, NV)](
+        q_in, k_in, v_in, a_in, b_in, q_in.stride(0), k_in.stride(0), v_in.stride(0), a_in.stride(0),
+        b_in.stride(0), *conv_weights, *conv_states, A_log, dt_bias, ssm, out, sumsq,
+        K ** -0.5 if scale is None else scale, BV=BV, NV=NV, num_warps=num_warps, **meta)
+    # 2) every (sequence, key head): shift the q/k conv states, gated RMSNorm of its value heads' o
+    _gdn_norm_kernel[(B * H,)](
+        q_in, k_in, g_in, q_in.stride(0), k_in.stride(0), g_in.stride(0), conv_states[0], conv_states[1],
+        norm_weight, out, sumsq, eps,
+        BVN=triton.next_power_of_2(V), NV=NV, BNV=triton.next_power_of_2(NV), num_warps=num_warps, **meta)
     return out
 
 
@@ -72,9 +85,11 @@ def _check(q_in, k_in, v_in, g_in, a_in, b_in, conv_weights, conv_states, ssm, B
 
 if triton is not None:
     @triton.jit
-    def _conv_silu(x_ptr, w_ptr, state_ptr, mask, BC: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
-        """Causal depthwise conv of BC channels over (state, new input), SiLU, state shifted by one
-        in place. Pointers start at the block's first channel; returns fp32 values rounded to x's dtype."""
+    def _conv_silu(x_ptr, w_ptr, state_ptr, mask, BC: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                   SHIFT: tl.constexpr):
+        """Causal depthwise conv of BC channels over (state, new input), then SiLU; with SHIFT the
+        state moves left by one tap in place (the caller must own these channels). Pointers start at
+        the block's first channel; returns fp32 values rounded to x's dtype, as the reference."""
         ch = tl.arange(0, BC)
         taps = tl.arange(0, WP)
         old_mask = mask[:, None] & (taps[None, :] < W - 1)
@@ -82,67 +97,90 @@ if triton is not None:
         old = tl.load(state_ptr + ch[:, None] * (W - 1) + taps[None, :], mask=old_mask, other=0.0)
         w_old = tl.load(w_ptr + ch[:, None] * W + taps[None, :], mask=old_mask, other=0.0)
         w_new = tl.load(w_ptr + ch * W + (W - 1), mask=mask, other=0.0)
-        # the next state is the old one moved left by one tap, the new input last
-        later = tl.load(state_ptr + ch[:, None] * (W - 1) + taps[None, :] + 1,
-                        mask=mask[:, None] & (taps[None, :] < W - 2), other=0.0)
-        new_state = tl.where(taps[None, :] == W - 2, x[:, None], later)
         acc = tl.sum(old.to(tl.float32) * w_old.to(tl.float32), 1) + x.to(tl.float32) * w_new.to(tl.float32)
         y = acc.to(x.dtype).to(tl.float32)
         y = (y * tl.sigmoid(y)).to(x.dtype).to(tl.float32)
-        tl.debug_barrier()  # every thread has read the old state before any overwrites it
-        tl.store(state_ptr + ch[:, None] * (W - 1) + taps[None, :], new_state, mask=old_mask)
+        if SHIFT:
+            _shift_state(x, state_ptr, mask, BC, W, WP)
         return y
 
     @triton.jit
-    def _gdn_decode_kernel(
-            q_in, k_in, v_in, g_in, a_in, b_in, sq, sk, sv, sg, sa, sb,
-            wq, wk, wv, cq, ck, cv, A_log, dt_bias, ssm, norm_w, out, scale, eps,
+    def _shift_state(x, state_ptr, mask, BC: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
+        """state[:, j] = state[:, j + 1], state[:, W - 2] = x, in place for BC channels."""
+        ch = tl.arange(0, BC)
+        taps = tl.arange(0, WP)
+        later = tl.load(state_ptr + ch[:, None] * (W - 1) + taps[None, :] + 1,
+                        mask=mask[:, None] & (taps[None, :] < W - 2), other=0.0)
+        new_state = tl.where(taps[None, :] == W - 2, x[:, None], later)
+        tl.debug_barrier()  # every thread has read the old state before any overwrites it
+        tl.store(state_ptr + ch[:, None] * (W - 1) + taps[None, :], new_state,
+                 mask=mask[:, None] & (taps[None, :] < W - 1))
+
+    @triton.jit
+    def _gdn_recurrent_kernel(
+            q_in, k_in, v_in, a_in, b_in, sq, sk, sv, sa, sb, wq, wk, wv, cq, ck, cv,
+            A_log, dt_bias, ssm, out, sumsq, scale,
             H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
-            BK: tl.constexpr, BV: tl.constexpr, WP: tl.constexpr):
+            BK: tl.constexpr, WP: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr):
+        pid = tl.program_id(0)
+        iv = tl.program_id(1)
+        b = pid // HV
+        hv = pid % HV
+        h = hv // (HV // H)
+        kk = tl.arange(0, BK)
+        mk = kk < K
+        # q, k of the key head: conv + SiLU from the old conv state (read only here: the other value
+        # blocks of this head read it too; _gdn_norm_kernel shifts it afterwards), L2 norm as F.normalize
+        q = _conv_silu(q_in + b * sq + h * K, wq + h * K * W, cq + (b * H + h) * K * (W - 1), mk, BK, W, WP, False)
+        k = _conv_silu(k_in + b * sk + h * K, wk + h * K * W, ck + (b * H + h) * K * (W - 1), mk, BK, W, WP, False)
+        q = q / tl.maximum(tl.sqrt(tl.sum(q * q, 0)), 1e-12)
+        k = k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-12)
+        beta = tl.sigmoid(tl.load(b_in + b * sb + hv).to(tl.float32))
+        a = tl.load(a_in + b * sa + hv).to(tl.float32) + tl.load(dt_bias + hv).to(tl.float32)
+        softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))  # F.softplus
+        decay = tl.exp(-tl.exp(tl.load(A_log + hv).to(tl.float32)) * softplus)
+        vv = iv * BV + tl.arange(0, BV)
+        mv = vv < V
+        c0 = hv * V + iv * BV  # this program's value channels: it owns their conv state
+        v = _conv_silu(v_in + b * sv + c0, wv + c0 * W, cv + (b * HV * V + c0) * (W - 1), mv, BV, W, WP, True)
+        s_ptr = ssm + (b * HV + hv) * K * V + kk[:, None] * V + vv[None, :]
+        smask = mk[:, None] & mv[None, :]
+        S = tl.load(s_ptr, mask=smask, other=0.0) * decay
+        u = beta * (v - tl.sum(S * k[:, None], 0))
+        S = S + k[:, None] * u[None, :]
+        tl.store(s_ptr, S, mask=smask)
+        o = (tl.sum(S * q[:, None], 0) * scale).to(out.dtype.element_ty)
+        tl.store(out + b * HV * V + vv + hv * V, o, mask=mv)
+        of = o.to(tl.float32)
+        tl.store(sumsq + (b * HV + hv) * NV + iv, tl.sum(tl.where(mv, of * of, 0.0), 0))
+
+    @triton.jit
+    def _gdn_norm_kernel(
+            q_in, k_in, g_in, sq, sk, sg, cq, ck, norm_w, out, sumsq, eps,
+            H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
+            BK: tl.constexpr, WP: tl.constexpr, BVN: tl.constexpr, NV: tl.constexpr, BNV: tl.constexpr):
         pid = tl.program_id(0)
         b = pid // H
         h = pid % H
         kk = tl.arange(0, BK)
         mk = kk < K
-        # q, k of this key head: conv + SiLU, then L2-normalised as F.normalize (norm clamped at 1e-12)
-        q = _conv_silu(q_in + b * sq + h * K, wq + h * K * W, cq + (b * H + h) * K * (W - 1), mk, BK, W, WP)
-        k = _conv_silu(k_in + b * sk + h * K, wk + h * K * W, ck + (b * H + h) * K * (W - 1), mk, BK, W, WP)
-        q = q / tl.maximum(tl.sqrt(tl.sum(q * q, 0)), 1e-12)
-        k = k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-12)
+        # the q/k conv states of this key head move by one tap, now that every reader is done
+        _shift_state(tl.load(q_in + b * sq + h * K + kk, mask=mk), cq + (b * H + h) * K * (W - 1), mk, BK, W, WP)
+        _shift_state(tl.load(k_in + b * sk + h * K + kk, mask=mk), ck + (b * H + h) * K * (W - 1), mk, BK, W, WP)
         out_ty = out.dtype.element_ty
+        vv = tl.arange(0, BVN)
+        mv = vv < V
+        w = tl.load(norm_w + vv, mask=mv, other=0.0).to(tl.float32)
         G: tl.constexpr = HV // H
-        for j in tl.static_range(G):  # the value heads that share this key head (GVA), one by one
+        for j in tl.static_range(G):
             hv = h * G + j
-            beta = tl.sigmoid(tl.load(b_in + b * sb + hv).to(tl.float32))
-            a = tl.load(a_in + b * sa + hv).to(tl.float32) + tl.load(dt_bias + hv).to(tl.float32)
-            softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))  # F.softplus
-            decay = tl.exp(-tl.exp(tl.load(A_log + hv).to(tl.float32)) * softplus)
-            s_ptr = ssm + (b * HV + hv) * K * V
-            o_ptr = out + b * HV * V + hv * V
-            sumsq = 0.0
-            for v0 in tl.static_range(0, V, BV):
-                vv = v0 + tl.arange(0, BV)
-                mv = vv < V
-                c0 = hv * V + v0
-                v = _conv_silu(v_in + b * sv + c0, wv + c0 * W, cv + (b * HV * V + c0) * (W - 1), mv, BV, W, WP)
-                smask = mk[:, None] & mv[None, :]
-                S = tl.load(s_ptr + kk[:, None] * V + vv[None, :], mask=smask, other=0.0) * decay
-                u = beta * (v - tl.sum(S * k[:, None], 0))
-                S = S + k[:, None] * u[None, :]
-                tl.store(s_ptr + kk[:, None] * V + vv[None, :], S, mask=smask)
-                o = (tl.sum(S * q[:, None], 0) * scale).to(out_ty)
-                tl.store(o_ptr + vv, o, mask=mv)
-                of = o.to(tl.float32)
-                sumsq += tl.sum(tl.where(mv, of * of, 0.0), 0)
-            rstd = 1.0 / tl.sqrt(sumsq / V + eps)
-            tl.debug_barrier()  # the raw o of the whole head is written before it is read back
-            for v0 in tl.static_range(0, V, BV):
-                vv = v0 + tl.arange(0, BV)
-                mv = vv < V
-                o = tl.load(o_ptr + vv, mask=mv, other=0.0).to(tl.float32)
-                n = (tl.load(norm_w + vv, mask=mv, other=0.0).to(tl.float32) * (o * rstd)).to(out_ty).to(tl.float32)
-                gate = tl.load(g_in + b * sg + hv * V + vv, mask=mv, other=0.0).to(tl.float32)
-                tl.store(o_ptr + vv, (n * (gate * tl.sigmoid(gate))).to(out_ty), mask=mv)
+            nv = tl.arange(0, BNV)
+            ss = tl.sum(tl.load(sumsq + (b * HV + hv) * NV + nv, mask=nv < NV, other=0.0), 0)
+            rstd = 1.0 / tl.sqrt(ss / V + eps)
+            o = tl.load(out + b * HV * V + hv * V + vv, mask=mv, other=0.0).to(tl.float32)
+            n = (w * (o * rstd)).to(out_ty).to(tl.float32)
+            gate = tl.load(g_in + b * sg + hv * V + vv, mask=mv, other=0.0).to(tl.float32)
+            tl.store(out + b * HV * V + hv * V + vv, (n * (gate * tl.sigmoid(gate))).to(out_ty), mask=mv)
 
 
 def gdn_decode_reference(q_in, k_in, v_in, g_in, a_in, b_in, conv_weights, conv_states, A_log, dt_bias, ssm,

@@ -118,6 +118,28 @@ def test_gdn_decode_step_kernel_matches_torch(dtype, HV):
           {"o": torch.stack(refs), "ssm": ssm2, **{f"conv{i}": c for i, c in enumerate(convs2)}},
           1e-5 if dtype == torch.float32 else 1e-2)
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_matches_float64(dtype):
+    """vlt.kernels.gemv (autotuned) at the InfiniteVL-4B decode shapes, a bias, an odd size; ``linear``
+    dispatches one row to it (seen in the profiler), also inside torch.compile."""
+    from vlt.kernels.gemv import linear
+    torch.manual_seed(4)
+    tol = 1e-6 if dtype == torch.float32 else 5e-3
+    for N, K, bias in ((22016, 2048, False), (2048, 11008, False), (12320, 2048, False), (2560, 2048, True),
+                       (1000, 1234, True)):
+        w, x = randn(N, K, dtype=dtype, scale=K ** -0.5), randn(K, dtype=dtype)
+        b = randn(N, dtype=dtype) if bias else None
+        ref = w.double() @ x.double() + (b.double() if bias else 0)
+        check(f"gemv {dtype} {N}x{K}", {"y": torch.ops.vlt.gemv(x, w, b)}, {"y": ref}, tol)
+    compiled = torch.compile(lambda x, w, b: torch.nn.functional.silu(linear(x, w, b)), dynamic=False)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        y = compiled(x.view(1, 1, K), w, b)
+        torch.cuda.synchronize()
+    assert any("_gemv_kernel" in e.name for e in prof.events()), "linear() did not take the GEMV kernel"
+    check(f"gemv compiled {dtype}", {"y": y.view(-1)}, {"y": torch.nn.functional.silu(ref)}, 2 * tol)
+
+
 # -- linear attention: fla simple_gla --------------------------------------------------------------
 
 @pytest.mark.parametrize("decay", ["none", "data", "const"])

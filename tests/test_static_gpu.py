@@ -30,17 +30,18 @@ def test_compiled_static_step_matches_eager_cuda(dtype, packed):
     model = copy.deepcopy(ref_model)
     if packed:
         assert pack_projections(model) == 2 * len(model.layers)
-    # SWA ring (window 32) not yet full, then wrapped; GDN decode through the fused Triton step (the
-    # default on CUDA) and through the compiled torch recurrence
+    # SWA ring (window 32) not yet full, then wrapped; GDN decode through the fused Triton step and the
+    # projections through the GEMV kernel (both the default on CUDA), then the compiled torch recurrence
+    # and cuBLAS
     for ctx, fused in ((20, True), (50, True), (50, False)):
         st = StaticStepper(model, 1, dense=True, advance=False, fill="random", context=ctx, compile="inductor",
-                           fused_gdn=fused)
+                           fused_gdn=fused, gemv=fused)
         x, pos = torch.randn(1, 1, 64, device=dev, dtype=dt), frame_positions(1, ctx, dev)
         ref, _ = eager_step(ref_model, x, pos, st.eager_state(ctx))
         st.x.copy_(x)
         st.pos.copy_(pos)
         snap = st.snapshot()
-        assert st.fused_gdn == fused
+        assert st.fused_gdn == st.gemv == fused
         assert rel_err(st.step(), ref) < TOL[dtype], ctx
         replay = graphed(st.step)          # captured after three warm-up steps: restore, then replay once
         st.restore(snap)

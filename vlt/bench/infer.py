@@ -15,7 +15,9 @@ copy fits. On CUDA the step's per-block pieces are compiled with Inductor (``--c
 fuses the small kernels of norms, RoPE, gates, the GDN step and the MLP; ``uncompiled_graph_ms``
 is the same graphed step without it. GDN layers decode through one fused Triton kernel per layer
 (``vlt.kernels.gdn_decode``; ``--no-fused-gdn``: the compiled torch recurrence instead), and
-``unfused_gdn_graph_ms`` times that alternative on the same state (the "before" of the kernel). Input projections are stacked (one GEMV per group,
+``unfused_gdn_graph_ms`` times that alternative on the same state (the "before" of the kernel).
+The blocks' projections run through vlt's batch-1 GEMV kernel (``vlt.kernels.gemv``; ``--no-gemv``:
+cuBLAS), and ``cublas_graph_ms`` times the step with cuBLAS instead. Input projections are stacked (one GEMV per group,
 ``pack_projections``; ``--no-pack`` keeps them apart). Full attention is timed with each SDPA
 backend (flash, efficient, cuDNN) and the best is reported. A layout whose state would not fit is recorded as OOM (estimated up front, or caught).
 
@@ -48,6 +50,7 @@ def add_bench_infer_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_compile_arg(p)
     p.add_argument("--no-fused-gdn", action="store_true",
                    help="GDN decode through the compiled torch recurrence, not the fused Triton step")
+    p.add_argument("--no-gemv", action="store_true", help="projections through cuBLAS, not vlt's GEMV kernel")
     p.add_argument("--profile", action="store_true",
                    help="profile the (ungraphed) step at each layout's first context: profile_decode_<layout>.txt")
     return p
@@ -78,7 +81,7 @@ def decode_row(model, layout, L, args, device, bw):
     reset_peak(device)
     compile = step_compile_backend(args, device)
     st = StaticStepper(model, 1, dense=True, advance=False, fill="random", context=L, compile=compile,
-                       fused_gdn=False if args.no_fused_gdn else None)
+                       fused_gdn=False if args.no_fused_gdn else None, gemv=False if args.no_gemv else None)
     x = model.embed_tokens(token_ids(model, (1, 1), device))
     pos = frame_positions(1, L, device)
     st.x.copy_(x)
@@ -122,14 +125,18 @@ def decode_row(model, layout, L, args, device, bw):
     if args.profile and device.type == "cuda" and L == args.contexts[0]:  # the timed (compiled) step, ungraphed
         row["profile"] = kernel_profile(st.step, f"{args.out}/profile_decode_{layout}.txt", reps=5)
     has_gdn = any(s["kind"] == "gdn" for s in st.states)
-    row["fused_gdn"] = bool(st.fused_gdn and has_gdn)
-    if row["fused_gdn"] and ok and not args.no_graph:  # before: GDN through the compiled recurrence
-        st.fused_gdn = False
+    row["fused_gdn"], row["gemv"] = bool(st.fused_gdn and has_gdn), bool(st.gemv)
+    # the "before" of each kernel, same state and graph: GDN through the compiled recurrence; cuBLAS GEMMs
+    variants = [(key, attr) for key, attr, on in (("unfused_gdn_graph_ms", "fused_gdn", row["fused_gdn"]),
+                                                  ("cublas_graph_ms", "gemv", row["gemv"])) if on]
+    for key, attr in variants if ok and not args.no_graph else ():
+        setattr(st, attr, False)
         try:
-            row["unfused_gdn_graph_ms"] = round(time_ms(graphed(st.step), device, args.rep_ms)[0], 4)
+            with _sdpa_ctx(None if row["backend"] == "auto" else row["backend"]):
+                row[key] = round(time_ms(graphed(st.step), device, args.rep_ms)[0], 4)
         except Exception as e:  # noqa: BLE001
-            row["unfused_gdn_graph_ms"] = err(e)
-        st.fused_gdn = True
+            row[key] = err(e)
+        setattr(st, attr, True)
     if compile and ok and device.type == "cuda" and not args.no_graph:  # the same step, uncompiled
         st.pieces = step_pieces(None)
         try:

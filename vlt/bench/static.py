@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlt.kernels import gdn_decode
+from vlt.kernels import gemv as gemv_kernel
 from vlt.layers import pack_linears, project
 from vlt.layers.attention import Attention
 from vlt.layers.gdn import GatedDeltaNet
@@ -44,11 +45,13 @@ from vlt.layers.rotary import apply_rope, rope_cos_sin
 class StaticStepper:
     def __init__(self, model, T: int, *, capacity: int | None = None, dense: bool = False,
                  advance: bool = True, logits: bool = True, fill: str = "zeros", context: int = 0,
-                 compile: str | None = None, fused_gdn: bool | None = None):
+                 compile: str | None = None, fused_gdn: bool | None = None, gemv: bool | None = None):
         """``capacity``: slots of a ``full`` layer (ring layers hold ``window``). ``fill='random'``
         with ``context``: states as after ``context`` tokens (random K/V and SSM contents).
         ``compile``: torch.compile backend for the per-block pieces (None: eager).
-        ``fused_gdn``: GDN decode through the fused Triton step (None: when T == 1 on CUDA)."""
+        ``fused_gdn``: GDN decode through the fused Triton step (None: when T == 1 on CUDA).
+        ``gemv``: the blocks' projections through vlt's batch-1 GEMV kernel instead of cuBLAS
+        (None: when T == 1 on CUDA)."""
         p = next(model.parameters())
         self.model, self.T, self.dense, self.advance, self.logits = model, T, dense, advance, logits
         dev, dt = p.device, p.dtype
@@ -95,6 +98,7 @@ class StaticStepper:
         if fused_gdn and T != 1:
             raise ValueError(f"fused_gdn=True is a decode step (T = 1), not T = {T}; use fused_gdn=False")
         self.fused_gdn = fused_gdn
+        self.gemv = (T == 1 and dev.type == "cuda" and gemv_kernel.triton is not None) if gemv is None else gemv
 
     # -- conversions ---------------------------------------------------------------------------
     def state_nbytes(self) -> int:
@@ -164,6 +168,7 @@ class StaticStepper:
     def step(self):
         """One step over ``self.x`` at positions ``self.pos``; returns last-token logits (or hidden)."""
         attn_in, gdn_in, gdn_block, mixer_out = self.pieces
+        fast = self.gemv
         x = self.x
         rope = {}
         for blk, s in zip(self.model.layers, self.states):
@@ -172,12 +177,12 @@ class StaticStepper:
                 key = (m.head_dim, m.rope_theta, tuple(m.mrope_section or ()))
                 if key not in rope:  # every attention layer of a model shares its RoPE tables
                     rope[key] = rope_cos_sin(self.pos, m.head_dim, m.rope_theta, m.mrope_section)
-                q, k, v = attn_in(blk, x, *rope[key])
-                x = mixer_out(blk, x, m.o_proj, self._attend(m, s, q, k, v))
+                q, k, v = attn_in(blk, x, *rope[key], fast)
+                x = mixer_out(blk, x, m.o_proj, self._attend(m, s, q, k, v), fast)
             elif self.fused_gdn:
-                x = mixer_out(blk, x, m.o_proj, _gdn_fused(m, gdn_in(blk, x), s))
+                x = mixer_out(blk, x, m.o_proj, _gdn_fused(m, gdn_in(blk, x, fast), s), fast)
             else:
-                x = mixer_out(blk, x, None, gdn_block(blk, x, *s["conv"], s["ssm"]))
+                x = mixer_out(blk, x, None, gdn_block(blk, x, *s["conv"], s["ssm"]), fast)
         if self.advance:
             self.tok += self.T
         last = self.model.norm(x[:, -1:])
@@ -187,11 +192,13 @@ class StaticStepper:
 
 # -- the per-block pieces (module functions, so one compiled copy serves every layer of a kind) ----
 
-def _attn_in(blk, x, cos, sin):
+# ``fast``: projections through vlt.kernels.gemv (batch-1 GEMV kernel) instead of F.linear / cuBLAS.
+
+def _attn_in(blk, x, cos, sin, fast):
     m = blk.mixer
     h = blk.input_layernorm(x)
     B, T, _ = h.shape
-    q, k, v = project(h, m.q_proj, m.k_proj, m.v_proj)
+    q, k, v = _project(h, fast, m.q_proj, m.k_proj, m.v_proj)
     q = q.view(B, T, m.num_heads, m.head_dim)
     k = k.view(B, T, m.num_kv_heads, m.head_dim)
     v = v.view(B, T, m.num_kv_heads, m.head_dim)
@@ -208,10 +215,10 @@ def _gdn_block(blk, x, conv_q, conv_k, conv_v, ssm):
     return y
 
 
-def _gdn_in(blk, x):
+def _gdn_in(blk, x, fast):
     """A GDN block's input norm and projections (q, k, v, gate, a, b), for the fused step."""
     m = blk.mixer
-    return project(blk.input_layernorm(x), m.q_proj, m.k_proj, m.v_proj, m.g_proj, m.a_proj, m.b_proj)
+    return _project(blk.input_layernorm(x), fast, m.q_proj, m.k_proj, m.v_proj, m.g_proj, m.a_proj, m.b_proj)
 
 
 def _gdn_fused(m, proj, s):
@@ -224,12 +231,35 @@ def _gdn_fused(m, proj, s):
     return o[:, None]
 
 
-def _mixer_out(blk, x, o_proj, y):
+def _mixer_out(blk, x, o_proj, y, fast):
     """Residual around the mixer (attention's output projection applied here), then the MLP half."""
     if o_proj is not None:
-        y = o_proj(y.flatten(2))
+        y = _linear(y.flatten(2), o_proj, fast)
     x = x + y
-    return x + blk.mlp(blk.post_attention_layernorm(x))
+    h = blk.post_attention_layernorm(x)
+    if not fast:
+        return x + blk.mlp(h)
+    mlp = blk.mlp  # vlt.model.SwiGLU's forward, with its three projections through the GEMV kernel
+    gate, up = _project(h, fast, mlp.gate_proj, mlp.up_proj)
+    return x + _linear(F.silu(gate) * up, mlp.down_proj, fast)
+
+
+def _linear(x, lin, fast):
+    if fast and type(lin) is nn.Linear:  # a LoRA-wrapped projection runs its own forward
+        return gemv_kernel.linear(x, lin.weight, lin.bias)
+    return lin(x)
+
+
+def _project(x, fast, *linears):
+    """``vlt.layers.project`` (one GEMM over stacked weights where pack_linears stacked them), with
+    ``fast`` through the GEMV kernel."""
+    if not fast:
+        return project(x, *linears)
+    stacked = getattr(linears[0], "packed_weight", None)
+    if stacked is not None and len(linears[0].packed_rows) == len(linears):
+        y = gemv_kernel.linear(x, stacked, getattr(linears[0], "packed_bias", None))
+        return y.split(linears[0].packed_rows, dim=-1)
+    return tuple(_linear(x, lin, fast) for lin in linears)
 
 
 def step_pieces(backend: str | None):
@@ -241,7 +271,8 @@ def step_pieces(backend: str | None):
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), 64))
-    return tuple(torch.compile(f, backend=backend, dynamic=False) for f in pieces)
+    backend, _, mode = backend.partition(":")  # "inductor:max-autotune-no-cudagraphs": backend and mode
+    return tuple(torch.compile(f, backend=backend, mode=mode or None, dynamic=False) for f in pieces)
 
 
 def pack_projections(model) -> int:

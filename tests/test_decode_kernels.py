@@ -1,10 +1,12 @@
-"""The fused GDN decode kernel (vlt.kernels.gdn_decode) on the CPU, through Triton's interpreter.
+"""The decode kernels - the fused GDN step (vlt.kernels.gdn_decode) and the batch-1 GEMV
+(vlt.kernels.gemv) - on the CPU, through Triton's interpreter.
 
 ``TRITON_INTERPRET=1`` must be set before the kernel module is imported (Triton decides at
-``@triton.jit`` time), so each check runs in a fresh Python process. Three references: the torch
-version of the same step (``gdn_decode_reference``), the GDN mixer's own forward over several carried
-decode steps, and the static stepper's fused path against the model's eager blocks. The GPU compiles
-the same kernel for real: tests/test_kernels_gpu.py and tests/test_static_gpu.py.
+``@triton.jit`` time), so each check runs in a fresh Python process. References: the torch version
+of the same GDN step (``gdn_decode_reference``), the GDN mixer's own forward over several carried
+decode steps, the static stepper's fused path against the model's eager blocks, and a float64
+matrix-vector product. The GPU compiles the same kernels for real: tests/test_kernels_gpu.py and
+tests/test_static_gpu.py.
 """
 import os
 import subprocess
@@ -101,8 +103,10 @@ def test_static_stepper_fused_gdn_matches_eager():
         dev, dt = setup(a)
         torch.manual_seed(0)
         model = build_model("hybrid", a, dev, dt).eval()
-        st = StaticStepper(model, 1, capacity=64, fused_gdn=True)
-        assert st.fused_gdn
+        # gemv=True: the pieces' projections go through vlt.kernels.gemv.linear (F.linear off CUDA),
+        # stacked (pack_projections) and not
+        st = StaticStepper(model, 1, capacity=64, fused_gdn=True, gemv=True)
+        assert st.fused_gdn and st.gemv
         state = None
         for t in range(6):                                           # decode steps, states carried
             x, pos = torch.randn(1, 1, 64), frame_positions(1, t, dev)
@@ -117,6 +121,28 @@ def test_static_stepper_fused_gdn_matches_eager():
             raise SystemExit("T = 8 with fused_gdn must be refused")
         except ValueError as e:
             assert "fused_gdn" in str(e)
+        print("OK")
+    """)
+    assert out.strip().endswith("OK")
+
+
+def test_gemv_kernel_matches_float64():
+    out = _interpret("""
+        import torch
+        from vlt.kernels.gemv import gemv_into
+        torch.manual_seed(0)
+        # rows not a multiple of BN, K not a multiple of BK, a bias, a strided weight (rows of a wider matrix)
+        for N, K, bias, dt, cfg in [(37, 300, False, torch.float32, dict(BN=8, BK=128)),
+                                    (64, 256, True, torch.float32, dict(BN=16, BK=64)),
+                                    (50, 1000, True, torch.bfloat16, dict(BN=4, BK=256))]:
+            w = torch.randn(N, K + 8).to(dt)[:, :K]
+            x, b = torch.randn(K).to(dt), (torch.randn(N).to(dt) if bias else None)
+            y = torch.empty(N, dtype=dt)
+            gemv_into(y, x, w, b, config=cfg)
+            ref = w.double() @ x.double() + (b.double() if bias else 0)
+            err = float((y.double() - ref).norm() / ref.norm())
+            print(N, K, dt, err)
+            assert err < (1e-6 if dt == torch.float32 else 5e-3), (N, K, dt, err)
         print("OK")
     """)
     assert out.strip().endswith("OK")
