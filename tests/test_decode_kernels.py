@@ -131,10 +131,11 @@ def test_gemv_kernel_matches_float64():
         import torch
         from vlt.kernels.gemv import gemv_into
         torch.manual_seed(0)
-        # rows not a multiple of BN, K not a multiple of BK, a bias, a strided weight (rows of a wider matrix)
-        for N, K, bias, dt, cfg in [(37, 300, False, torch.float32, dict(BN=8, BK=128)),
-                                    (64, 256, True, torch.float32, dict(BN=16, BK=64)),
-                                    (50, 1000, True, torch.bfloat16, dict(BN=4, BK=256))]:
+        # rows not a multiple of BN, K not a multiple of BK, a bias, a strided weight (rows of a wider
+        # matrix); both accumulator layouts
+        for N, K, bias, dt, cfg in [(37, 300, False, torch.float32, dict(BN=8, BK=128, ACC1D=False)),
+                                    (64, 256, True, torch.float32, dict(BN=16, BK=64, ACC1D=True)),
+                                    (50, 1000, True, torch.bfloat16, dict(BN=4, BK=256, ACC1D=False))]:
             w = torch.randn(N, K + 8).to(dt)[:, :K]
             x, b = torch.randn(K).to(dt), (torch.randn(N).to(dt) if bias else None)
             y = torch.empty(N, dtype=dt)
@@ -143,6 +144,36 @@ def test_gemv_kernel_matches_float64():
             err = float((y.double() - ref).norm() / ref.norm())
             print(N, K, dt, err)
             assert err < (1e-6 if dt == torch.float32 else 5e-3), (N, K, dt, err)
+        print("OK")
+    """)
+    assert out.strip().endswith("OK")
+
+
+def test_gemv_fused_prologues_match_torch_ops():
+    """RMSNorm prologue, SwiGLU prologue and bias + residual epilogue against the unfused torch ops
+    (vlt.kernels.rms_norm, F.silu, F.linear, +) with the same roundings; CPU tensors take the kernel
+    path under the interpreter."""
+    out = _interpret("""
+        import torch
+        import torch.nn.functional as F
+        from vlt.kernels import rms_norm
+        from vlt.kernels.gemv import linear, norm_linear, swiglu_linear, _one_row
+        torch.manual_seed(0)
+        for dt, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+            N, K = 40, 96
+            w, b = torch.randn(N, K).to(dt) * K ** -0.5, torch.randn(N).to(dt)
+            x, up, res = torch.randn(1, 1, K).to(dt), torch.randn(1, 1, K).to(dt), torch.randn(1, 1, N).to(dt)
+            nw = (torch.rand(K) + 0.5).to(dt)
+            assert _one_row(x, w)
+            rel = lambda a, r: float((a.double() - r.double()).norm() / r.double().norm())
+            pairs = {
+                "rmsnorm+bias": (norm_linear(x, nw, 1e-6, w, b), F.linear(rms_norm(x, nw, 1e-6, "torch"), w, b)),
+                "swiglu+res": (swiglu_linear(x, up, w, residual=res), res + F.linear(F.silu(x) * up, w)),
+                "bias+res": (linear(x, w, b, residual=res), res + F.linear(x, w, b)),
+            }
+            for name, (y, ref) in pairs.items():
+                print(dt, name, rel(y, ref))
+                assert y.shape == ref.shape and y.dtype == dt and rel(y, ref) < tol, (dt, name)
         print("OK")
     """)
     assert out.strip().endswith("OK")

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from vlt.kernels.gdn_decode import gdn_decode_step
-from vlt.kernels.gemv import gemv
+from vlt.bench.common import machine_ceilings
+from vlt.kernels import gemv as gemv_mod
 
 DEV, DT = "cuda", torch.bfloat16
 
@@ -47,7 +48,7 @@ def gdn_rows(layers=27, B=1, H=16, K=128, V=256, W=4):
         sets.append((ins, ws, convs, torch.zeros(H, device=DEV), torch.zeros(H, device=DEV),
                      torch.randn(B, H, K, V, device=DEV) * 0.01, torch.ones(V, device=DEV, dtype=DT)))
     rows = []
-    for bv in (16, 32, 64, 128):
+    for bv in (8, 16, 32):
         for nw in (2, 4, 8):
             def run():
                 for ins, ws, convs, A, dtb, ssm, nw_ in sets:
@@ -57,7 +58,7 @@ def gdn_rows(layers=27, B=1, H=16, K=128, V=256, W=4):
     return rows
 
 
-def gemv_rows(bw_tb_s, copies=36):
+def gemv_rows(copies=36):
     rows = []
     for name, N, K in (("mlp gate_up", 22016, 2048), ("mlp down", 2048, 11008), ("gdn q/k/v/g/a/b", 12320, 2048),
                        ("gdn o_proj", 2048, 4096), ("swa q/k/v", 2560, 2048), ("swa o_proj", 2048, 2048)):
@@ -65,25 +66,19 @@ def gemv_rows(bw_tb_s, copies=36):
         x = torch.randn(1, K, device=DEV, dtype=DT)
         row = dict(proj=name, N=N, K=K)
         for impl, fn in (("cublas", lambda: [F.linear(x, w) for w in ws]),
-                         ("gemv", lambda: [gemv(x[0], w) for w in ws])):
+                         ("gemv", lambda: [gemv_mod.linear(x, w) for w in ws])):
             us = graph_us(fn, copies)
             row[f"{impl}_us"] = round(us, 2)
             row[f"{impl}_tb_s"] = round(N * K * 2 / us / 1e6, 3)
         row["gemv_over_cublas"] = round(row["gemv_us"] / row["cublas_us"], 3)
+        row["gemv_config"] = next((str(c) for k, c in gemv_mod._gemv_tuned.cache.items() if k[:2] == (N, K)), None)
         print("GEMV", row, flush=True)
         rows.append(row)
         del ws
     return rows
 
 
-def copy_tb_s():
-    a = torch.empty(2**30, device=DEV, dtype=torch.uint8)
-    b = torch.empty_like(a)
-    return 2 * a.numel() / graph_us(lambda: b.copy_(a), 1) / 1e6
-
-
 if __name__ == "__main__":
-    bw = copy_tb_s()
-    rep = dict(machine=torch.cuda.get_device_name(), torch=torch.__version__, copy_tb_s=round(bw, 3),
-               gdn_decode=gdn_rows(), gemv=gemv_rows(bw))
+    rep = dict(machine=torch.cuda.get_device_name(), torch=torch.__version__, ceilings=machine_ceilings(DEV),
+               gdn_decode=gdn_rows(), gemv=gemv_rows())
     json.dump(rep, open(sys.argv[1], "w"), indent=1)

@@ -38,9 +38,7 @@ def add_common_args(p, layouts=("full", "swa", "gdn", "hybrid")):
 def add_compile_arg(p):
     p.add_argument("--compile", default="auto",
                    help="torch.compile backend for the static step's per-block pieces (auto: inductor on CUDA, "
-                        "none on CPU; 'none' to disable; BACKEND:MODE adds a mode, e.g. "
-                        "inductor:max-autotune-no-cudagraphs to let Inductor time Triton GEMM templates "
-                        "against cuBLAS)")
+                        "none on CPU; 'none' to disable)")
     p.add_argument("--no-pack", action="store_true",
                    help="keep each projection its own GEMM (default: stack q/k/v(/g/a/b) and gate/up, "
                         "vlt.bench.static.pack_projections)")

@@ -40,6 +40,7 @@ from vlt.layers import pack_linears, project
 from vlt.layers.attention import Attention
 from vlt.layers.gdn import GatedDeltaNet
 from vlt.layers.rotary import apply_rope, rope_cos_sin
+from vlt.vision import RMSNorm
 
 
 class StaticStepper:
@@ -182,7 +183,7 @@ class StaticStepper:
             elif self.fused_gdn:
                 x = mixer_out(blk, x, m.o_proj, _gdn_fused(m, gdn_in(blk, x, fast), s), fast)
             else:
-                x = mixer_out(blk, x, None, gdn_block(blk, x, *s["conv"], s["ssm"]), fast)
+                x = mixer_out(blk, x, None, gdn_block(blk, x, *s["conv"], s["ssm"], fast), fast)
         if self.advance:
             self.tok += self.T
         last = self.model.norm(x[:, -1:])
@@ -192,20 +193,20 @@ class StaticStepper:
 
 # -- the per-block pieces (module functions, so one compiled copy serves every layer of a kind) ----
 
-# ``fast``: projections through vlt.kernels.gemv (batch-1 GEMV kernel) instead of F.linear / cuBLAS.
+# ``fast``: projections through vlt.kernels.gemv (batch-1 GEMV kernel) instead of F.linear / cuBLAS,
+# with the RMSNorm before them, SwiGLU's product and the residual adds fused into it.
 
 def _attn_in(blk, x, cos, sin, fast):
     m = blk.mixer
-    h = blk.input_layernorm(x)
-    B, T, _ = h.shape
-    q, k, v = _project(h, fast, m.q_proj, m.k_proj, m.v_proj)
+    B, T, _ = x.shape
+    q, k, v = _norm_project(x, blk.input_layernorm, fast, m.q_proj, m.k_proj, m.v_proj)
     q = q.view(B, T, m.num_heads, m.head_dim)
     k = k.view(B, T, m.num_kv_heads, m.head_dim)
     v = v.view(B, T, m.num_kv_heads, m.head_dim)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def _gdn_block(blk, x, conv_q, conv_k, conv_v, ssm):
+def _gdn_block(blk, x, conv_q, conv_k, conv_v, ssm, fast):
     """The GDN mixer's own forward on carried state, its new state copied back into the buffers."""
     state = {"conv": (conv_q, conv_k, conv_v), "ssm": ssm, "seen": 0}
     y, ns = blk.mixer(blk.input_layernorm(x), state=state, use_cache=True)
@@ -218,7 +219,38 @@ def _gdn_block(blk, x, conv_q, conv_k, conv_v, ssm):
 def _gdn_in(blk, x, fast):
     """A GDN block's input norm and projections (q, k, v, gate, a, b), for the fused step."""
     m = blk.mixer
-    return _project(blk.input_layernorm(x), fast, m.q_proj, m.k_proj, m.v_proj, m.g_proj, m.a_proj, m.b_proj)
+    return _norm_project(x, blk.input_layernorm, fast, m.q_proj, m.k_proj, m.v_proj, m.g_proj, m.a_proj, m.b_proj)
+
+
+def _mixer_out(blk, x, o_proj, y, fast):
+    """Residual around the mixer (attention's output projection applied here), then the MLP half."""
+    mlp = blk.mlp
+    if not (fast and _plain(o_proj, mlp.down_proj)):
+        if o_proj is not None:
+            y = o_proj(y.flatten(2))
+        x = x + y
+        return x + mlp(blk.post_attention_layernorm(x))
+    # vlt.model.DecoderBlock + SwiGLU, each projection one GEMV with its neighbours fused in
+    x = x + y if o_proj is None else gemv_kernel.linear(y.flatten(2), o_proj.weight, o_proj.bias, residual=x)
+    gate, up = _norm_project(x, blk.post_attention_layernorm, fast, mlp.gate_proj, mlp.up_proj)
+    return gemv_kernel.swiglu_linear(gate, up, mlp.down_proj.weight, residual=x)
+
+
+def _plain(*linears):
+    """Plain nn.Linear (or None): a LoRA-wrapped projection runs its own forward instead."""
+    return all(lin is None or type(lin) is nn.Linear for lin in linears)
+
+
+def _norm_project(x, norm, fast, *linears):
+    """``vlt.layers.project(norm(x), *linears)`` (one GEMM over the weights pack_linears stacked);
+    with ``fast`` the RMSNorm runs inside the GEMV kernel."""
+    if not (fast and _plain(*linears) and isinstance(norm, RMSNorm)):
+        return project(norm(x), *linears)
+    stacked = getattr(linears[0], "packed_weight", None)
+    if stacked is not None and len(linears[0].packed_rows) == len(linears):
+        y = gemv_kernel.norm_linear(x, norm.weight, norm.eps, stacked, getattr(linears[0], "packed_bias", None))
+        return y.split(linears[0].packed_rows, dim=-1)
+    return tuple(gemv_kernel.norm_linear(x, norm.weight, norm.eps, lin.weight, lin.bias) for lin in linears)
 
 
 def _gdn_fused(m, proj, s):
@@ -231,37 +263,6 @@ def _gdn_fused(m, proj, s):
     return o[:, None]
 
 
-def _mixer_out(blk, x, o_proj, y, fast):
-    """Residual around the mixer (attention's output projection applied here), then the MLP half."""
-    if o_proj is not None:
-        y = _linear(y.flatten(2), o_proj, fast)
-    x = x + y
-    h = blk.post_attention_layernorm(x)
-    if not fast:
-        return x + blk.mlp(h)
-    mlp = blk.mlp  # vlt.model.SwiGLU's forward, with its three projections through the GEMV kernel
-    gate, up = _project(h, fast, mlp.gate_proj, mlp.up_proj)
-    return x + _linear(F.silu(gate) * up, mlp.down_proj, fast)
-
-
-def _linear(x, lin, fast):
-    if fast and type(lin) is nn.Linear:  # a LoRA-wrapped projection runs its own forward
-        return gemv_kernel.linear(x, lin.weight, lin.bias)
-    return lin(x)
-
-
-def _project(x, fast, *linears):
-    """``vlt.layers.project`` (one GEMM over stacked weights where pack_linears stacked them), with
-    ``fast`` through the GEMV kernel."""
-    if not fast:
-        return project(x, *linears)
-    stacked = getattr(linears[0], "packed_weight", None)
-    if stacked is not None and len(linears[0].packed_rows) == len(linears):
-        y = gemv_kernel.linear(x, stacked, getattr(linears[0], "packed_bias", None))
-        return y.split(linears[0].packed_rows, dim=-1)
-    return tuple(_linear(x, lin, fast) for lin in linears)
-
-
 def step_pieces(backend: str | None):
     pieces = (_attn_in, _gdn_in, _gdn_block, _mixer_out)
     if backend is None:
@@ -271,8 +272,7 @@ def step_pieces(backend: str | None):
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), 64))
-    backend, _, mode = backend.partition(":")  # "inductor:max-autotune-no-cudagraphs": backend and mode
-    return tuple(torch.compile(f, backend=backend, mode=mode or None, dynamic=False) for f in pieces)
+    return tuple(torch.compile(f, backend=backend, dynamic=False) for f in pieces)
 
 
 def pack_projections(model) -> int:
