@@ -121,23 +121,31 @@ def test_gdn_decode_step_kernel_matches_torch(dtype, HV):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemv_matches_float64(dtype):
-    """vlt.kernels.gemv (autotuned) at the InfiniteVL-4B decode shapes, a bias, an odd size; ``linear``
-    dispatches one row to it (seen in the profiler), also inside torch.compile."""
-    from vlt.kernels.gemv import linear
+    """vlt.kernels.gemv (autotuned) at the InfiniteVL-4B decode shapes, a bias, an odd size; its fused
+    prologues/epilogue against the unfused torch ops; ``linear`` takes the kernel inside torch.compile
+    (seen in the profiler)."""
+    from vlt.kernels import rms_norm
+    from vlt.kernels.gemv import linear, norm_linear, swiglu_linear
     torch.manual_seed(4)
     tol = 1e-6 if dtype == torch.float32 else 5e-3
     for N, K, bias in ((22016, 2048, False), (2048, 11008, False), (12320, 2048, False), (2560, 2048, True),
                        (1000, 1234, True)):
-        w, x = randn(N, K, dtype=dtype, scale=K ** -0.5), randn(K, dtype=dtype)
+        w, x = randn(N, K, dtype=dtype, scale=K ** -0.5), randn(1, 1, K, dtype=dtype)
         b = randn(N, dtype=dtype) if bias else None
-        ref = w.double() @ x.double() + (b.double() if bias else 0)
-        check(f"gemv {dtype} {N}x{K}", {"y": torch.ops.vlt.gemv(x, w, b)}, {"y": ref}, tol)
-    compiled = torch.compile(lambda x, w, b: torch.nn.functional.silu(linear(x, w, b)), dynamic=False)
+        ref = x.double() @ w.double().T + (b.double() if bias else 0)
+        check(f"gemv {dtype} {N}x{K}", {"y": linear(x, w, b)}, {"y": ref}, tol)
+    up, res, nw = randn(1, 1, K, dtype=dtype), randn(1, 1, N, dtype=dtype), randn(K, dtype=dtype)
+    check(f"gemv fused {dtype}",
+          {"rmsnorm": norm_linear(x, nw, 1e-6, w, b), "swiglu_res": swiglu_linear(x, up, w, residual=res),
+           "bias_res": linear(x, w, b, residual=res)},
+          {"rmsnorm": F.linear(rms_norm(x, nw, 1e-6, "torch"), w, b),
+           "swiglu_res": res + F.linear(F.silu(x) * up, w), "bias_res": res + F.linear(x, w, b)}, 2 * tol)
+    compiled = torch.compile(lambda x, w, b: F.silu(linear(x, w, b)), dynamic=False)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        y = compiled(x.view(1, 1, K), w, b)
+        y = compiled(x, w, b)
         torch.cuda.synchronize()
     assert any("_gemv_kernel" in e.name for e in prof.events()), "linear() did not take the GEMV kernel"
-    check(f"gemv compiled {dtype}", {"y": y.view(-1)}, {"y": torch.nn.functional.silu(ref)}, 2 * tol)
+    check(f"gemv compiled {dtype}", {"y": y}, {"y": F.silu(ref)}, 2 * tol)
 
 
 # -- linear attention: fla simple_gla --------------------------------------------------------------
