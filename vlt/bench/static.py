@@ -13,16 +13,19 @@ video frame) with every index on the device:
 - ``dense=True`` (the decode benchmark: every slot valid, T == 1): write, then unmasked SDPA over the
   whole buffer, so the fastest SDPA kernels run; buffers are sized min(context + 1, window) / context + 1.
 - GDN layers run the mixer's own forward with the carried state and copy the new conv/SSM state
-  back into the static buffers; or, for decode (T = 1, ``fused_gdn``, the default on CUDA), one
-  Triton kernel from the projections to ``o_proj``'s input, updating the buffers in place
+  back into the static buffers; or, for decode (T = 1, ``fused_gdn``, the default on CUDA), two
+  Triton kernels from the projections to ``o_proj``'s input, updating the buffers in place
   (``vlt.kernels.gdn_decode``).
+- decode (T = 1, ``gemv``, the default on CUDA): every block projection is one batch-1 GEMV kernel
+  with the RMSNorm before it, SwiGLU's product and the residual adds fused in (``vlt.kernels.gemv``),
+  so a GDN block is 6 kernels: q/k/v/g/a/b, the two GDN kernels, o_proj, gate/up, down.
 - ``advance=True`` adds T to the token counter inside the step (streaming); ``False`` replays the
   same slot (latency benchmark at a fixed context).
 
 ``compile``: a ``torch.compile`` backend ("inductor" on the GPU) for the per-block pieces - norms,
-projections, RoPE, the GDN step (conv update + gates + recurrence + gated norm: the torch recurrence
-under compile, see vlt.kernels.gated_delta) and the MLP - so Inductor fuses the dozens of small
-kernels a decode step launches per layer. The attention read/write (index_copy into the buffers +
+projections, RoPE, the unfused GDN step (the torch recurrence under compile, see
+vlt.kernels.gated_delta) and the MLP - so Inductor fuses the small kernels that the fused paths
+above leave (RoPE, T > 1 frames, the unfused alternatives the benchmarks compare against). The attention read/write (index_copy into the buffers +
 SDPA) stays eager between the compiled pieces: it honours the caller's SDPA backend choice and its
 buffer length never forces a recompile. Shared RoPE tables are computed once per step.
 
@@ -183,7 +186,7 @@ class StaticStepper:
             elif self.fused_gdn:
                 x = mixer_out(blk, x, m.o_proj, _gdn_fused(m, gdn_in(blk, x, fast), s), fast)
             else:
-                x = mixer_out(blk, x, None, gdn_block(blk, x, *s["conv"], s["ssm"], fast), fast)
+                x = mixer_out(blk, x, None, gdn_block(blk, x, *s["conv"], s["ssm"]), fast)
         if self.advance:
             self.tok += self.T
         last = self.model.norm(x[:, -1:])
@@ -206,7 +209,7 @@ def _attn_in(blk, x, cos, sin, fast):
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def _gdn_block(blk, x, conv_q, conv_k, conv_v, ssm, fast):
+def _gdn_block(blk, x, conv_q, conv_k, conv_v, ssm):
     """The GDN mixer's own forward on carried state, its new state copied back into the buffers."""
     state = {"conv": (conv_q, conv_k, conv_v), "ssm": ssm, "seen": 0}
     y, ns = blk.mixer(blk.input_layernorm(x), state=state, use_cache=True)
