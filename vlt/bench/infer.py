@@ -298,13 +298,17 @@ def plot(rep, path):
         p = sorted((r["T"], r["ms"]) for r in rep["prefill"] if r["layout"] == layout and "ms" in r)
         if p:
             axes[1].plot(*zip(*p), "-o", label=layout)
+    if not rep["prefill"]:
+        axes[1].text(0.5, 0.5, "prefill not run (--prefill-lens)", ha="center", va="center",
+                     transform=axes[1].transAxes)
     for ax, (xl, yl, t) in zip(axes, (("context (tokens)", "ms / token", "decode latency, batch 1"),
                                       ("prompt tokens", "ms", "prefill time"),
                                       ("context (tokens)", "GiB", "decode peak memory"))):
         ax.set(xscale="log", yscale="log" if ax is not axes[2] else "linear", xlabel=xl, ylabel=yl,
                title=f"{t}, {rep['machine']}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
