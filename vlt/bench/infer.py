@@ -13,12 +13,13 @@ the step is checked against the mixers' own eager decode path (``eager_step``) o
 ``eager_ms`` times that eager path (the "before" of the graphed path) where its out-of-place cache
 copy fits. On CUDA the step's per-block pieces are compiled with Inductor (``--compile``), which
 fuses the small kernels of norms, RoPE, gates, the GDN step and the MLP; ``uncompiled_graph_ms``
-is the same graphed step without it. GDN layers decode through one fused Triton kernel per layer
+is the same graphed step without it. GDN layers decode through two fused Triton kernels per layer
 (``vlt.kernels.gdn_decode``; ``--no-fused-gdn``: the compiled torch recurrence instead), and
 ``unfused_gdn_graph_ms`` times that alternative on the same state (the "before" of the kernel).
-The blocks' projections run through vlt's batch-1 GEMV kernel (``vlt.kernels.gemv``; ``--no-gemv``:
-cuBLAS), and ``cublas_graph_ms`` times the step with cuBLAS instead. Input projections are stacked (one GEMV per group,
-``pack_projections``; ``--no-pack`` keeps them apart). Full attention is timed with each SDPA
+The blocks' projections run through vlt's batch-1 GEMV kernel with the norms, SwiGLU and residual
+adds fused in (``vlt.kernels.gemv``; ``--no-gemv``: cuBLAS and Inductor), and ``cublas_graph_ms``
+times the step that way. Input projections are stacked (one GEMV per group, ``pack_projections``;
+``--no-pack`` keeps them apart). Full attention is timed with each SDPA
 backend (flash, efficient, cuDNN) and the best is reported. A layout whose state would not fit is recorded as OOM (estimated up front, or caught).
 
 Bandwidth floor per token = (weight bytes + state bytes read + written) / measured copy bandwidth.

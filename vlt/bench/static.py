@@ -25,9 +25,9 @@ video frame) with every index on the device:
 ``compile``: a ``torch.compile`` backend ("inductor" on the GPU) for the per-block pieces - norms,
 projections, RoPE, the unfused GDN step (the torch recurrence under compile, see
 vlt.kernels.gated_delta) and the MLP - so Inductor fuses the small kernels that the fused paths
-above leave (RoPE, T > 1 frames, the unfused alternatives the benchmarks compare against). The attention read/write (index_copy into the buffers +
-SDPA) stays eager between the compiled pieces: it honours the caller's SDPA backend choice and its
-buffer length never forces a recompile. Shared RoPE tables are computed once per step.
+above leave (RoPE, T > 1 frames, the unfused alternatives the benchmarks compare against). The
+attention read/write (index_copy into the buffers + SDPA) stays eager between the compiled pieces:
+it honours the caller's SDPA backend choice and its buffer length never forces a recompile. Shared RoPE tables are computed once per step.
 
 ``eager_step`` is the reference: the model's blocks on the mixers' own state dicts.
 """
