@@ -50,7 +50,7 @@ def gdn_decode_step(q_in, k_in, v_in, g_in, a_in, b_in, conv_weights, conv_state
     [C, W]; conv_states (q, k, v) [B, C, W-1] and ssm [B, HV, K, V] fp32, both contiguous and updated
     in place. Returns o [B, HV*V] in q_in's dtype. The defaults (16 value channels per program, 4
     warps) were the fastest (or within 1%) of block_v 8-128 x 2-8 warps in two sweeps on an H200
-    (tools/tune_decode_kernels.py, benchmarks/decode_kernels_h200.json)."""
+    (``vlt bench decode-kernels``, benchmarks/decode_kernels_h200.json)."""
     if triton is None:
         raise RuntimeError("gdn_decode_step needs Triton (pip install triton); use the mixer's forward instead")
     B, HV, K, V = ssm.shape

@@ -3,7 +3,7 @@ elementwise ops around them fused in.
 
 At batch 1 every projection of a decoder step is a GEMV, bound by reading the weight once. cuBLAS
 answers these with GEMM tiles of width 8 and, for long rows, split-K plus a separate reduction
-kernel; on an H200 (tools/tune_decode_kernels.py) that reaches 1.4-3.7 TB/s, lowest on the smaller
+kernel; on an H200 (``vlt bench decode-kernels``) that reaches 1.4-3.7 TB/s, lowest on the smaller
 matrices. This kernel gives each program BN whole rows, streams them in [BN, BK] tiles with fp32
 accumulation and writes BN outputs: no split-K and no second kernel. Tile sizes are autotuned per
 shape. Around the product it applies what a pre-norm decoder block does next to it, so those ops

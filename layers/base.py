@@ -102,10 +102,13 @@ def pack_linears(*linears: nn.Linear) -> torch.Tensor:
     return linears[0].packed_weight
 
 
-def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
-    """``tuple(lin(x) for lin in linears)``, as one GEMM when ``pack_linears`` stacked exactly these."""
+def project(x: torch.Tensor, *linears: nn.Module, linear=None) -> tuple[torch.Tensor, ...]:
+    """``tuple(lin(x) for lin in linears)``, as one GEMM when ``pack_linears`` stacked exactly these.
+    ``linear(x, weight, bias)`` replaces ``F.linear`` (plain nn.Linear only; e.g. a fused decode kernel)."""
     stacked = getattr(linears[0], "packed_weight", None)
     if stacked is not None and len(linears[0].packed_rows) == len(linears):
         bias = getattr(linears[0], "packed_bias", None)
-        return torch.nn.functional.linear(x, stacked, bias).split(linears[0].packed_rows, dim=-1)
+        return (linear or torch.nn.functional.linear)(x, stacked, bias).split(linears[0].packed_rows, dim=-1)
+    if linear is not None:
+        return tuple(linear(x, lin.weight, lin.bias) for lin in linears)
     return tuple(lin(x) for lin in linears)

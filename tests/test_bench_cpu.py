@@ -126,3 +126,10 @@ def test_packed_projections_same_outputs_fewer_gemms(monkeypatch):
     with torch.no_grad():
         m.q_proj.weight.zero_()                             # an update of the parameter is seen packed
     assert m.q_proj.packed_weight[: m.key_dim].abs().sum() == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
+def test_bench_decode_kernels_needs_cuda(tmp_path):
+    from vlt.cli import main
+    with pytest.raises(SystemExit, match="CUDA device"):
+        main(["bench", "decode-kernels", "--out", str(tmp_path)])

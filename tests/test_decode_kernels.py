@@ -96,26 +96,30 @@ def test_kernel_matches_gdn_mixer_over_decode_steps():
 def test_static_stepper_fused_gdn_matches_eager():
     out = _interpret("""
         import argparse
+        import copy
         import torch
         from vlt.bench.common import add_common_args, build_model, setup
-        from vlt.bench.static import StaticStepper, eager_step, frame_positions, rel_err
+        from vlt.bench.static import StaticStepper, eager_step, frame_positions, pack_projections, rel_err
         a = add_common_args(argparse.ArgumentParser()).parse_args(["--tiny", "--device", "cpu"])
         dev, dt = setup(a)
         torch.manual_seed(0)
         model = build_model("hybrid", a, dev, dt).eval()
-        # gemv=True: the pieces' projections go through vlt.kernels.gemv.linear (F.linear off CUDA),
-        # stacked (pack_projections) and not
-        st = StaticStepper(model, 1, capacity=64, fused_gdn=True, gemv=True)
-        assert st.fused_gdn and st.gemv
-        state = None
-        for t in range(6):                                           # decode steps, states carried
-            x, pos = torch.randn(1, 1, 64), frame_positions(1, t, dev)
-            ref, state = eager_step(model, x, pos, state)
-            st.x.copy_(x)
-            st.pos.copy_(pos)
-            err = rel_err(st.step(), ref)
-            print(t, err)
-            assert err < 1e-5, (t, err)
+        packed = copy.deepcopy(model)
+        assert pack_projections(packed) == 2 * len(packed.layers)
+        # gemv=True: every projection through the GEMV kernel (which the interpreter runs on CPU
+        # tensors), with its norm / SwiGLU / residual fused in; separate and stacked projections
+        for stepped in (model, packed):
+            st = StaticStepper(stepped, 1, capacity=64, fused_gdn=True, gemv=True)
+            assert st.fused_gdn and st.gemv
+            state = None
+            for t in range(4):                                       # decode steps, states carried
+                x, pos = torch.randn(1, 1, 64), frame_positions(1, t, dev)
+                ref, state = eager_step(model, x, pos, state)
+                st.x.copy_(x)
+                st.pos.copy_(pos)
+                err = rel_err(st.step(), ref)
+                print(t, err)
+                assert err < 1e-5, (t, err)
         try:
             StaticStepper(model, 8, capacity=64, fused_gdn=True)
             raise SystemExit("T = 8 with fused_gdn must be refused")

@@ -94,7 +94,6 @@ def test_gdn_decode_fused_recurrent_matches_torch(dtype):
     check(f"gdn decode {dtype}", outs["fla"], outs["torch"], TOL["gdn"][dtype])
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("HV", [16, 32])           # InfiniteVL's 16 heads (K 128, V 256); and GVA
 def test_gdn_decode_step_kernel_matches_torch(dtype, HV):

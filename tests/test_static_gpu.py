@@ -2,8 +2,7 @@
 against the model's own eager path on CUDA. The eager path runs fla's kernels (fused recurrent GDN,
 fla short conv); the static one runs vlt's fused Triton GDN decode step (vlt.kernels.gdn_decode) or
 the torch recurrence and conv taps fused by Inductor, so this also pins both to fla; with stacked
-projections (pack_projections) too. Decode
-steps (T = 1) and frames (T = 8, state carried)."""
+projections (pack_projections) too. Decode steps (T = 1) and frames (T = 8, state carried)."""
 import argparse
 import copy
 

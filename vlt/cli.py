@@ -5,7 +5,8 @@
     vlt fit --config a.yaml --config b.yaml   # merged in order; omegaconf ${...} interpolation
     vlt fit --config quickstart --print_config
     vlt fit ... --ckpt_path last              # resume the newest run's last.ckpt
-    vlt data synth|pack|inspect ...   vlt bench mixers|data ...   vlt generate --ckpt DIR ...
+    vlt data synth|pack|inspect ...   vlt generate --ckpt DIR ...
+    vlt bench mixers|data|train|infer|stream|decode-kernels ...
 
 ``--config NAME`` also finds recipes shipped with vlt by name (``quickstart``,
 ``infinitevl/stage2_sft``). The resolved config is saved as ``config.yaml`` in the run directory,
@@ -145,10 +146,13 @@ def tool_main(argv: list[str]) -> int:
     from vlt.bench.infer import add_bench_infer_args, run_bench_infer
     from vlt.bench.stream import add_bench_stream_args, run_bench_stream
     from vlt.bench.train import add_bench_train_args, run_bench_train
+    from vlt.bench.decode_kernels import add_bench_decode_kernels_args, run_bench_decode_kernels
     for name, add, run, help_ in (
             ("train", add_bench_train_args, run_bench_train, "training tokens/s, peak memory, MFU per layout and length"),
             ("infer", add_bench_infer_args, run_bench_infer, "prefill time, decode latency and memory vs context"),
-            ("stream", add_bench_stream_args, run_bench_stream, "video stream FPS and memory per frame index")):
+            ("stream", add_bench_stream_args, run_bench_stream, "video stream FPS and memory per frame index"),
+            ("decode-kernels", add_bench_decode_kernels_args, run_bench_decode_kernels,
+             "the fused GDN decode step and the batch-1 GEMV per shape, against cuBLAS (GPU)")):
         p = bsub.add_parser(name, help=help_)
         add(p)
         p.set_defaults(func=run)

@@ -27,7 +27,8 @@ projections, RoPE, the unfused GDN step (the torch recurrence under compile, see
 vlt.kernels.gated_delta) and the MLP - so Inductor fuses the small kernels that the fused paths
 above leave (RoPE, T > 1 frames, the unfused alternatives the benchmarks compare against). The
 attention read/write (index_copy into the buffers + SDPA) stays eager between the compiled pieces:
-it honours the caller's SDPA backend choice and its buffer length never forces a recompile. Shared RoPE tables are computed once per step.
+it honours the caller's SDPA backend choice and its buffer length never forces a recompile. Shared
+RoPE tables are computed once per step.
 
 ``eager_step`` is the reference: the model's blocks on the mixers' own state dicts.
 """
@@ -245,15 +246,10 @@ def _plain(*linears):
 
 
 def _norm_project(x, norm, fast, *linears):
-    """``vlt.layers.project(norm(x), *linears)`` (one GEMM over the weights pack_linears stacked);
-    with ``fast`` the RMSNorm runs inside the GEMV kernel."""
+    """``vlt.layers.project(norm(x), *linears)``; with ``fast`` the RMSNorm runs inside the GEMV kernel."""
     if not (fast and _plain(*linears) and isinstance(norm, RMSNorm)):
         return project(norm(x), *linears)
-    stacked = getattr(linears[0], "packed_weight", None)
-    if stacked is not None and len(linears[0].packed_rows) == len(linears):
-        y = gemv_kernel.norm_linear(x, norm.weight, norm.eps, stacked, getattr(linears[0], "packed_bias", None))
-        return y.split(linears[0].packed_rows, dim=-1)
-    return tuple(gemv_kernel.norm_linear(x, norm.weight, norm.eps, lin.weight, lin.bias) for lin in linears)
+    return project(x, *linears, linear=lambda x, w, b: gemv_kernel.norm_linear(x, norm.weight, norm.eps, w, b))
 
 
 def _gdn_fused(m, proj, s):

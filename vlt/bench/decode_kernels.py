@@ -1,0 +1,122 @@
+"""``vlt bench decode-kernels``: vlt's batch-1 decode kernels per shape, on the GPU.
+
+- the fused GDN step (vlt.kernels.gdn_decode) for each (block_v, num_warps) at InfiniteVL-4B shapes
+  (16 heads, K 128, V 256): 27 layers' distinct states in one CUDA graph (so the states come from
+  HBM, not L2), us per layer - what the step's defaults are chosen from;
+- the batch-1 GEMV (vlt.kernels.gemv, autotuned) against F.linear (cuBLAS) for each projection shape
+  of the 4B decoder: 36 distinct weights per graph, us per call, TB/s reached and the tile picked.
+
+Writes decode_kernels.json and decode_kernels.png to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from vlt.bench.common import header, machine_ceilings, plt, save_json
+from vlt.bench.mixers import cuda_time, graphed
+
+GEMV_SHAPES = (("mlp gate_up", 22016, 2048), ("mlp down", 2048, 11008), ("gdn q/k/v/g/a/b", 12320, 2048),
+               ("gdn o_proj", 2048, 4096), ("swa q/k/v", 2560, 2048), ("swa o_proj", 2048, 2048))
+
+
+def add_bench_decode_kernels_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--block-v", nargs="+", type=int, default=[8, 16, 32], help="GDN value channels per program")
+    p.add_argument("--num-warps", nargs="+", type=int, default=[2, 4, 8])
+    p.add_argument("--rep-ms", type=float, default=100.0)
+    p.add_argument("--out", default="bench_out", help="folder for decode_kernels.json and .png")
+    return p
+
+
+def _us_per_call(fn, calls, rep_ms):
+    return cuda_time(graphed(fn), rep_ms)[0] * 1e3 / calls
+
+
+def gdn_rows(args, layers=27, B=1, H=16, K=128, V=256, W=4):
+    import torch
+    from vlt.kernels.gdn_decode import gdn_decode_step
+    dev, dt = "cuda", torch.bfloat16
+    Ck, Cv = H * K, H * V
+    sets = []
+    for _ in range(layers):
+        ins = torch.randn(B, 2 * Ck + 2 * Cv + 2 * H, device=dev, dtype=dt).split([Ck, Ck, Cv, Cv, H, H], -1)
+        sets.append((ins, [torch.randn(c, W, device=dev, dtype=dt) for c in (Ck, Ck, Cv)],
+                     [torch.randn(B, c, W - 1, device=dev, dtype=dt) for c in (Ck, Ck, Cv)],
+                     torch.zeros(H, device=dev), torch.zeros(H, device=dev),
+                     torch.randn(B, H, K, V, device=dev) * 0.01, torch.ones(V, device=dev, dtype=dt)))
+    rows = []
+    for bv in args.block_v:
+        for nw in args.num_warps:
+            def run():
+                for ins, ws, convs, A_log, dt_bias, ssm, norm_w in sets:
+                    gdn_decode_step(*ins, ws, convs, A_log, dt_bias, ssm, norm_w, 1e-6, block_v=bv, num_warps=nw)
+            rows.append(dict(block_v=bv, num_warps=nw, us_per_layer=round(_us_per_call(run, layers, args.rep_ms), 2)))
+            print("GDN", rows[-1], flush=True)
+    return rows
+
+
+def gemv_rows(args, copies=36):
+    import torch
+    import torch.nn.functional as F
+    from vlt.kernels import gemv
+    rows = []
+    for name, N, K in GEMV_SHAPES:
+        ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K ** -0.5 for _ in range(copies)]
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        row = dict(proj=name, N=N, K=K)
+        for impl, fn in (("cublas", lambda: [F.linear(x, w) for w in ws]),
+                         ("gemv", lambda: [gemv.linear(x, w) for w in ws])):
+            us = _us_per_call(fn, copies, args.rep_ms)
+            row[f"{impl}_us"], row[f"{impl}_tb_s"] = round(us, 2), round(N * K * 2 / us / 1e6, 3)
+        row["gemv_over_cublas"] = round(row["gemv_us"] / row["cublas_us"], 3)
+        row["gemv_config"] = next((str(c) for k, c in gemv._gemv_tuned.cache.items() if k[:2] == (N, K)), None)
+        print("GEMV", row, flush=True)
+        rows.append(row)
+        del ws
+    return rows
+
+
+def run_bench_decode_kernels(args) -> int:
+    import torch
+    if not torch.cuda.is_available():
+        raise SystemExit("vlt bench decode-kernels times Triton kernels on a CUDA device, and there is none here")
+    args.device, args.dtype, args.tiny, args.num_layers, args.window = "cuda", "bfloat16", False, None, None
+    os.makedirs(args.out, exist_ok=True)
+    rep = header(args, "decode-kernels")
+    rep["ceilings"] = machine_ceilings("cuda")
+    rep["gdn_decode"] = gdn_rows(args)
+    rep["gemv"] = gemv_rows(args)
+    save_json(rep, f"{args.out}/decode_kernels.json")
+    plot(rep, f"{args.out}/decode_kernels.png")
+    return 0
+
+
+def plot(rep, path):
+    pyplot = plt()
+    fig, (a, b) = pyplot.subplots(1, 2, figsize=(13, 4.5))
+    g = rep["gdn_decode"]
+    a.bar(range(len(g)), [r["us_per_layer"] for r in g])
+    a.set_xticks(range(len(g)), [f"{r['block_v']}/{r['num_warps']}" for r in g], rotation=45)
+    a.set(xlabel="block_v / num_warps", ylabel="us per layer", title=f"fused GDN decode step, {rep['machine']}")
+    m = rep["gemv"]
+    xs = range(len(m))
+    b.bar([x - 0.2 for x in xs], [r["cublas_tb_s"] for r in m], 0.4, label="cuBLAS (F.linear)")
+    b.bar([x + 0.2 for x in xs], [r["gemv_tb_s"] for r in m], 0.4, label="vlt GEMV")
+    if rep.get("ceilings", {}).get("copy_tb_s"):
+        b.axhline(rep["ceilings"]["copy_tb_s"], ls=":", color="k", label="copy bandwidth")
+    b.set_xticks(list(xs), [r["proj"] for r in m], rotation=30)
+    b.set(ylabel="TB/s (weight bytes / time)", title="batch-1 projections")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None) -> int:
+    from vlt.bench import module_main
+    return module_main("vlt bench decode-kernels", add_bench_decode_kernels_args, run_bench_decode_kernels,
+                       __doc__, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
