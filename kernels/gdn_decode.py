@@ -33,6 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vlt.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -61,7 +63,9 @@ def gdn_decode_step(q_in, k_in, v_in, g_in, a_in, b_in, conv_weights, conv_state
     NV = triton.cdiv(V, BV)
     out = torch.empty(B, HV * V, device=q_in.device, dtype=q_in.dtype)
     sumsq = torch.empty(B, HV, NV, device=q_in.device, dtype=torch.float32)
-    meta = dict(H=H, HV=HV, K=K, V=V, W=W, BK=triton.next_power_of_2(K), WP=triton.next_power_of_2(max(W - 1, 1)))
+    use_pdl = pdl.enabled(q_in)
+    meta = dict(H=H, HV=HV, K=K, V=V, W=W, BK=triton.next_power_of_2(K), WP=triton.next_power_of_2(max(W - 1, 1)),
+                PDL=use_pdl, launch_pdl=use_pdl)
     # 1) every (sequence, value head, value block): q/k conv (read only), v conv, gates, recurrence, raw o
     _gdn_recurrent_kernel[(B * HV, NV)](
         q_in, k_in, v_in, a_in, b_in, q_in.stride(0), k_in.stride(0), v_in.stride(0), a_in.stride(0),
@@ -86,25 +90,27 @@ def _check(q_in, k_in, v_in, g_in, a_in, b_in, conv_weights, conv_states, ssm, B
 
 
 if triton is not None:
+    from vlt.kernels.pdl import gdc_launch_dependents, gdc_wait
+
     @triton.jit
-    def _conv_silu(x_ptr, w_ptr, state_ptr, mask, BC: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-                   SHIFT: tl.constexpr):
-        """Causal depthwise conv of BC channels over (state, new input), then SiLU; with SHIFT the
-        state moves left by one tap in place (the caller must own these channels). Pointers start at
-        the block's first channel; returns fp32 values rounded to x's dtype, as the reference."""
+    def _conv_state_part(w_ptr, state_ptr, mask, BC: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
+        """The causal depthwise conv of BC channels over their W-1 state taps (fp32), and the weight of
+        the new input's tap: everything but the new input, which comes from the previous kernel.
+        Pointers start at the block's first channel."""
         ch = tl.arange(0, BC)
         taps = tl.arange(0, WP)
         old_mask = mask[:, None] & (taps[None, :] < W - 1)
-        x = tl.load(x_ptr + ch, mask=mask, other=0.0)
         old = tl.load(state_ptr + ch[:, None] * (W - 1) + taps[None, :], mask=old_mask, other=0.0)
         w_old = tl.load(w_ptr + ch[:, None] * W + taps[None, :], mask=old_mask, other=0.0)
         w_new = tl.load(w_ptr + ch * W + (W - 1), mask=mask, other=0.0)
-        acc = tl.sum(old.to(tl.float32) * w_old.to(tl.float32), 1) + x.to(tl.float32) * w_new.to(tl.float32)
-        y = acc.to(x.dtype).to(tl.float32)
-        y = (y * tl.sigmoid(y)).to(x.dtype).to(tl.float32)
-        if SHIFT:
-            _shift_state(x, state_ptr, mask, BC, W, WP)
-        return y
+        return tl.sum(old.to(tl.float32) * w_old.to(tl.float32), 1), w_new.to(tl.float32)
+
+    @triton.jit
+    def _conv_silu(x, part, w_new):
+        """The conv output (state part + new input x) and its SiLU, as fp32 values rounded to x's
+        dtype, as the reference."""
+        y = (part + x.to(tl.float32) * w_new).to(x.dtype).to(tl.float32)
+        return (y * tl.sigmoid(y)).to(x.dtype).to(tl.float32)
 
     @triton.jit
     def _shift_state(x, state_ptr, mask, BC: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
@@ -123,7 +129,7 @@ if triton is not None:
             q_in, k_in, v_in, a_in, b_in, sq, sk, sv, sa, sb, wq, wk, wv, cq, ck, cv,
             A_log, dt_bias, ssm, out, sumsq, scale,
             H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
-            BK: tl.constexpr, WP: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr):
+            BK: tl.constexpr, WP: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PDL: tl.constexpr):
         pid = tl.program_id(0)
         iv = tl.program_id(1)
         b = pid // HV
@@ -131,23 +137,38 @@ if triton is not None:
         h = hv // (HV // H)
         kk = tl.arange(0, BK)
         mk = kk < K
-        # q, k of the key head: conv + SiLU from the old conv state (read only here: the other value
-        # blocks of this head read it too; _gdn_norm_kernel shifts it afterwards), L2 norm as F.normalize
-        q = _conv_silu(q_in + b * sq + h * K, wq + h * K * W, cq + (b * H + h) * K * (W - 1), mk, BK, W, WP, False)
-        k = _conv_silu(k_in + b * sk + h * K, wk + h * K * W, ck + (b * H + h) * K * (W - 1), mk, BK, W, WP, False)
-        q = q / tl.maximum(tl.sqrt(tl.sum(q * q, 0)), 1e-12)
-        k = k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-12)
-        beta = tl.sigmoid(tl.load(b_in + b * sb + hv).to(tl.float32))
-        a = tl.load(a_in + b * sa + hv).to(tl.float32) + tl.load(dt_bias + hv).to(tl.float32)
-        softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))  # F.softplus
-        decay = tl.exp(-tl.exp(tl.load(A_log + hv).to(tl.float32)) * softplus)
         vv = iv * BV + tl.arange(0, BV)
         mv = vv < V
         c0 = hv * V + iv * BV  # this program's value channels: it owns their conv state
-        v = _conv_silu(v_in + b * sv + c0, wv + c0 * W, cv + (b * HV * V + c0) * (W - 1), mv, BV, W, WP, True)
+        # First what no earlier kernel of this step writes (weights, this layer's states): under PDL
+        # (vlt.kernels.pdl) these loads overlap the input projection's last wave.
+        # q, k of the key head: conv from the old conv state (read only here: the other value blocks
+        # of this head read it too; _gdn_norm_kernel shifts it afterwards)
+        q_part, q_w = _conv_state_part(wq + h * K * W, cq + (b * H + h) * K * (W - 1), mk, BK, W, WP)
+        k_part, k_w = _conv_state_part(wk + h * K * W, ck + (b * H + h) * K * (W - 1), mk, BK, W, WP)
+        v_state = cv + (b * HV * V + c0) * (W - 1)
+        v_part, v_w = _conv_state_part(wv + c0 * W, v_state, mv, BV, W, WP)
         s_ptr = ssm + (b * HV + hv) * K * V + kk[:, None] * V + vv[None, :]
         smask = mk[:, None] & mv[None, :]
-        S = tl.load(s_ptr, mask=smask, other=0.0) * decay
+        S = tl.load(s_ptr, mask=smask, other=0.0)
+        a_log = tl.load(A_log + hv).to(tl.float32)
+        dtb = tl.load(dt_bias + hv).to(tl.float32)
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        # then the projections' outputs: SiLU(conv), L2 norm as F.normalize
+        q = _conv_silu(tl.load(q_in + b * sq + h * K + kk, mask=mk, other=0.0), q_part, q_w)
+        k = _conv_silu(tl.load(k_in + b * sk + h * K + kk, mask=mk, other=0.0), k_part, k_w)
+        q = q / tl.maximum(tl.sqrt(tl.sum(q * q, 0)), 1e-12)
+        k = k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-12)
+        beta = tl.sigmoid(tl.load(b_in + b * sb + hv).to(tl.float32))
+        a = tl.load(a_in + b * sa + hv).to(tl.float32) + dtb
+        softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))  # F.softplus
+        decay = tl.exp(-tl.exp(a_log) * softplus)
+        v_new = tl.load(v_in + b * sv + c0 + tl.arange(0, BV), mask=mv, other=0.0)
+        v = _conv_silu(v_new, v_part, v_w)
+        _shift_state(v_new, v_state, mv, BV, W, WP)
+        S = S * decay
         u = beta * (v - tl.sum(S * k[:, None], 0))
         S = S + k[:, None] * u[None, :]
         tl.store(s_ptr, S, mask=smask)
@@ -160,7 +181,11 @@ if triton is not None:
     def _gdn_norm_kernel(
             q_in, k_in, g_in, sq, sk, sg, cq, ck, norm_w, out, sumsq, eps,
             H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
-            BK: tl.constexpr, WP: tl.constexpr, BVN: tl.constexpr, NV: tl.constexpr, BNV: tl.constexpr):
+            BK: tl.constexpr, WP: tl.constexpr, BVN: tl.constexpr, NV: tl.constexpr, BNV: tl.constexpr,
+            PDL: tl.constexpr):
+        if PDL:  # everything here but the norm weight comes from _gdn_recurrent_kernel
+            gdc_wait()
+            gdc_launch_dependents()
         pid = tl.program_id(0)
         b = pid // H
         h = pid % H

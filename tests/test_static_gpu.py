@@ -30,17 +30,17 @@ def test_compiled_static_step_matches_eager_cuda(dtype, packed):
     if packed:
         assert pack_projections(model) == 2 * len(model.layers)
     # SWA ring (window 32) not yet full, then wrapped; GDN decode through the fused Triton step and the
-    # projections through the GEMV kernel (both the default on CUDA), then the compiled torch recurrence
-    # and cuBLAS
+    # projections through the GEMV kernel, SWA through vlt's split decode attention (all the default on
+    # CUDA), then the compiled torch recurrence, cuBLAS and index_copy + SDPA
     for ctx, fused in ((20, True), (50, True), (50, False)):
         st = StaticStepper(model, 1, dense=True, advance=False, fill="random", context=ctx, compile="inductor",
-                           fused_gdn=fused, gemv=fused)
+                           fused_gdn=fused, gemv=fused, decode_attention=fused)
         x, pos = torch.randn(1, 1, 64, device=dev, dtype=dt), frame_positions(1, ctx, dev)
         ref, _ = eager_step(ref_model, x, pos, st.eager_state(ctx))
         st.x.copy_(x)
         st.pos.copy_(pos)
         snap = st.snapshot()
-        assert st.fused_gdn == st.gemv == fused
+        assert st.fused_gdn == st.gemv == st.decode_attention == fused
         assert rel_err(st.step(), ref) < TOL[dtype], ctx
         replay = graphed(st.step)          # captured after three warm-up steps: restore, then replay once
         st.restore(snap)
@@ -53,3 +53,35 @@ def test_compiled_static_step_matches_eager_cuda(dtype, packed):
         st.x.copy_(x)
         st.pos.copy_(pos)
         assert rel_err(st.step(), ref) < TOL[dtype], f
+
+
+def test_pdl_step_gives_the_same_bits():
+    """The graphed decode step of a packed bf16 hybrid with programmatic dependent launch (its GEMV
+    and GDN kernels start early, vlt.kernels.pdl) against the same step launched one kernel after
+    another: same logits and GDN states, bit for bit, over 4 replays that carry the states."""
+    from vlt.kernels import pdl
+    a = add_common_args(argparse.ArgumentParser()).parse_args(["--tiny", "--device", "cuda", "--dtype", "bfloat16"])
+    dev, dt = setup(a)
+    if not pdl.enabled(torch.empty(0, device=dev)):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+ (Hopper)")
+    torch.manual_seed(1)
+    model = build_model("hybrid", a, dev, dt).eval()
+    pack_projections(model)
+    st = StaticStepper(model, 1, dense=True, advance=False, fill="random", context=50, compile="inductor")
+    st.x.copy_(torch.randn(1, 1, 64, device=dev, dtype=dt))
+    st.pos.copy_(frame_positions(1, 50, dev))
+    snap = st.snapshot()
+    runs = {}
+    for on in (False, True):
+        st.pdl = on
+        replay = graphed(st.step)
+        st.restore(snap)
+        outs = []
+        for _ in range(4):
+            replay()
+            outs.append(st.out.clone())
+        runs[on] = outs + [t.clone() for s in st.snapshot() if s is not None for t in (*s[0], s[1])]
+    assert st.fused_gdn and st.gemv and st.decode_attention
+    assert len(runs[True]) == len(runs[False]) > 4
+    for i, (x, y) in enumerate(zip(runs[True], runs[False])):
+        assert torch.equal(x, y), f"tensor {i} differs with PDL"

@@ -4,7 +4,10 @@
   (16 heads, K 128, V 256): 27 layers' distinct states in one CUDA graph (so the states come from
   HBM, not L2), us per layer - what the step's defaults are chosen from;
 - the batch-1 GEMV (vlt.kernels.gemv, autotuned) against F.linear (cuBLAS) for each projection shape
-  of the 4B decoder: 36 distinct weights per graph, us per call, TB/s reached and the tile picked.
+  of the 4B decoder: 36 distinct weights per graph, us per call, TB/s reached and the tile picked;
+  also without programmatic dependent launch (``gemv_no_pdl``: each GEMV waits for the last to end);
+- SWA decode attention with its K/V write (vlt.kernels.decode_attention) against index_copy + each
+  SDPA backend, at InfiniteVL's SWA shapes, 9 layers' distinct caches per graph, us per layer.
 
 Writes decode_kernels.json and decode_kernels.png to --out.
 """
@@ -24,6 +27,8 @@ GEMV_SHAPES = (("mlp gate_up", 22016, 2048), ("mlp down", 2048, 11008), ("gdn q/
 def add_bench_decode_kernels_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--block-v", nargs="+", type=int, default=[8, 16, 32], help="GDN value channels per program")
     p.add_argument("--num-warps", nargs="+", type=int, default=[2, 4, 8])
+    p.add_argument("--attn-lens", nargs="+", type=int, default=[4097, 8192, 32768],
+                   help="K/V slots for the decode attention rows (8192: InfiniteVL's window)")
     p.add_argument("--rep-ms", type=float, default=100.0)
     p.add_argument("--out", default="bench_out", help="folder for decode_kernels.json and .png")
     return p
@@ -59,14 +64,17 @@ def gdn_rows(args, layers=27, B=1, H=16, K=128, V=256, W=4):
 def gemv_rows(args, copies=36):
     import torch
     import torch.nn.functional as F
-    from vlt.kernels import gemv
+    from vlt.kernels import gemv, pdl
     rows = []
     for name, N, K in GEMV_SHAPES:
         ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K ** -0.5 for _ in range(copies)]
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         row = dict(proj=name, N=N, K=K)
+        def no_pdl():
+            with pdl.disabled():
+                return [gemv.linear(x, w) for w in ws]
         for impl, fn in (("cublas", lambda: [F.linear(x, w) for w in ws]),
-                         ("gemv", lambda: [gemv.linear(x, w) for w in ws])):
+                         ("gemv", lambda: [gemv.linear(x, w) for w in ws]), ("gemv_no_pdl", no_pdl)):
             us = _us_per_call(fn, copies, args.rep_ms)
             row[f"{impl}_us"], row[f"{impl}_tb_s"] = round(us, 2), round(N * K * 2 / us / 1e6, 3)
         row["gemv_over_cublas"] = round(row["gemv_us"] / row["cublas_us"], 3)
@@ -74,6 +82,37 @@ def gemv_rows(args, copies=36):
         print("GEMV", row, flush=True)
         rows.append(row)
         del ws
+    return rows
+
+
+def attention_rows(args, layers=9, Hq=16, Hkv=2, D=128):
+    """SWA decode (K/V write + attention) over ``layers`` distinct caches: vlt's split kernel against
+    index_copy + SDPA (the best backend of flash / efficient / cuDNN)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from vlt.kernels.decode_attention import decode_attention, decode_attention_reference
+    rows = []
+    for L in args.attn_lens:
+        caches = [(torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16),
+                   torch.randn(1, L, Hkv, D, device="cuda", dtype=torch.bfloat16)) for _ in range(layers)]
+        q, k, v = (torch.randn(1, h, D, device="cuda", dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
+        tok = torch.tensor(L + 7, device="cuda")
+        row = dict(L=L, Hq=Hq, Hkv=Hkv, D=D, kv_mb=round(2 * L * Hkv * D * 2 / 1e6, 2))
+        row["vlt_us"] = round(_us_per_call(lambda: [decode_attention(q, k, v, kc, vc, tok) for kc, vc in caches],
+                                           layers, args.rep_ms), 2)
+        for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+            def ref(b=backend):
+                with sdpa_kernel([getattr(SDPBackend, b)]):
+                    return [decode_attention_reference(q, k, v, kc, vc, tok) for kc, vc in caches]
+            try:
+                row[f"sdpa_{backend.split('_')[0].lower()}_us"] = round(_us_per_call(ref, layers, args.rep_ms), 2)
+            except RuntimeError as e:  # a backend that refuses these shapes
+                row[f"sdpa_{backend.split('_')[0].lower()}_us"] = f"error: {str(e)[:100]}"
+        best = min(v for key, v in row.items() if key.startswith("sdpa_") and isinstance(v, float))
+        row["vlt_over_best_sdpa"] = round(row["vlt_us"] / best, 3)
+        row["vlt_tb_s"] = round(row["kv_mb"] / row["vlt_us"], 3)
+        print("ATTN", row, flush=True)
+        rows.append(row)
     return rows
 
 
@@ -87,6 +126,7 @@ def run_bench_decode_kernels(args) -> int:
     rep["ceilings"] = machine_ceilings("cuda")
     rep["gdn_decode"] = gdn_rows(args)
     rep["gemv"] = gemv_rows(args)
+    rep["decode_attention"] = attention_rows(args)
     save_json(rep, f"{args.out}/decode_kernels.json")
     plot(rep, f"{args.out}/decode_kernels.png")
     return 0
@@ -94,20 +134,30 @@ def run_bench_decode_kernels(args) -> int:
 
 def plot(rep, path):
     pyplot = plt()
-    fig, (a, b) = pyplot.subplots(1, 2, figsize=(13, 4.5))
+    fig, (a, b, c) = pyplot.subplots(1, 3, figsize=(18, 4.5))
     g = rep["gdn_decode"]
     a.bar(range(len(g)), [r["us_per_layer"] for r in g])
     a.set_xticks(range(len(g)), [f"{r['block_v']}/{r['num_warps']}" for r in g], rotation=45)
     a.set(xlabel="block_v / num_warps", ylabel="us per layer", title=f"fused GDN decode step, {rep['machine']}")
     m = rep["gemv"]
     xs = range(len(m))
-    b.bar([x - 0.2 for x in xs], [r["cublas_tb_s"] for r in m], 0.4, label="cuBLAS (F.linear)")
-    b.bar([x + 0.2 for x in xs], [r["gemv_tb_s"] for r in m], 0.4, label="vlt GEMV")
+    b.bar([x - 0.27 for x in xs], [r["cublas_tb_s"] for r in m], 0.27, label="cuBLAS (F.linear)")
+    b.bar(list(xs), [r["gemv_no_pdl_tb_s"] for r in m], 0.27, label="vlt GEMV, no PDL")
+    b.bar([x + 0.27 for x in xs], [r["gemv_tb_s"] for r in m], 0.27, label="vlt GEMV")
     if rep.get("ceilings", {}).get("copy_tb_s"):
         b.axhline(rep["ceilings"]["copy_tb_s"], ls=":", color="k", label="copy bandwidth")
     b.set_xticks(list(xs), [r["proj"] for r in m], rotation=30)
     b.set(ylabel="TB/s (weight bytes / time)", title="batch-1 projections")
     b.legend(fontsize=7)
+    at = rep.get("decode_attention", [])
+    xs = range(len(at))
+    for i, (key, label) in enumerate((("sdpa_flash_us", "index_copy + SDPA flash"), ("sdpa_cudnn_us", "... cuDNN"),
+                                      ("vlt_us", "vlt split decode"))):
+        c.bar([x + (i - 1) * 0.27 for x in xs], [r[key] if isinstance(r.get(key), float) else 0 for r in at], 0.27,
+              label=label)
+    c.set_xticks(list(xs), [str(r["L"]) for r in at])
+    c.set(xlabel="K/V slots", ylabel="us per layer", title="SWA decode attention + K/V write (16q/2kv, D 128)")
+    c.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

@@ -18,9 +18,14 @@ is the same graphed step without it. GDN layers decode through two fused Triton 
 ``unfused_gdn_graph_ms`` times that alternative on the same state (the "before" of the kernel).
 The blocks' projections run through vlt's batch-1 GEMV kernel with the norms, SwiGLU and residual
 adds fused in (``vlt.kernels.gemv``; ``--no-gemv``: cuBLAS and Inductor), and ``cublas_graph_ms``
-times the step that way. Input projections are stacked (one GEMV per group, ``pack_projections``;
-``--no-pack`` keeps them apart). Full attention is timed with each SDPA
-backend (flash, efficient, cuDNN) and the best is reported. A layout whose state would not fit is recorded as OOM (estimated up front, or caught).
+times the step that way. Sliding-window layers write K/V and attend through vlt's split decode
+kernel (``vlt.kernels.decode_attention``; ``--no-decode-attention``: index_copy + SDPA, as full
+layers always do), and ``sdpa_swa_graph_ms`` times the step that way. On Hopper these kernels start
+while the kernel before them finishes (programmatic dependent launch, ``vlt.kernels.pdl``;
+``--no-pdl``: one after another), and ``no_pdl_graph_ms`` times the step without it. Input
+projections are stacked (one GEMV per group, ``pack_projections``; ``--no-pack`` keeps them apart).
+Full attention is timed with each SDPA backend (flash, efficient, cuDNN) and the best is reported.
+A layout whose state would not fit is recorded as OOM (estimated up front, or caught).
 
 Bandwidth floor per token = (weight bytes + state bytes read + written) / measured copy bandwidth.
 Writes infer.json and infer.png to --out.
@@ -52,6 +57,10 @@ def add_bench_infer_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-fused-gdn", action="store_true",
                    help="GDN decode through the compiled torch recurrence, not the fused Triton step")
     p.add_argument("--no-gemv", action="store_true", help="projections through cuBLAS, not vlt's GEMV kernel")
+    p.add_argument("--no-decode-attention", action="store_true",
+                   help="sliding-window layers through index_copy + SDPA, not vlt's split decode kernel")
+    p.add_argument("--no-pdl", action="store_true",
+                   help="launch vlt's decode kernels one after another, without programmatic dependent launch")
     p.add_argument("--profile", action="store_true",
                    help="profile the (ungraphed) step at each layout's first context: profile_decode_<layout>.txt")
     return p
@@ -68,6 +77,7 @@ def _sdpa_ctx(name):
 def decode_row(model, layout, L, args, device, bw):
     import torch
     from vlt.bench.static import StaticStepper, eager_step, frame_positions, rel_err, step_pieces
+    from vlt.kernels import pdl
     row = dict(layout=layout, context=L, state="constructed at full size (random contents), not prefilled")
     read, write = state_bytes_per_token(model, L)
     wbytes = weight_bytes_per_token(model)
@@ -82,7 +92,8 @@ def decode_row(model, layout, L, args, device, bw):
     reset_peak(device)
     compile = step_compile_backend(args, device)
     st = StaticStepper(model, 1, dense=True, advance=False, fill="random", context=L, compile=compile,
-                       fused_gdn=False if args.no_fused_gdn else None, gemv=False if args.no_gemv else None)
+                       fused_gdn=False if args.no_fused_gdn else None, gemv=False if args.no_gemv else None,
+                       decode_attention=False if args.no_decode_attention else None, pdl=not args.no_pdl)
     x = model.embed_tokens(token_ids(model, (1, 1), device))
     pos = frame_positions(1, L, device)
     st.x.copy_(x)
@@ -127,9 +138,14 @@ def decode_row(model, layout, L, args, device, bw):
         row["profile"] = kernel_profile(st.step, f"{args.out}/profile_decode_{layout}.txt", reps=5)
     has_gdn = any(s["kind"] == "gdn" for s in st.states)
     row["fused_gdn"], row["gemv"] = bool(st.fused_gdn and has_gdn), bool(st.gemv)
-    # the "before" of each kernel, same state and graph: GDN through the compiled recurrence; cuBLAS GEMMs
+    row["decode_attention"] = bool(st.decode_attention and any(getattr(b.mixer, "window", None) for b in model.layers))
+    row["pdl"] = bool(st.pdl and (row["fused_gdn"] or row["gemv"] or row["decode_attention"]) and pdl.enabled(x))
+    # the "before" of each kernel, same state and graph: GDN through the compiled recurrence; cuBLAS
+    # GEMMs; SWA through index_copy + SDPA; vlt's kernels launched one after another (no PDL)
     variants = [(key, attr) for key, attr, on in (("unfused_gdn_graph_ms", "fused_gdn", row["fused_gdn"]),
-                                                  ("cublas_graph_ms", "gemv", row["gemv"])) if on]
+                                                  ("cublas_graph_ms", "gemv", row["gemv"]),
+                                                  ("sdpa_swa_graph_ms", "decode_attention", row["decode_attention"]),
+                                                  ("no_pdl_graph_ms", "pdl", row["pdl"])) if on]
     for key, attr in variants if ok and not args.no_graph else ():
         setattr(st, attr, False)
         try:

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlt.kernels import gdn_decode
+from vlt.kernels import gdn_decode, pdl
+from vlt.kernels import decode_attention as attn_kernel
 from vlt.kernels import gemv as gemv_kernel
 from vlt.layers import pack_linears, project
 from vlt.layers.attention import Attention
@@ -50,13 +51,17 @@ from vlt.vision import RMSNorm
 class StaticStepper:
     def __init__(self, model, T: int, *, capacity: int | None = None, dense: bool = False,
                  advance: bool = True, logits: bool = True, fill: str = "zeros", context: int = 0,
-                 compile: str | None = None, fused_gdn: bool | None = None, gemv: bool | None = None):
+                 compile: str | None = None, fused_gdn: bool | None = None, gemv: bool | None = None,
+                 decode_attention: bool | None = None, pdl: bool = True):
         """``capacity``: slots of a ``full`` layer (ring layers hold ``window``). ``fill='random'``
         with ``context``: states as after ``context`` tokens (random K/V and SSM contents).
         ``compile``: torch.compile backend for the per-block pieces (None: eager).
         ``fused_gdn``: GDN decode through the fused Triton step (None: when T == 1 on CUDA).
         ``gemv``: the blocks' projections through vlt's batch-1 GEMV kernel instead of cuBLAS
-        (None: when T == 1 on CUDA)."""
+        (None: when T == 1 on CUDA). ``decode_attention``: sliding-window layers write K/V and attend
+        through vlt's split decode kernel instead of index_copy + SDPA (None: the dense decode step
+        on CUDA; full layers keep SDPA, whose backend the caller picks). ``pdl``: those kernels start early, overlapping the kernel before
+        them, where the GPU can (programmatic dependent launch, ``vlt.kernels.pdl``)."""
         p = next(model.parameters())
         self.model, self.T, self.dense, self.advance, self.logits = model, T, dense, advance, logits
         dev, dt = p.device, p.dtype
@@ -104,6 +109,13 @@ class StaticStepper:
             raise ValueError(f"fused_gdn=True is a decode step (T = 1), not T = {T}; use fused_gdn=False")
         self.fused_gdn = fused_gdn
         self.gemv = (T == 1 and dev.type == "cuda" and gemv_kernel.triton is not None) if gemv is None else gemv
+        if decode_attention is None:
+            decode_attention = T == 1 and dense and dev.type == "cuda" and attn_kernel.triton is not None
+        if decode_attention and not (T == 1 and dense):
+            raise ValueError(f"decode_attention=True is the dense decode step (T = 1, dense=True), not T = {T}, "
+                             f"dense={dense}; use decode_attention=False")
+        self.decode_attention = decode_attention
+        self.pdl = pdl
 
     # -- conversions ---------------------------------------------------------------------------
     def state_nbytes(self) -> int:
@@ -146,12 +158,18 @@ class StaticStepper:
                 s["ssm"].copy_(saved[1])
 
     # -- the step --------------------------------------------------------------------------------
-    def _attend(self, m, s, q, k, v):
-        """Write this step's K/V into the buffers and attend; q [B, T, Hq, D], k/v [B, T, Hkv, D]."""
+    def _attend(self, m, s, q, k, v, slots):
+        """Write this step's K/V into the buffers and attend; q [B, T, Hq, D], k/v [B, T, Hkv, D].
+        ``slots``: a per-step cache of (token indices, slots) per buffer length."""
         T = q.shape[1]
         L = s["L"]
-        qtok = self.tok + self.ar
-        slots = qtok % L
+        if self.decode_attention and m.window is not None:
+            o = attn_kernel.decode_attention(q[:, 0], k[:, 0], v[:, 0], s["k"], s["v"], self.tok, s["ktok"])
+            return o.unsqueeze(1)
+        if L not in slots:  # every layer with this buffer length writes the same slots
+            qtok = self.tok + self.ar
+            slots[L] = qtok, qtok % L
+        qtok, slots = slots[L]
         if self.dense:
             s["k"].index_copy_(1, slots, k)
             s["v"].index_copy_(1, slots, v)
@@ -172,10 +190,14 @@ class StaticStepper:
     @torch.no_grad()
     def step(self):
         """One step over ``self.x`` at positions ``self.pos``; returns last-token logits (or hidden)."""
+        with pdl.disabled(not self.pdl):
+            return self._step()
+
+    def _step(self):
         attn_in, gdn_in, gdn_block, mixer_out = self.pieces
         fast = self.gemv
         x = self.x
-        rope = {}
+        rope, slots = {}, {}
         for blk, s in zip(self.model.layers, self.states):
             m = blk.mixer
             if s["kind"] == "attn":
@@ -183,7 +205,7 @@ class StaticStepper:
                 if key not in rope:  # every attention layer of a model shares its RoPE tables
                     rope[key] = rope_cos_sin(self.pos, m.head_dim, m.rope_theta, m.mrope_section)
                 q, k, v = attn_in(blk, x, *rope[key], fast)
-                x = mixer_out(blk, x, m.o_proj, self._attend(m, s, q, k, v), fast)
+                x = mixer_out(blk, x, m.o_proj, self._attend(m, s, q, k, v, slots), fast)
             elif self.fused_gdn:
                 x = mixer_out(blk, x, m.o_proj, _gdn_fused(m, gdn_in(blk, x, fast), s), fast)
             else:

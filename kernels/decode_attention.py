@@ -1,0 +1,172 @@
+"""Batch-1-style decode attention over a K/V buffer, with the new token's K/V write fused in.
+
+A decode step of an attention layer writes the new key/value into slot ``tok % L`` of its buffers
+[B, L, Hkv, D] and attends over all L slots (the static stepper's dense decode: every slot valid).
+Through torch ops that is an add, a remainder and three index_copy kernels, then SDPA's flash
+split-KV kernel and its combine kernel: 7 kernels, about 15 us per SWA layer at InfiniteVL-4B shapes
+on an H200 (benchmarks/profiles/profile_decode_hybrid_h200.txt) for 8 MB of K/V. Here it is two:
+
+1. ``_attn_split_kernel``, a program per (sequence, KV head, split of the slots): all G query heads
+   of the KV head at once (one [G, D] x [D, BN] product per block of BN keys, so K/V are read once
+   for the group), online softmax, partial (max, sum, output) per split. The program whose split
+   holds the slot writes the new K/V there (and the slot's token index); every block of keys that
+   covers the slot takes the new K/V from registers, so no program reads what another writes;
+2. ``_attn_combine_kernel``, a program per (sequence, query head): merges the splits.
+
+Splits are sized so that about one program per SM runs (``splits``). Both kernels launch with
+programmatic dependent launch where available (vlt.kernels.pdl). Softmax and products accumulate in
+fp32; the probabilities are rounded to the K/V dtype before the product with V, as flash attention
+does. ``decode_attention_reference`` is the same step in torch ops (index_copy + SDPA).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vlt.kernels import pdl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def decode_attention(q, k_new, v_new, k_cache, v_cache, tok, ktok=None, *, scale: float | None = None,
+                     block_n: int = 64, splits: int | None = None):
+    """q [B, Hq, D]; k_new, v_new [B, Hkv, D] (unit stride along D; any other strides); k_cache,
+    v_cache [B, L, Hkv, D] contiguous; tok: 0-d long tensor on the device, the new token's index
+    (slot ``tok % L``); ktok [L] long (optional), the token index of each slot, updated too.
+    Writes the new K/V into the caches in place and returns the attention output [B, Hq, D] in q's
+    dtype, over all L slots (no mask: the caller sizes L to the valid keys, as a dense step does)."""
+    if triton is None:
+        raise RuntimeError("decode_attention needs Triton; use decode_attention_reference instead")
+    B, Hq, D = q.shape
+    _, L, Hkv, _ = k_cache.shape
+    assert Hq % Hkv == 0 and k_new.shape == v_new.shape == (B, Hkv, D), (q.shape, k_new.shape, k_cache.shape)
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
+    assert q.stride(-1) == k_new.stride(-1) == v_new.stride(-1) == 1 and tok.numel() == 1
+    G = Hq // Hkv
+    if splits is None:  # about one program per SM, each over whole blocks of keys
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+        splits = max(1, min(128, triton.cdiv(sms, B * Hkv)))
+    chunk = max(block_n, triton.cdiv(triton.cdiv(L, splits), block_n) * block_n)
+    S = triton.cdiv(L, chunk)
+    part_o = torch.empty(B, Hkv, S, G, D, device=q.device, dtype=torch.float32)
+    part_ml = torch.empty(B, Hkv, S, 2, G, device=q.device, dtype=torch.float32)
+    out = torch.empty(B, Hq, D, device=q.device, dtype=q.dtype)
+    use_pdl = pdl.enabled(q)
+    meta = dict(G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BD=triton.next_power_of_2(D), HKV=Hkv,
+                PDL=use_pdl, launch_pdl=use_pdl)
+    _attn_split_kernel[(B * Hkv, S)](
+        q, k_new, v_new, k_cache, v_cache, ktok if ktok is not None else tok, tok, part_o, part_ml,
+        q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        L, chunk, S, D ** -0.5 if scale is None else scale, HAS_KTOK=ktok is not None, BN=block_n,
+        PREC="ieee" if q.dtype == torch.float32 else None, UPCAST=not q.is_cuda, **meta)
+    _attn_combine_kernel[(B * Hq,)](part_o, part_ml, out, S, BS=triton.next_power_of_2(S), **meta)
+    return out
+
+
+def decode_attention_reference(q, k_new, v_new, k_cache, v_cache, tok, ktok=None, *, scale=None):
+    """The same step in torch ops: index_copy into the caches, then SDPA with the G query heads of a
+    KV head as rows of one head."""
+    B, Hq, D = q.shape
+    L, Hkv = k_cache.shape[1], k_cache.shape[2]
+    slot = (tok.reshape(1) % L)
+    k_cache.index_copy_(1, slot, k_new[:, None])
+    v_cache.index_copy_(1, slot, v_new[:, None])
+    if ktok is not None:
+        ktok.index_copy_(0, slot, tok.reshape(1))
+    qh = q.view(B, Hkv, Hq // Hkv, D)
+    o = F.scaled_dot_product_attention(qh, k_cache.transpose(1, 2), v_cache.transpose(1, 2), scale=scale)
+    return o.reshape(B, Hq, D)
+
+
+if triton is not None:
+    from vlt.kernels.pdl import gdc_launch_dependents, gdc_wait
+
+    @triton.jit
+    def _attn_split_kernel(q, k_new, v_new, k_cache, v_cache, ktok, tok_ptr, part_o, part_ml,
+                           sqb, sqh, skb, skh, svb, svh, L, chunk, S, scale,
+                           G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                           HKV: tl.constexpr, HAS_KTOK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+                           UPCAST: tl.constexpr, PDL: tl.constexpr):
+        bh = tl.program_id(0)
+        s = tl.program_id(1)
+        b = bh // HKV
+        h = bh % HKV
+        if PDL:  # q and the new K/V come from the kernel before; nothing here can be loaded earlier
+            gdc_wait()
+            gdc_launch_dependents()
+        d = tl.arange(0, BD)
+        md = d < D
+        start = s * chunk
+        end = tl.minimum(start + chunk, L)
+        tok = tl.load(tok_ptr)
+        slot = tok % L
+        row = (b * L).to(tl.int64) * HKV + h  # (b, slot 0, h) in units of D
+        # the new K/V: written to the slot by the program whose split holds it, and taken from
+        # registers (not re-read from the cache) where a block of keys covers the slot
+        kn = tl.load(k_new + b * skb + h * skh + d, mask=md, other=0.0)
+        vn = tl.load(v_new + b * svb + h * svh + d, mask=md, other=0.0)
+        if (slot >= start) & (slot < end):
+            tl.store(k_cache + (row + slot * HKV) * D + d, kn, mask=md)
+            tl.store(v_cache + (row + slot * HKV) * D + d, vn, mask=md)
+            if HAS_KTOK:
+                if b == 0:
+                    tl.store(ktok + slot, tok)
+        g = tl.arange(0, GP)
+        mg = g < G
+        qg = tl.load(q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=mg[:, None] & md[None, :], other=0.0)
+        m_i = tl.full((GP,), float("-inf"), tl.float32)
+        l_i = tl.zeros((GP,), tl.float32)
+        acc = tl.zeros((GP, BD), tl.float32)
+        for n0 in range(start, end, BN):
+            n = n0 + tl.arange(0, BN)
+            mn = n < end
+            offs = (row + n[:, None].to(tl.int64) * HKV) * D + d[None, :]
+            kt = tl.load(k_cache + offs, mask=mn[:, None] & md[None, :], other=0.0)
+            vt = tl.load(v_cache + offs, mask=mn[:, None] & md[None, :], other=0.0)
+            new = (n == slot)[:, None]
+            kt = tl.where(new, kn[None, :], kt)
+            vt = tl.where(new, vn[None, :], vt)
+            if UPCAST:  # Triton's interpreter multiplies bf16 tiles wrongly; same products in fp32
+                sc = tl.dot(qg.to(tl.float32), tl.trans(kt.to(tl.float32)), input_precision=PREC) * scale
+            else:
+                sc = tl.dot(qg, tl.trans(kt), input_precision=PREC) * scale
+            sc = tl.where(mn[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            p = tl.exp(sc - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if UPCAST:
+                pv = tl.dot(p.to(vt.dtype).to(tl.float32), vt.to(tl.float32), input_precision=PREC)
+            else:
+                pv = tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        base = (bh * S + s).to(tl.int64)
+        tl.store(part_o + (base * G + g[:, None]) * D + d[None, :], acc, mask=mg[:, None] & md[None, :])
+        tl.store(part_ml + (base * 2) * G + g, m_i, mask=mg)
+        tl.store(part_ml + (base * 2 + 1) * G + g, l_i, mask=mg)
+
+    @triton.jit
+    def _attn_combine_kernel(part_o, part_ml, out, S, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                             BD: tl.constexpr, HKV: tl.constexpr, BS: tl.constexpr, PDL: tl.constexpr):
+        pid = tl.program_id(0)  # (b, query head)
+        bh = pid // G           # (b, KV head): query heads h * G .. h * G + G - 1 share it
+        g = pid % G
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        ss = tl.arange(0, BS)
+        ms = ss < S
+        d = tl.arange(0, BD)
+        md = d < D
+        base = (bh * S + ss).to(tl.int64)
+        m = tl.load(part_ml + (base * 2) * G + g, mask=ms, other=float("-inf"))
+        lsum = tl.load(part_ml + (base * 2 + 1) * G + g, mask=ms, other=0.0)
+        w = tl.where(ms, tl.exp(m - tl.max(m, 0)), 0.0)
+        o = tl.load(part_o + (base[:, None] * G + g) * D + d[None, :], mask=ms[:, None] & md[None, :], other=0.0)
+        o = tl.sum(o * w[:, None], 0) / tl.sum(lsum * w, 0)
+        tl.store(out + pid.to(tl.int64) * D + d, o.to(out.dtype.element_ty), mask=md)
