@@ -40,7 +40,6 @@ NONE, RMSNORM, SWIGLU = 0, 1, 2  # prologues
 # Under Triton's interpreter (the CPU tests) CPU tensors take the kernel path too, with a fixed tile.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _INTERPRET_CONFIG = dict(BN=4, BK=32, ACC1D=False)
-_PIPE = os.environ.get("VLT_GEMV_PIPE", "1") == "1"  # experiment: two weight tiles in flight
 
 
 def _one_row(x, weight):
@@ -103,7 +102,7 @@ def gemv_into(y, x, weight, bias=None, *, x2=None, norm_weight=None, residual=No
     args = (x, x2 if x2 is not None else x, norm_weight if norm_weight is not None else x, weight,
             bias if bias is not None else y, residual if residual is not None else y, y, N, K, weight.stride(0), eps)
     use_pdl = pdl.enabled(x)
-    flags = dict(PRO=prologue, HAS_BIAS=bias is not None, HAS_RES=residual is not None, PDL=use_pdl, PIPE=_PIPE)
+    flags = dict(PRO=prologue, HAS_BIAS=bias is not None, HAS_RES=residual is not None, PDL=use_pdl)
     config = config or (_INTERPRET_CONFIG if _INTERPRET else None)
     if config is None:
         _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BN"]),)](*args, **flags, launch_pdl=use_pdl)
@@ -138,17 +137,15 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, x2_ptr, nw_ptr, w_ptr, b_ptr, res_ptr, y_ptr, N, K, stride_n, eps,
                      PRO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BN: tl.constexpr,
-                     BK: tl.constexpr, ACC1D: tl.constexpr, PIPE: tl.constexpr, PDL: tl.constexpr):
+                     BK: tl.constexpr, ACC1D: tl.constexpr, PDL: tl.constexpr):
         dt = y_ptr.dtype.element_ty
         rows = tl.program_id(0) * BN + tl.arange(0, BN)
         mn = rows < N
         w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_n
-        # The first weight tile (PIPE: two) is loaded before anything the previous kernel writes:
-        # under PDL (vlt.kernels.pdl) it streams in while that kernel finishes.
+        # The first weight tile is loaded before anything the previous kernel writes: under PDL
+        # (vlt.kernels.pdl) it streams in while that kernel finishes.
         cols = tl.arange(0, BK)
         w = tl.load(w_rows + cols[None, :], mask=mn[:, None] & (cols < K)[None, :], other=0.0)
-        if PIPE:
-            w_next = tl.load(w_rows + BK + cols[None, :], mask=mn[:, None] & (BK + cols < K)[None, :], other=0.0)
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
@@ -164,20 +161,11 @@ if triton is not None:
             acc = tl.zeros((BN,), dtype=tl.float32)
         else:
             acc = tl.zeros((BN, BK), dtype=tl.float32)
-        if PIPE:  # two tiles in flight: the load of tile k + 2 is issued before tile k is used
-            for k0 in range(0, K, BK):
-                c = k0 + tl.arange(0, BK)
-                c2 = c + 2 * BK
-                w_after = tl.load(w_rows + c2[None, :], mask=mn[:, None] & (c2 < K)[None, :], other=0.0)
-                acc = _mac(acc, w, _x_tile(x_ptr, x2_ptr, nw_ptr, c, c < K, rstd, PRO, dt), ACC1D)
-                w = w_next
-                w_next = w_after
-        else:
-            acc = _mac(acc, w, _x_tile(x_ptr, x2_ptr, nw_ptr, cols, cols < K, rstd, PRO, dt), ACC1D)
-            for k0 in range(BK, K, BK):
-                c = k0 + tl.arange(0, BK)
-                w = tl.load(w_rows + c[None, :], mask=mn[:, None] & (c < K)[None, :], other=0.0)
-                acc = _mac(acc, w, _x_tile(x_ptr, x2_ptr, nw_ptr, c, c < K, rstd, PRO, dt), ACC1D)
+        acc = _mac(acc, w, _x_tile(x_ptr, x2_ptr, nw_ptr, cols, cols < K, rstd, PRO, dt), ACC1D)
+        for k0 in range(BK, K, BK):
+            c = k0 + tl.arange(0, BK)
+            w = tl.load(w_rows + c[None, :], mask=mn[:, None] & (c < K)[None, :], other=0.0)
+            acc = _mac(acc, w, _x_tile(x_ptr, x2_ptr, nw_ptr, c, c < K, rstd, PRO, dt), ACC1D)
         if ACC1D:
             y = acc
         else:
@@ -200,4 +188,4 @@ if triton is not None:
         configs=[triton.Config(dict(BN=bn, BK=bk, ACC1D=a), num_warps=w) for bn, bk, a, w in _CONFIGS],
         # PDL is left out of the key: with and without it a shape takes the same tile, so the two
         # launch modes give the same bits (which the GPU tests check, to catch an early load)
-        key=["N", "K", "PRO", "HAS_BIAS", "HAS_RES", "PIPE"])(_gemv_kernel)
+        key=["N", "K", "PRO", "HAS_BIAS", "HAS_RES"])(_gemv_kernel)

@@ -38,9 +38,9 @@ def _types(spec: str) -> dict:
 def test_gemv_variants_compile():
     from vlt.kernels import gemv
     types = _types("x_ptr,x2_ptr,nw_ptr,w_ptr,b_ptr,res_ptr,y_ptr:*bf16 N,K,stride_n:i32 eps:fp32")
-    for pro, acc1d, pipe, pdl in itertools.product((0, 1, 2), (False, True), (False, True), (False, True)):
+    for pro, acc1d, pdl in itertools.product((0, 1, 2), (False, True), (False, True)):
         _compile(gemv._gemv_kernel, types, dict(PRO=pro, HAS_BIAS=pro == 0, HAS_RES=pro != 1, BN=4, BK=1024,
-                                                ACC1D=acc1d, PIPE=pipe, PDL=pdl))
+                                                ACC1D=acc1d, PDL=pdl))
 
 
 def test_gdn_decode_kernels_compile():
