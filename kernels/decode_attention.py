@@ -13,7 +13,9 @@ on an H200 (benchmarks/profiles/profile_decode_hybrid_h200.txt) for 8 MB of K/V.
    covers the slot takes the new K/V from registers, so no program reads what another writes;
 2. ``_attn_combine_kernel``, a program per (sequence, query head): merges the splits.
 
-Splits are sized so that about one program per SM runs (``splits``). Both kernels launch with
+On an H200 the two take 6.1 / 10.1 us at 4K / 8K slots, against 19.6 / 27.5 us for index_copy +
+SDPA flash (``vlt bench decode-kernels``, benchmarks/decode_kernels_h200.json). Splits are sized so
+that about one program per SM runs (``splits``). Both kernels launch with
 programmatic dependent launch where available (vlt.kernels.pdl). Softmax and products accumulate in
 fp32; the probabilities are rounded to the K/V dtype before the product with V, as flash attention
 does. ``decode_attention_reference`` is the same step in torch ops (index_copy + SDPA).

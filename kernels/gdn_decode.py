@@ -22,6 +22,9 @@ and the recurrence runs on B * HV * V / BV programs instead of B * H, which is w
 at batch 1. Conv states [B, C, W-1] and the SSM state [B, HV, K, V] (fp32) are updated in place,
 so the step can be captured in a CUDA graph with fixed buffers.
 
+With programmatic dependent launch (Hopper, ``vlt.kernels.pdl``) kernel 1 loads the conv/SSM states
+and weights before it waits for the input projection, and kernel 2 starts as kernel 1 drains.
+
 Intermediate roundings follow the reference path (the mixer's forward in ``layers/gdn.py``): the conv
 output and its SiLU in the input dtype, the recurrence in fp32, ``o`` rounded to the input dtype
 before the norm, the normed value rounded before the gate. ``gdn_decode_reference`` is that path

@@ -19,6 +19,10 @@ video frame) with every index on the device:
 - decode (T = 1, ``gemv``, the default on CUDA): every block projection is one batch-1 GEMV kernel
   with the RMSNorm before it, SwiGLU's product and the residual adds fused in (``vlt.kernels.gemv``),
   so a GDN block is 6 kernels: q/k/v/g/a/b, the two GDN kernels, o_proj, gate/up, down.
+- dense decode (``decode_attention``, the default on CUDA): a sliding-window layer's K/V write and
+  attention are one split kernel and its combine (``vlt.kernels.decode_attention``); full layers
+  keep index_copy + SDPA, so the caller's SDPA backend choice applies to them.
+- on Hopper, vlt's kernels launch with programmatic dependent launch (``pdl``, ``vlt.kernels.pdl``).
 - ``advance=True`` adds T to the token counter inside the step (streaming); ``False`` replays the
   same slot (latency benchmark at a fixed context).
 
@@ -26,9 +30,9 @@ video frame) with every index on the device:
 projections, RoPE, the unfused GDN step (the torch recurrence under compile, see
 vlt.kernels.gated_delta) and the MLP - so Inductor fuses the small kernels that the fused paths
 above leave (RoPE, T > 1 frames, the unfused alternatives the benchmarks compare against). The
-attention read/write (index_copy into the buffers + SDPA) stays eager between the compiled pieces:
-it honours the caller's SDPA backend choice and its buffer length never forces a recompile. Shared
-RoPE tables are computed once per step.
+attention read/write (index_copy into the buffers + SDPA, or the decode kernel) stays eager between
+the compiled pieces: it honours the caller's SDPA backend choice and its buffer length never forces
+a recompile. Shared RoPE tables and slot indices are computed once per step.
 
 ``eager_step`` is the reference: the model's blocks on the mixers' own state dicts.
 """
@@ -60,8 +64,9 @@ class StaticStepper:
         ``gemv``: the blocks' projections through vlt's batch-1 GEMV kernel instead of cuBLAS
         (None: when T == 1 on CUDA). ``decode_attention``: sliding-window layers write K/V and attend
         through vlt's split decode kernel instead of index_copy + SDPA (None: the dense decode step
-        on CUDA; full layers keep SDPA, whose backend the caller picks). ``pdl``: those kernels start early, overlapping the kernel before
-        them, where the GPU can (programmatic dependent launch, ``vlt.kernels.pdl``)."""
+        on CUDA; full layers keep SDPA, whose backend the caller picks). ``pdl``: vlt's kernels start
+        early, overlapping the kernel before them, where the GPU can (programmatic dependent
+        launch, ``vlt.kernels.pdl``)."""
         p = next(model.parameters())
         self.model, self.T, self.dense, self.advance, self.logits = model, T, dense, advance, logits
         dev, dt = p.device, p.dtype
@@ -158,18 +163,18 @@ class StaticStepper:
                 s["ssm"].copy_(saved[1])
 
     # -- the step --------------------------------------------------------------------------------
-    def _attend(self, m, s, q, k, v, slots):
+    def _attend(self, m, s, q, k, v, slot_cache):
         """Write this step's K/V into the buffers and attend; q [B, T, Hq, D], k/v [B, T, Hkv, D].
-        ``slots``: a per-step cache of (token indices, slots) per buffer length."""
+        ``slot_cache``: this step's (token indices, slots) per buffer length, shared by the layers."""
         T = q.shape[1]
         L = s["L"]
         if self.decode_attention and m.window is not None:
             o = attn_kernel.decode_attention(q[:, 0], k[:, 0], v[:, 0], s["k"], s["v"], self.tok, s["ktok"])
             return o.unsqueeze(1)
-        if L not in slots:  # every layer with this buffer length writes the same slots
+        if L not in slot_cache:  # every layer with this buffer length writes the same slots
             qtok = self.tok + self.ar
-            slots[L] = qtok, qtok % L
-        qtok, slots = slots[L]
+            slot_cache[L] = qtok, qtok % L
+        qtok, slots = slot_cache[L]
         if self.dense:
             s["k"].index_copy_(1, slots, k)
             s["v"].index_copy_(1, slots, v)
@@ -197,7 +202,7 @@ class StaticStepper:
         attn_in, gdn_in, gdn_block, mixer_out = self.pieces
         fast = self.gemv
         x = self.x
-        rope, slots = {}, {}
+        rope, slot_cache = {}, {}
         for blk, s in zip(self.model.layers, self.states):
             m = blk.mixer
             if s["kind"] == "attn":
@@ -205,7 +210,7 @@ class StaticStepper:
                 if key not in rope:  # every attention layer of a model shares its RoPE tables
                     rope[key] = rope_cos_sin(self.pos, m.head_dim, m.rope_theta, m.mrope_section)
                 q, k, v = attn_in(blk, x, *rope[key], fast)
-                x = mixer_out(blk, x, m.o_proj, self._attend(m, s, q, k, v, slots), fast)
+                x = mixer_out(blk, x, m.o_proj, self._attend(m, s, q, k, v, slot_cache), fast)
             elif self.fused_gdn:
                 x = mixer_out(blk, x, m.o_proj, _gdn_fused(m, gdn_in(blk, x, fast), s), fast)
             else:
