@@ -4,7 +4,7 @@ combine) on the CPU through Triton's interpreter, against index_copy + SDPA
 compiles the same kernels: tests/test_kernels_gpu.py and tests/test_static_gpu.py."""
 import pytest
 
-from tests.test_decode_kernels import _interpret
+from triton_interpreter import interpret as _interpret
 
 pytest.importorskip("triton")
 

@@ -8,22 +8,10 @@ decode steps, the static stepper's fused path against the model's eager blocks, 
 matrix-vector product. The GPU compiles the same kernels for real: tests/test_kernels_gpu.py and
 tests/test_static_gpu.py.
 """
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
+from triton_interpreter import interpret as _interpret
 
 pytest.importorskip("triton")
-
-
-def _interpret(code: str) -> str:
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout
 
 
 def test_kernel_matches_torch_step():
