@@ -176,6 +176,7 @@ def test_pdl_chain_gives_the_same_bits():
     RMSNorm+GEMV, GDN step (2 kernels), GEMV+residual, SwiGLU GEMV, 12 times, in a CUDA graph - must
     give the same bits with PDL as launched one after another (same tiles: PDL is not in the autotune
     key), and with PDL eagerly (no graph)."""
+    from vlt.bench.mixers import graphed
     from vlt.kernels import pdl
     from vlt.kernels.gdn_decode import gdn_decode_step
     from vlt.kernels.gemv import linear, norm_linear, swiglu_linear
@@ -211,16 +212,9 @@ def test_pdl_chain_gives_the_same_bits():
         return [y, *[c.clone() for c in states[0]], states[1].clone()]
 
     def graph_of(fn):  # 3 warm-up calls (tiles tuned, kernels built), then captured; replays return its output
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = fn()
-        return lambda: (g.replay(), out)[1]
+        outs = []
+        replay = graphed(lambda: outs.append(fn()))  # the last output appended is the captured one
+        return lambda: (replay(), outs[-1])[1]
 
     def no_pdl():
         with pdl.disabled():
