@@ -151,12 +151,13 @@ def plot(rep, path):
     b.legend(fontsize=7)
     at = rep.get("decode_attention", [])
     xs = range(len(at))
-    for i, (key, label) in enumerate((("sdpa_flash_us", "index_copy + SDPA flash"), ("sdpa_cudnn_us", "... cuDNN"),
+    for i, (key, label) in enumerate((("sdpa_flash_us", "index_copy + SDPA flash"), ("sdpa_cudnn_us", "index_copy + SDPA cuDNN"),
                                       ("vlt_us", "vlt split decode"))):
         c.bar([x + (i - 1) * 0.27 for x in xs], [r[key] if isinstance(r.get(key), float) else 0 for r in at], 0.27,
               label=label)
     c.set_xticks(list(xs), [str(r["L"]) for r in at])
-    c.set(xlabel="K/V slots", ylabel="us per layer", title="SWA decode attention + K/V write (16q/2kv, D 128)")
+    c.set(xlabel="K/V slots", ylabel="us per layer (log)", yscale="log",
+          title="SWA decode attention + K/V write (16q/2kv, D 128)")
     c.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
