@@ -4,6 +4,7 @@ combine) on the CPU through Triton's interpreter, against index_copy + SDPA
 compiles the same kernels: tests/test_kernels_gpu.py and tests/test_static_gpu.py."""
 import pytest
 
+from triton_interpreter import TINY_HYBRID
 from triton_interpreter import interpret as _interpret
 
 pytest.importorskip("triton")
@@ -41,14 +42,6 @@ def test_kernel_matches_sdpa_with_the_write():
 
 def test_static_step_with_the_kernel_matches_eager():
     out = _interpret("""
-        import argparse
-        import torch
-        from vlt.bench.common import add_common_args, build_model, setup
-        from vlt.bench.static import StaticStepper, eager_step, frame_positions, pack_projections, rel_err
-        a = add_common_args(argparse.ArgumentParser()).parse_args(["--tiny", "--device", "cpu"])
-        dev, dt = setup(a)
-        torch.manual_seed(0)
-        model = build_model("hybrid", a, dev, dt).eval()
         # the dense decode step with every vlt kernel (the interpreter runs them on CPU tensors):
         # the SWA ring (window 32) not yet full, then wrapped
         for ctx in (20, 50):
@@ -73,5 +66,5 @@ def test_static_step_with_the_kernel_matches_eager():
         except ValueError as e:
             assert "decode_attention" in str(e)
         print("OK")
-    """)
+    """, prelude=TINY_HYBRID)
     assert out.strip().endswith("OK")

@@ -9,6 +9,7 @@ matrix-vector product. The GPU compiles the same kernels for real: tests/test_ke
 tests/test_static_gpu.py.
 """
 import pytest
+from triton_interpreter import TINY_HYBRID
 from triton_interpreter import interpret as _interpret
 
 pytest.importorskip("triton")
@@ -83,15 +84,6 @@ def test_kernel_matches_gdn_mixer_over_decode_steps():
 
 def test_static_stepper_fused_gdn_matches_eager():
     out = _interpret("""
-        import argparse
-        import copy
-        import torch
-        from vlt.bench.common import add_common_args, build_model, setup
-        from vlt.bench.static import StaticStepper, eager_step, frame_positions, pack_projections, rel_err
-        a = add_common_args(argparse.ArgumentParser()).parse_args(["--tiny", "--device", "cpu"])
-        dev, dt = setup(a)
-        torch.manual_seed(0)
-        model = build_model("hybrid", a, dev, dt).eval()
         packed = copy.deepcopy(model)
         assert pack_projections(packed) == 2 * len(packed.layers)
         # gemv=True: every projection through the GEMV kernel (which the interpreter runs on CPU
@@ -114,7 +106,7 @@ def test_static_stepper_fused_gdn_matches_eager():
         except ValueError as e:
             assert "fused_gdn" in str(e)
         print("OK")
-    """)
+    """, prelude=TINY_HYBRID)
     assert out.strip().endswith("OK")
 
 
