@@ -15,7 +15,9 @@ on an H200 (benchmarks/profiles/profile_decode_hybrid_h200.txt) for 8 MB of K/V.
 
 On an H200 the two take 6.1 / 10.1 us at 4K / 8K slots, against 19.6 / 27.5 us for index_copy +
 SDPA flash (``vlt bench decode-kernels``, benchmarks/decode_kernels_h200.json). Splits are sized so
-that about one program per SM runs (``splits``). Both kernels launch with
+that about ``programs_per_sm`` programs per SM run. With ``cos``/``sin`` (the step's RoPE tables)
+the kernel rotates q and the new key itself (rotate-half layout, in fp32, rounded once as
+vlt.layers.rotary.apply_rope), so the step needs no RoPE kernels before it. Both kernels launch with
 programmatic dependent launch where available (vlt.kernels.pdl). Softmax and products accumulate in
 fp32; the probabilities are rounded to the K/V dtype before the product with V, as flash attention
 does. ``decode_attention_reference`` is the same step in torch ops (index_copy + SDPA).
@@ -34,11 +36,14 @@ except ImportError:
     triton = None
 
 
-def decode_attention(q, k_new, v_new, k_cache, v_cache, tok, ktok=None, *, scale: float | None = None,
-                     block_n: int = 64, splits: int | None = None):
+def decode_attention(q, k_new, v_new, k_cache, v_cache, tok, ktok=None, *, cos=None, sin=None,
+                     scale: float | None = None, block_n: int = 64, splits: int | None = None,
+                     programs_per_sm: int = 2):
     """q [B, Hq, D]; k_new, v_new [B, Hkv, D] (unit stride along D; any other strides); k_cache,
     v_cache [B, L, Hkv, D] contiguous; tok: 0-d long tensor on the device, the new token's index
-    (slot ``tok % L``); ktok [L] long (optional), the token index of each slot, updated too.
+    (slot ``tok % L``); ktok [L] long (optional), the token index of each slot, updated too;
+    cos, sin [D] float32 (optional): RoPE for this token, applied to q and k_new first (the same
+    position for every sequence of the batch).
     Writes the new K/V into the caches in place and returns the attention output [B, Hq, D] in q's
     dtype, over all L slots (no mask: the caller sizes L to the valid keys, as a dense step does)."""
     if triton is None:
@@ -48,10 +53,12 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, tok, ktok=None, *, scale
     assert Hq % Hkv == 0 and k_new.shape == v_new.shape == (B, Hkv, D), (q.shape, k_new.shape, k_cache.shape)
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
     assert q.stride(-1) == k_new.stride(-1) == v_new.stride(-1) == 1 and tok.numel() == 1
+    assert (cos is None) == (sin is None) and (cos is None or (cos.shape == sin.shape == (D,) and D % 2 == 0
+                                                             and cos.dtype == sin.dtype == torch.float32))
     G = Hq // Hkv
-    if splits is None:  # about one program per SM, each over whole blocks of keys
+    if splits is None:  # a few programs per SM (loads of one overlap another's math), over whole key blocks
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
-        splits = max(1, min(128, triton.cdiv(sms, B * Hkv)))
+        splits = max(1, min(256, triton.cdiv(programs_per_sm * sms, B * Hkv)))
     chunk = max(block_n, triton.cdiv(triton.cdiv(L, splits), block_n) * block_n)
     S = triton.cdiv(L, chunk)
     part_o = torch.empty(B, Hkv, S, G, D, device=q.device, dtype=torch.float32)
@@ -62,17 +69,22 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, tok, ktok=None, *, scale
                 PDL=use_pdl, launch_pdl=use_pdl)
     _attn_split_kernel[(B * Hkv, S)](
         q, k_new, v_new, k_cache, v_cache, ktok if ktok is not None else tok, tok, part_o, part_ml,
+        cos if cos is not None else part_o, sin if sin is not None else part_o,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-        L, chunk, S, D ** -0.5 if scale is None else scale, HAS_KTOK=ktok is not None, BN=block_n,
+        L, chunk, S, D ** -0.5 if scale is None else scale, HAS_KTOK=ktok is not None, ROPE=cos is not None, BN=block_n,
         PREC="ieee" if q.dtype == torch.float32 else None, UPCAST=not q.is_cuda, **meta)
     _attn_combine_kernel[(B * Hq,)](part_o, part_ml, out, S, BS=triton.next_power_of_2(S), **meta)
     return out
 
 
-def decode_attention_reference(q, k_new, v_new, k_cache, v_cache, tok, ktok=None, *, scale=None):
-    """The same step in torch ops: index_copy into the caches, then SDPA with the G query heads of a
-    KV head as rows of one head."""
+def decode_attention_reference(q, k_new, v_new, k_cache, v_cache, tok, ktok=None, *, cos=None, sin=None,
+                               scale=None):
+    """The same step in torch ops: RoPE (vlt.layers.rotary), index_copy into the caches, then SDPA
+    with the G query heads of a KV head as rows of one head."""
     B, Hq, D = q.shape
+    if cos is not None:
+        from vlt.layers.rotary import apply_rope
+        q, k_new = (apply_rope(t[:, None], cos.view(1, 1, D), sin.view(1, 1, D))[:, 0] for t in (q, k_new))
     L, Hkv = k_cache.shape[1], k_cache.shape[2]
     slot = (tok.reshape(1) % L)
     k_cache.index_copy_(1, slot, k_new[:, None])
@@ -88,11 +100,21 @@ if triton is not None:
     from vlt.kernels.pdl import gdc_launch_dependents, gdc_wait
 
     @triton.jit
-    def _attn_split_kernel(q, k_new, v_new, k_cache, v_cache, ktok, tok_ptr, part_o, part_ml,
+    def _rope(ptr, d, md, cos, sin, D: tl.constexpr):
+        """Rows at ``ptr`` + d (d [BD] or [1, BD]) rotated as apply_rope: x cos + rotate_half(x) sin,
+        in fp32, rounded once to the input dtype."""
+        lo = d < D // 2
+        x = tl.load(ptr + d, mask=md, other=0.0)
+        partner = tl.load(ptr + tl.where(lo, d + D // 2, d - D // 2), mask=md, other=0.0).to(tl.float32)
+        rot = tl.where(lo, -partner, partner)
+        return (x.to(tl.float32) * cos + rot * sin).to(x.dtype)
+
+    @triton.jit
+    def _attn_split_kernel(q, k_new, v_new, k_cache, v_cache, ktok, tok_ptr, part_o, part_ml, cos_ptr, sin_ptr,
                            sqb, sqh, skb, skh, svb, svh, L, chunk, S, scale,
                            G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                           HKV: tl.constexpr, HAS_KTOK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-                           UPCAST: tl.constexpr, PDL: tl.constexpr):
+                           HKV: tl.constexpr, HAS_KTOK: tl.constexpr, ROPE: tl.constexpr, BN: tl.constexpr,
+                           PREC: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
         bh = tl.program_id(0)
         s = tl.program_id(1)
         b = bh // HKV
@@ -109,7 +131,12 @@ if triton is not None:
         row = (b * L).to(tl.int64) * HKV + h  # (b, slot 0, h) in units of D
         # the new K/V: written to the slot by the program whose split holds it, and taken from
         # registers (not re-read from the cache) where a block of keys covers the slot
-        kn = tl.load(k_new + b * skb + h * skh + d, mask=md, other=0.0)
+        if ROPE:
+            cos = tl.load(cos_ptr + d, mask=md, other=0.0)
+            sin = tl.load(sin_ptr + d, mask=md, other=0.0)
+            kn = _rope(k_new + b * skb + h * skh, d, md, cos, sin, D)
+        else:
+            kn = tl.load(k_new + b * skb + h * skh + d, mask=md, other=0.0)
         vn = tl.load(v_new + b * svb + h * svh + d, mask=md, other=0.0)
         if (slot >= start) & (slot < end):
             tl.store(k_cache + (row + slot * HKV) * D + d, kn, mask=md)
@@ -119,7 +146,12 @@ if triton is not None:
                     tl.store(ktok + slot, tok)
         g = tl.arange(0, GP)
         mg = g < G
-        qg = tl.load(q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=mg[:, None] & md[None, :], other=0.0)
+        if ROPE:
+            qg = _rope(q + b * sqb + (h * G + g)[:, None] * sqh, d[None, :], mg[:, None] & md[None, :],
+                       cos[None, :], sin[None, :], D)
+        else:
+            qg = tl.load(q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=mg[:, None] & md[None, :],
+                         other=0.0)
         m_i = tl.full((GP,), float("-inf"), tl.float32)
         l_i = tl.zeros((GP,), tl.float32)
         acc = tl.zeros((GP, BD), tl.float32)

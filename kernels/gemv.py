@@ -11,18 +11,30 @@ need no kernels of their own:
 
 - prologue ``rmsnorm``: y = W rmsnorm(x) (each program recomputes the row's statistics: K values
   from L2, negligible next to its share of the weight);
-- prologue ``swiglu``: y = W (silu(gate) * up), the MLP's down projection;
-- epilogue: + bias, then + residual.
+- prologue ``swiglu``: y = W (silu(gate) * up), the MLP's down projection taking gate and up;
+- epilogue: + bias, then + residual;
+- epilogue SwiGLU (``norm_swiglu``): a second weight W2 of W's shape, read by the same program
+  for the same rows, gives h = silu(W x) * (W2 x): the MLP's first half ends in h, so the down
+  projection is a plain GEMV. (The swiglu prologue recomputes silu over all K inputs in each of
+  the down projection's programs: 2048 / BN times per step.)
 
 Roundings follow the unfused torch ops (RMSNorm's output, SiLU's output and their product, the
 projection's output are each rounded to the input dtype), so the fused step matches the model's.
 
-``linear`` / ``norm_linear`` / ``swiglu_linear`` take this path for one row on CUDA (a
+Tiles: Triton's autotuner times each tile once per shape, one kernel at a time; for kernels of
+3-20 us that pick varies from process to process and need not be the best inside a decode step,
+where each kernel overlaps its neighbours (programmatic dependent launch) and the weights come from
+HBM. ``vlt bench decode-kernels --tune-gemv`` times every tile in that setting (a CUDA graph over
+36 layers' weights) and writes a table; tables in ``kernels/gemv_configs/<GPU name>.json`` are used
+for the shapes they list on that GPU (``VLT_GEMV_TUNED=0``: autotune everything).
+
+``linear`` / ``norm_linear`` / ``swiglu_linear`` / ``norm_swiglu`` take this path for one row on CUDA (a
 ``torch.library`` custom op, so it runs inside torch.compile'd code and CUDA graphs) and the torch
 ops otherwise.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -40,6 +52,31 @@ NONE, RMSNORM, SWIGLU = 0, 1, 2  # prologues
 # Under Triton's interpreter (the CPU tests) CPU tensors take the kernel path too, with a fixed tile.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _INTERPRET_CONFIG = dict(BN=4, BK=32, ACC1D=False)
+
+
+_TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gemv_configs")
+_tuned: dict[str, dict] = {}
+
+
+def tuned_key(N: int, K: int, prologue: int, bias: bool, residual: bool, glu: bool) -> str:
+    """The key of a launch in a tile table: the autotuner's key, readable."""
+    return f"N={N} K={K} prologue={prologue} bias={int(bias)} residual={int(residual)} glu={int(glu)}"
+
+
+def tuned_table_path(device_name: str) -> str:
+    return os.path.join(_TUNED_DIR, device_name.replace(" ", "_").replace("/", "_") + ".json")
+
+
+def tuned_config(device_name: str, key: str) -> dict | None:
+    """The measured best tile for this launch on this GPU (``torch.cuda.get_device_name``), if its
+    table lists it."""
+    if os.environ.get("VLT_GEMV_TUNED", "1") == "0":
+        return None
+    name = device_name
+    if name not in _tuned:
+        path = tuned_table_path(name)
+        _tuned[name] = json.load(open(path))["configs"] if os.path.exists(path) else {}
+    return _tuned[name].get(key)
 
 
 def _one_row(x, weight):
@@ -71,39 +108,62 @@ def swiglu_linear(gate, up, weight, residual=None):
     return _call(gate, up, None, weight, None, residual, 0.0, SWIGLU)
 
 
-def _call(x, x2, norm_weight, weight, bias, residual, eps, prologue):
+def norm_swiglu(x, norm_weight, eps: float, gate_weight, up_weight):
+    """``silu(F.linear(n, gate_weight)) * F.linear(n, up_weight)`` with ``n = rms_norm(x)``: the
+    MLP's first half, both products and SwiGLU in one kernel (then ``linear`` for the down projection)."""
+    if not (_one_row(x, gate_weight) and up_weight.shape == gate_weight.shape
+            and up_weight.stride() == gate_weight.stride() and up_weight.dtype == gate_weight.dtype):
+        from vlt.kernels.norm import rms_norm
+        n = rms_norm(x, norm_weight, eps, "torch")
+        return F.silu(F.linear(n, gate_weight)) * F.linear(n, up_weight)
+    return _call(x, None, norm_weight, gate_weight, None, None, eps, RMSNORM, weight2=up_weight)
+
+
+def _call(x, x2, norm_weight, weight, bias, residual, eps, prologue, weight2=None):
     flat = [None if t is None else t.reshape(-1) for t in (x, x2, norm_weight, bias, residual)]
-    y = torch.ops.vlt.gemv(flat[0], flat[1], flat[2], weight, flat[3], flat[4], eps, prologue)
+    y = torch.ops.vlt.gemv(flat[0], flat[1], flat[2], weight, flat[3], flat[4], eps, prologue, weight2)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
 @torch.library.custom_op("vlt::gemv", mutates_args=())
 def gemv(x: torch.Tensor, x2: torch.Tensor | None, norm_weight: torch.Tensor | None, weight: torch.Tensor,
-         bias: torch.Tensor | None, residual: torch.Tensor | None, eps: float, prologue: int) -> torch.Tensor:
-    """y [N] = weight [N, K] @ prologue(x [K], x2) (+ bias) (+ residual), in x's dtype."""
+         bias: torch.Tensor | None, residual: torch.Tensor | None, eps: float, prologue: int,
+         weight2: torch.Tensor | None = None) -> torch.Tensor:
+    """y [N] = weight [N, K] @ prologue(x [K], x2) (+ bias) (+ residual), in x's dtype; with
+    ``weight2`` [N, K]: y = silu(weight @ p) * (weight2 @ p), p = prologue(x)."""
     y = torch.empty(weight.shape[0], device=x.device, dtype=x.dtype)
-    gemv_into(y, x, weight, bias, x2=x2, norm_weight=norm_weight, residual=residual, eps=eps, prologue=prologue)
+    gemv_into(y, x, weight, bias, x2=x2, norm_weight=norm_weight, residual=residual, eps=eps, prologue=prologue,
+              weight2=weight2)
     return y
 
 
 @gemv.register_fake
-def _(x, x2, norm_weight, weight, bias, residual, eps, prologue):
+def _(x, x2, norm_weight, weight, bias, residual, eps, prologue, weight2=None):
     return x.new_empty(weight.shape[0])
 
 
 def gemv_into(y, x, weight, bias=None, *, x2=None, norm_weight=None, residual=None, eps: float = 0.0,
-              prologue: int = NONE, config: dict | None = None):
-    """Launch on given buffers (y must not alias the inputs). ``config`` (BN, BK, ACC1D, num_warps)
-    skips autotuning: the CPU tests run the kernel through Triton's interpreter, which cannot time."""
+              prologue: int = NONE, weight2=None, config: dict | None = None):
+    """Launch on given buffers (y must not alias the inputs). ``weight2``: the SwiGLU epilogue's
+    second matrix (same shape and strides as ``weight``; no bias or residual with it).
+    ``config`` (BN, BK, ACC1D, num_warps) skips autotuning: the CPU tests run the kernel through
+    Triton's interpreter, which cannot time."""
     N, K = weight.shape
     assert x.shape == (K,) and y.shape == (N,) and weight.stride(-1) == 1, (x.shape, weight.shape, y.shape)
     assert (prologue == SWIGLU) == (x2 is not None) and (prologue == RMSNORM) == (norm_weight is not None)
+    assert weight2 is None or (weight2.shape == weight.shape and weight2.stride() == weight.stride()
+                               and bias is None and residual is None)
     x, x2, norm_weight = (None if t is None else t.contiguous() for t in (x, x2, norm_weight))
     args = (x, x2 if x2 is not None else x, norm_weight if norm_weight is not None else x, weight,
+            weight2 if weight2 is not None else weight,
             bias if bias is not None else y, residual if residual is not None else y, y, N, K, weight.stride(0), eps)
     use_pdl = pdl.enabled(x)
-    flags = dict(PRO=prologue, HAS_BIAS=bias is not None, HAS_RES=residual is not None, PDL=use_pdl)
+    flags = dict(PRO=prologue, HAS_BIAS=bias is not None, HAS_RES=residual is not None, GLU=weight2 is not None,
+                 PDL=use_pdl)
     config = config or (_INTERPRET_CONFIG if _INTERPRET else None)
+    if config is None and x.is_cuda:
+        config = tuned_config(torch.cuda.get_device_name(x.device), tuned_key(N, K, prologue, bias is not None, residual is not None,
+                                                   weight2 is not None))
     if config is None:
         _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BN"]),)](*args, **flags, launch_pdl=use_pdl)
     else:
@@ -135,17 +195,20 @@ if triton is not None:
         return out
 
     @triton.jit
-    def _gemv_kernel(x_ptr, x2_ptr, nw_ptr, w_ptr, b_ptr, res_ptr, y_ptr, N, K, stride_n, eps,
-                     PRO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BN: tl.constexpr,
-                     BK: tl.constexpr, ACC1D: tl.constexpr, PDL: tl.constexpr):
+    def _gemv_kernel(x_ptr, x2_ptr, nw_ptr, w_ptr, w2_ptr, b_ptr, res_ptr, y_ptr, N, K, stride_n, eps,
+                     PRO: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GLU: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr, ACC1D: tl.constexpr, PDL: tl.constexpr):
         dt = y_ptr.dtype.element_ty
         rows = tl.program_id(0) * BN + tl.arange(0, BN)
         mn = rows < N
         w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_n
+        w2_rows = w2_ptr + rows[:, None].to(tl.int64) * stride_n  # GLU: the same rows of the up matrix
         # The first weight tile is loaded before anything the previous kernel writes: under PDL
         # (vlt.kernels.pdl) it streams in while that kernel finishes.
         cols = tl.arange(0, BK)
         w = tl.load(w_rows + cols[None, :], mask=mn[:, None] & (cols < K)[None, :], other=0.0)
+        if GLU:
+            w2 = tl.load(w2_rows + cols[None, :], mask=mn[:, None] & (cols < K)[None, :], other=0.0)
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
@@ -161,15 +224,29 @@ if triton is not None:
             acc = tl.zeros((BN,), dtype=tl.float32)
         else:
             acc = tl.zeros((BN, BK), dtype=tl.float32)
-        acc = _mac(acc, w, _x_tile(x_ptr, x2_ptr, nw_ptr, cols, cols < K, rstd, PRO, dt), ACC1D)
+        acc2 = acc  # GLU's second product; unused (and compiled away) otherwise
+        xt = _x_tile(x_ptr, x2_ptr, nw_ptr, cols, cols < K, rstd, PRO, dt)
+        acc = _mac(acc, w, xt, ACC1D)
+        if GLU:
+            acc2 = _mac(acc2, w2, xt, ACC1D)
         for k0 in range(BK, K, BK):
             c = k0 + tl.arange(0, BK)
             w = tl.load(w_rows + c[None, :], mask=mn[:, None] & (c < K)[None, :], other=0.0)
-            acc = _mac(acc, w, _x_tile(x_ptr, x2_ptr, nw_ptr, c, c < K, rstd, PRO, dt), ACC1D)
+            if GLU:
+                w2 = tl.load(w2_rows + c[None, :], mask=mn[:, None] & (c < K)[None, :], other=0.0)
+            xt = _x_tile(x_ptr, x2_ptr, nw_ptr, c, c < K, rstd, PRO, dt)
+            acc = _mac(acc, w, xt, ACC1D)
+            if GLU:
+                acc2 = _mac(acc2, w2, xt, ACC1D)
         if ACC1D:
             y = acc
+            y2 = acc2
         else:
             y = tl.sum(acc, 1)
+            y2 = tl.sum(acc2, 1)
+        if GLU:  # silu(gate) * up, each rounded as the torch ops round them
+            g = y.to(dt).to(tl.float32)
+            y = (g * tl.sigmoid(g)).to(dt).to(tl.float32) * y2.to(dt).to(tl.float32)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=mn, other=0.0).to(tl.float32)
         if HAS_RES:
@@ -178,14 +255,17 @@ if triton is not None:
 
     # (BN, BK, ACC1D, num_warps): a few rows per program with long tiles down to many rows with short
     # ones; which wins depends on the matrix shape and the GPU, so every shape times them once.
+    # the tiles every shape is timed with (by the autotuner, or by ``vlt bench decode-kernels --tune-gemv``)
     _CONFIGS = [(1, 2048, False, 4), (2, 1024, False, 4), (2, 2048, False, 4), (2, 2048, False, 8),
                 (4, 512, False, 4), (4, 1024, False, 4), (4, 1024, False, 8), (4, 2048, False, 8),
                 (8, 256, False, 4), (8, 512, False, 4), (8, 1024, False, 4), (8, 1024, False, 8),
                 (8, 2048, False, 8), (16, 256, False, 4), (16, 512, False, 8), (16, 1024, False, 8),
                 (32, 256, False, 8), (4, 1024, True, 4), (4, 2048, True, 4), (8, 1024, True, 8),
-                (8, 2048, True, 8), (16, 512, True, 8), (16, 1024, True, 8)]
+                (8, 2048, True, 8), (16, 512, True, 8), (16, 1024, True, 8),
+                # long rows (the MLP's down projection, K = 11008): more bytes in flight per program
+                (1, 4096, False, 4), (2, 4096, False, 8), (2, 4096, True, 4), (4, 4096, True, 8)]
     _gemv_tuned = triton.autotune(
         configs=[triton.Config(dict(BN=bn, BK=bk, ACC1D=a), num_warps=w) for bn, bk, a, w in _CONFIGS],
         # PDL is left out of the key: with and without it a shape takes the same tile, so the two
         # launch modes give the same bits (which the GPU tests check, to catch an early load)
-        key=["N", "K", "PRO", "HAS_BIAS", "HAS_RES"])(_gemv_kernel)
+        key=["N", "K", "PRO", "HAS_BIAS", "HAS_RES", "GLU"])(_gemv_kernel)

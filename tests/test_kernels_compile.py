@@ -37,9 +37,12 @@ def _types(spec: str) -> dict:
 
 def test_gemv_variants_compile():
     from vlt.kernels import gemv
-    types = _types("x_ptr,x2_ptr,nw_ptr,w_ptr,b_ptr,res_ptr,y_ptr:*bf16 N,K,stride_n:i32 eps:fp32")
+    types = _types("x_ptr,x2_ptr,nw_ptr,w_ptr,w2_ptr,b_ptr,res_ptr,y_ptr:*bf16 N,K,stride_n:i32 eps:fp32")
     for pro, acc1d, pdl in itertools.product((0, 1, 2), (False, True), (False, True)):
-        _compile(gemv._gemv_kernel, types, dict(PRO=pro, HAS_BIAS=pro == 0, HAS_RES=pro != 1, BN=4, BK=1024,
+        _compile(gemv._gemv_kernel, types, dict(PRO=pro, HAS_BIAS=pro == 0, HAS_RES=pro != 1, GLU=False, BN=4,
+                                                BK=1024, ACC1D=acc1d, PDL=pdl))
+    for acc1d, pdl in itertools.product((False, True), (False, True)):  # the MLP's gate/up + SwiGLU
+        _compile(gemv._gemv_kernel, types, dict(PRO=1, HAS_BIAS=False, HAS_RES=False, GLU=True, BN=4, BK=1024,
                                                 ACC1D=acc1d, PDL=pdl))
 
 
@@ -59,10 +62,11 @@ def test_gdn_decode_kernels_compile():
 def test_decode_attention_kernels_compile():
     from vlt.kernels import decode_attention as da
     shape = dict(G=8, GP=16, D=128, BD=128, HKV=2)
-    for pdl, dt, ktok in itertools.product((False, True), ("bf16", "fp32"), (False, True)):
+    for pdl, dt, ktok, rope in itertools.product((False, True), ("bf16", "fp32"), (False, True), (False, True)):
         _compile(da._attn_split_kernel,
-                 _types(f"q,k_new,v_new,k_cache,v_cache:*{dt} ktok,tok_ptr:*i64 part_o,part_ml:*fp32 "
+                 _types(f"q,k_new,v_new,k_cache,v_cache:*{dt} ktok,tok_ptr:*i64 part_o,part_ml,cos_ptr,sin_ptr:*fp32 "
                         "sqb,sqh,skb,skh,svb,svh,L,chunk,S:i32 scale:fp32"),
-                 dict(shape, HAS_KTOK=ktok, BN=64, PREC="ieee" if dt == "fp32" else None, UPCAST=False, PDL=pdl))
+                 dict(shape, HAS_KTOK=ktok, ROPE=rope, BN=64, PREC="ieee" if dt == "fp32" else None, UPCAST=False,
+                      PDL=pdl))
     for pdl in (False, True):
         _compile(da._attn_combine_kernel, _types("part_o,part_ml:*fp32 out:*bf16 S:i32"), dict(shape, BS=64, PDL=pdl))

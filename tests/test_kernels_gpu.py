@@ -124,7 +124,7 @@ def test_gemv_matches_float64(dtype):
     prologues/epilogue against the unfused torch ops; ``linear`` takes the kernel inside torch.compile
     (seen in the profiler)."""
     from vlt.kernels import rms_norm
-    from vlt.kernels.gemv import linear, norm_linear, swiglu_linear
+    from vlt.kernels.gemv import linear, norm_linear, norm_swiglu, swiglu_linear
     torch.manual_seed(4)
     tol = 1e-6 if dtype == torch.float32 else 5e-3
     for N, K, bias in ((22016, 2048, False), (2048, 11008, False), (12320, 2048, False), (2560, 2048, True),
@@ -139,6 +139,12 @@ def test_gemv_matches_float64(dtype):
            "bias_res": linear(x, w, b, residual=res)},
           {"rmsnorm": F.linear(rms_norm(x, nw, 1e-6, "torch"), w, b),
            "swiglu_res": res + F.linear(F.silu(x) * up, w), "bias_res": res + F.linear(x, w, b)}, 2 * tol)
+    # the MLP's first half at InfiniteVL-4B shapes: gate and up halves of one stacked weight, SwiGLU epilogue
+    w_gu, x_gu, nw_gu = (randn(22016, 2048, dtype=dtype, scale=2048 ** -0.5), randn(1, 1, 2048, dtype=dtype),
+                         randn(2048, dtype=dtype))
+    n = rms_norm(x_gu, nw_gu, 1e-6, "torch")
+    check(f"gemv norm+swiglu {dtype}", {"h": norm_swiglu(x_gu, nw_gu, 1e-6, w_gu[:11008], w_gu[11008:])},
+          {"h": F.silu(F.linear(n, w_gu[:11008])) * F.linear(n, w_gu[11008:])}, 2 * tol)
     compiled = torch.compile(lambda x, w, b: F.silu(linear(x, w, b)), dynamic=False)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         y = compiled(x, w, b)
@@ -151,8 +157,11 @@ def test_gemv_matches_float64(dtype):
 def test_decode_attention_matches_sdpa(dtype):
     """vlt.kernels.decode_attention (the stepper's SWA decode: K/V write + split attention + combine)
     at InfiniteVL's SWA shapes (16 query heads, 2 KV heads, D 128) over a window of 8192 slots and a
-    part-full 4097, default splits, against index_copy + SDPA; the written K/V and token index exact."""
+    part-full 4097, default splits, RoPE in the kernel at 8192, against (RoPE +) index_copy + SDPA; the
+    written K/V (the key rotated: the same roundings as apply_rope; fp32 to the last bit) and token
+    index exact."""
     from vlt.kernels.decode_attention import decode_attention, decode_attention_reference
+    from vlt.layers.rotary import rope_cos_sin
     torch.manual_seed(6)
     for L in (8192, 4097):
         kc, vc = randn(1, L, 2, 128, dtype=dtype), randn(1, L, 2, 128, dtype=dtype)
@@ -162,24 +171,30 @@ def test_decode_attention_matches_sdpa(dtype):
             qkv = randn(1, 20 * 128, dtype=dtype)
             q, k, v = (t.view(1, -1, 128) for t in qkv.split([16 * 128, 256, 256], -1))
             t = torch.tensor(tok, device=DEV)
-            check(f"decode attention {dtype} L={L} tok={tok}",
-                  {"o": decode_attention(q, k, v, kc, vc, t, ktok)},
-                  {"o": decode_attention_reference(q, k, v, kc2, vc2, t, ktok2)},
+            rope = (dict(zip(("cos", "sin"), (c.view(-1) for c in rope_cos_sin(t.view(1, 1), 128, 1e6))))
+                    if L == 8192 else {})
+            check(f"decode attention {dtype} L={L} tok={tok} rope={bool(rope)}",
+                  {"o": decode_attention(q, k, v, kc, vc, t, ktok, **rope)},
+                  {"o": decode_attention_reference(q, k, v, kc2, vc2, t, ktok2, **rope)},
                   1e-4 if dtype == torch.float32 else 1e-2)
-            assert torch.equal(kc, kc2) and torch.equal(vc, vc2) and torch.equal(ktok, ktok2)
+            assert torch.equal(vc, vc2) and torch.equal(ktok, ktok2)
+            # the rotated key: bf16 rounds to the same bits; fp32 keeps the last bit of the GPU's
+            # fused multiply-add (x cos + rot sin) that torch's two products round away
+            assert torch.equal(kc, kc2) if dtype == torch.bfloat16 else torch.allclose(kc, kc2, rtol=1e-6, atol=1e-7)
 
 
 def test_pdl_chain_gives_the_same_bits():
     """Programmatic dependent launch (vlt.kernels.pdl): each GEMV / GDN kernel starts while the one
     before it runs and loads its weights and state early; a load of the previous kernel's output moved
     before the wait would read stale data. A chain where every kernel reads the last one's output -
-    RMSNorm+GEMV, GDN step (2 kernels), GEMV+residual, SwiGLU GEMV, 12 times, in a CUDA graph - must
+    RMSNorm+GEMV, GDN step (2 kernels), GEMV+residual, RMSNorm+gate/up+SwiGLU GEMV, GEMV+residual,
+    RMSNorm+GEMV, SwiGLU-prologue GEMV+residual, 12 times, in a CUDA graph - must
     give the same bits with PDL as launched one after another (same tiles: PDL is not in the autotune
     key), and with PDL eagerly (no graph)."""
     from vlt.bench.mixers import graphed
     from vlt.kernels import pdl
     from vlt.kernels.gdn_decode import gdn_decode_step
-    from vlt.kernels.gemv import linear, norm_linear, swiglu_linear
+    from vlt.kernels.gemv import linear, norm_linear, norm_swiglu, swiglu_linear
     if not pdl.enabled(torch.empty(0, device=DEV)):
         pytest.skip("programmatic dependent launch needs compute capability 9.0+ (Hopper)")
     torch.manual_seed(5)
@@ -201,7 +216,8 @@ def test_pdl_chain_gives_the_same_bits():
             ins = norm_linear(x, nw, 1e-6, w_in).split([Ck, Ck, Cv, Cv, H, H], -1)
             o = gdn_decode_step(*ins, convw, states[0], A_log, dt_bias, states[1], onw, 1e-6)
             x = linear(o, w_o, residual=x)
-            gate, up = norm_linear(x, nw, 1e-6, w_up).chunk(2, -1)
+            x = linear(norm_swiglu(x, nw, 1e-6, w_up[:F_], w_up[F_:]), w_down, residual=x)
+            gate, up = norm_linear(x, nw, 1e-6, w_up).chunk(2, -1)   # and the SwiGLU prologue
             x = swiglu_linear(gate, up, w_down, residual=x)
         return x
 

@@ -6,8 +6,18 @@
 - the batch-1 GEMV (vlt.kernels.gemv, autotuned) against F.linear (cuBLAS) for each projection shape
   of the 4B decoder: 36 distinct weights per graph, us per call, TB/s reached and the tile picked;
   also without programmatic dependent launch (``gemv_no_pdl``: each GEMV waits for the last to end);
+- the MLP half of a block (RMSNorm, gate/up, SwiGLU, down, residual) as the stepper runs it - SwiGLU
+  in the gate/up kernel's epilogue, then a plain down GEMV - against SwiGLU in the down GEMV's
+  prologue (what the stepper did before), 36 layers' weights, us per layer;
 - SWA decode attention with its K/V write (vlt.kernels.decode_attention) against index_copy + each
-  SDPA backend, at InfiniteVL's SWA shapes, 9 layers' distinct caches per graph, us per layer.
+  SDPA backend, at InfiniteVL's SWA shapes, 9 layers' distinct caches per graph, us per layer; also
+  with RoPE in the kernel (the stepper's call) and for each ``--attn-programs-per-sm``.
+
+``--tune-gemv`` first times every GEMV tile (vlt.kernels.gemv._CONFIGS) for each launch of the 4B
+decode step (shape and fused ops as the static stepper calls them), in a CUDA graph over 36 layers'
+weights with programmatic dependent launch, and writes the best per launch to
+gemv_configs.json - the table vlt.kernels.gemv reads from kernels/gemv_configs/<GPU name>.json.
+The rows after it use that table.
 
 Writes decode_kernels.json and decode_kernels.png to --out.
 """
@@ -20,6 +30,14 @@ import sys
 from vlt.bench.common import header, machine_ceilings, plt, save_json
 from vlt.bench.mixers import cuda_time, graphed
 
+# every GEMV launch of the InfiniteVL-4B decode step (vlt.bench.static): (name, N, K, fused ops)
+STEP_GEMVS = (("swa q/k/v (norm, bias)", 2560, 2048, dict(norm=True, bias=True)),
+              ("swa o_proj (+res)", 2048, 2048, dict(residual=True)),
+              ("gdn q/k/v/g/a/b (norm)", 12320, 2048, dict(norm=True)),
+              ("gdn o_proj (+res)", 2048, 4096, dict(residual=True)),
+              ("mlp gate/up (norm, swiglu)", 11008, 2048, dict(norm=True, glu=True)),
+              ("mlp down (+res)", 2048, 11008, dict(residual=True)),
+              ("lm head (norm)", 151936, 2048, dict(norm=True)))
 GEMV_SHAPES = (("mlp gate_up", 22016, 2048), ("mlp down", 2048, 11008), ("gdn q/k/v/g/a/b", 12320, 2048),
                ("gdn o_proj", 2048, 4096), ("swa q/k/v", 2560, 2048), ("swa o_proj", 2048, 2048))
 
@@ -29,6 +47,10 @@ def add_bench_decode_kernels_args(p: argparse.ArgumentParser) -> argparse.Argume
     p.add_argument("--num-warps", nargs="+", type=int, default=[2, 4, 8])
     p.add_argument("--attn-lens", nargs="+", type=int, default=[4097, 8192, 32768],
                    help="K/V slots for the decode attention rows (8192: InfiniteVL's window)")
+    p.add_argument("--attn-programs-per-sm", nargs="+", type=int, default=[1, 2, 4],
+                   help="split counts to time the decode attention at (its default: 2)")
+    p.add_argument("--tune-gemv", action="store_true",
+                   help="time every GEMV tile per decode-step launch first; writes gemv_configs.json")
     p.add_argument("--rep-ms", type=float, default=100.0)
     p.add_argument("--out", default="bench_out", help="folder for decode_kernels.json and .png")
     return p
@@ -61,6 +83,49 @@ def gdn_rows(args, layers=27, B=1, H=16, K=128, V=256, W=4):
     return rows
 
 
+def tune_gemv(args, max_bytes=4e9):
+    """The best tile per launch of STEP_GEMVS, each timed in a graph over distinct weights (as many
+    layers' as fit in ``max_bytes``, at most 36) with PDL: {"configs": {key: tile}, "timings": ...}."""
+    import torch
+    from vlt.kernels import gemv
+    dt = torch.bfloat16
+    table, timings = {}, {}
+    for name, N, K, ops in STEP_GEMVS:
+        copies = int(max(2, min(36, max_bytes // (N * K * 2 * (2 if ops.get("glu") else 1)))))
+        ws = [torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5 for _ in range(copies)]
+        ws2 = [torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5 for _ in range(copies)] if ops.get("glu") else None
+        x, ys = torch.randn(K, device="cuda", dtype=dt), torch.empty(copies, N, device="cuda", dtype=dt)
+        extra = dict(norm_weight=torch.ones(K, device="cuda", dtype=dt) if ops.get("norm") else None,
+                     residual=torch.randn(N, device="cuda", dtype=dt) if ops.get("residual") else None,
+                     prologue=gemv.RMSNORM if ops.get("norm") else gemv.NONE, eps=1e-6)
+        bias = torch.randn(N, device="cuda", dtype=dt) if ops.get("bias") else None
+        key = gemv.tuned_key(N, K, extra["prologue"], bias is not None, extra["residual"] is not None, ws2 is not None)
+        best, times = None, {}
+        for bn, bk, acc1d, nw in gemv._CONFIGS:
+            if bk > K:  # tiles half masked off
+                continue
+            cfg = dict(BN=bn, BK=bk, ACC1D=acc1d, num_warps=nw)
+
+            def run(cfg=cfg):
+                for i in range(copies):
+                    gemv.gemv_into(ys[i], x, ws[i], bias, weight2=ws2[i] if ws2 else None, config=cfg, **extra)
+            try:
+                us = _us_per_call(run, copies, args.rep_ms)
+            except Exception as e:  # a tile this GPU cannot run (resources): skipped, and said
+                print(f"GEMV tune {name} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                continue
+            times[str(cfg)] = round(us, 2)
+            if best is None or us < best[0]:
+                best = (us, cfg)
+        table[key] = best[1]
+        timings[key] = dict(launch=name, best_us=round(best[0], 2), tb_s=round(N * K * 2 * (2 if ws2 else 1) / best[0] / 1e6, 3),
+                            copies=copies, us_per_tile=times)
+        print("GEMV tune", name, key, best, flush=True)
+        del ws, ws2
+    return {"device": torch.cuda.get_device_name(), "command": "vlt bench decode-kernels --tune-gemv",
+            "configs": table, "timings": timings}
+
+
 def gemv_rows(args, copies=36):
     import torch
     import torch.nn.functional as F
@@ -79,10 +144,41 @@ def gemv_rows(args, copies=36):
             row[f"{impl}_us"], row[f"{impl}_tb_s"] = round(us, 2), round(N * K * 2 / us / 1e6, 3)
         row["gemv_over_cublas"] = round(row["gemv_us"] / row["cublas_us"], 3)
         row["gemv_config"] = next((str(c) for k, c in gemv._gemv_tuned.cache.items() if k[:2] == (N, K)), None)
+        tuned = gemv.tuned_config(torch.cuda.get_device_name(), gemv.tuned_key(N, K, gemv.NONE, False, False, False))
+        if tuned:
+            row["gemv_config"] = f"tuned table: {tuned}"
         print("GEMV", row, flush=True)
         rows.append(row)
         del ws
     return rows
+
+
+def mlp_rows(args, copies=36, D=2048, F=11008):
+    """The MLP half of a decoder block at batch 1: SwiGLU in the gate/up epilogue (the stepper's path)
+    against SwiGLU in the down projection's prologue."""
+    import torch
+    from vlt.kernels import gemv
+    dt = torch.bfloat16
+    layers = [(torch.randn(2 * F, D, device="cuda", dtype=dt) * D ** -0.5,
+               torch.randn(D, F, device="cuda", dtype=dt) * F ** -0.5, torch.ones(D, device="cuda", dtype=dt))
+              for _ in range(copies)]
+    x = torch.randn(1, D, device="cuda", dtype=dt)
+
+    def epilogue():
+        return [gemv.linear(gemv.norm_swiglu(x, nw, 1e-6, gu[:F], gu[F:]), down, residual=x) for gu, down, nw in layers]
+
+    def prologue():
+        out = []
+        for gu, down, nw in layers:
+            gate, up = gemv.norm_linear(x, nw, 1e-6, gu).chunk(2, -1)
+            out.append(gemv.swiglu_linear(gate, up, down, residual=x))
+        return out
+    row = dict(D=D, F=F, weight_mb=round(3 * D * F * 2 / 1e6, 1))
+    for name, fn in (("swiglu_epilogue", epilogue), ("swiglu_prologue", prologue)):
+        us = _us_per_call(fn, copies, args.rep_ms)
+        row[f"{name}_us"], row[f"{name}_tb_s"] = round(us, 2), round(3 * D * F * 2 / us / 1e6, 3)
+    print("MLP", row, flush=True)
+    return [row]
 
 
 def attention_rows(args, layers=9, Hq=16, Hkv=2, D=128):
@@ -98,8 +194,13 @@ def attention_rows(args, layers=9, Hq=16, Hkv=2, D=128):
         q, k, v = (torch.randn(1, h, D, device="cuda", dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
         tok = torch.tensor(L + 7, device="cuda")
         row = dict(L=L, Hq=Hq, Hkv=Hkv, D=D, kv_mb=round(2 * L * Hkv * D * 2 / 1e6, 2))
+        cos, sin = (torch.rand(D, device="cuda") for _ in range(2))
         row["vlt_us"] = round(_us_per_call(lambda: [decode_attention(q, k, v, kc, vc, tok) for kc, vc in caches],
                                            layers, args.rep_ms), 2)
+        for pps in args.attn_programs_per_sm:  # with RoPE, as the stepper calls it
+            row[f"vlt_rope_{pps}_per_sm_us"] = round(_us_per_call(
+                lambda: [decode_attention(q, k, v, kc, vc, tok, cos=cos, sin=sin, programs_per_sm=pps)
+                         for kc, vc in caches], layers, args.rep_ms), 2)
         for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
             def ref(b=backend):
                 with sdpa_kernel([getattr(SDPBackend, b)]):
@@ -124,8 +225,18 @@ def run_bench_decode_kernels(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     rep = header(args, "decode-kernels")
     rep["ceilings"] = machine_ceilings("cuda")
+    if args.tune_gemv:
+        import json
+        from vlt.kernels import gemv
+        tuned = tune_gemv(args)
+        tuned["date"] = rep["date"]
+        with open(f"{args.out}/gemv_configs.json", "w") as f:
+            json.dump(tuned, f, indent=1)
+        gemv._tuned[tuned["device"]] = tuned["configs"]  # the rows below use it
+        rep["gemv_tuned"] = tuned["timings"]
     rep["gdn_decode"] = gdn_rows(args)
     rep["gemv"] = gemv_rows(args)
+    rep["mlp"] = mlp_rows(args)
     rep["decode_attention"] = attention_rows(args)
     save_json(rep, f"{args.out}/decode_kernels.json")
     plot(rep, f"{args.out}/decode_kernels.png")

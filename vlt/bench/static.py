@@ -17,17 +17,19 @@ video frame) with every index on the device:
   Triton kernels from the projections to ``o_proj``'s input, updating the buffers in place
   (``vlt.kernels.gdn_decode``).
 - decode (T = 1, ``gemv``, the default on CUDA): every block projection is one batch-1 GEMV kernel
-  with the RMSNorm before it, SwiGLU's product and the residual adds fused in (``vlt.kernels.gemv``),
-  so a GDN block is 6 kernels: q/k/v/g/a/b, the two GDN kernels, o_proj, gate/up, down.
-- dense decode (``decode_attention``, the default on CUDA): a sliding-window layer's K/V write and
-  attention are one split kernel and its combine (``vlt.kernels.decode_attention``); full layers
-  keep index_copy + SDPA, so the caller's SDPA backend choice applies to them.
+  with the RMSNorm before it and the residual adds fused in (``vlt.kernels.gemv``); the MLP's gate
+  and up products end in SwiGLU inside their kernel, so the down projection is a plain GEMV; a GDN
+  block is 6 kernels: q/k/v/g/a/b, the two GDN kernels, o_proj, gate/up, down. The final norm and
+  the LM head are one more GEMV.
+- dense decode (``decode_attention``, the default on CUDA): a sliding-window layer's RoPE, K/V
+  write and attention are one split kernel and its combine (``vlt.kernels.decode_attention``); full
+  layers keep RoPE + index_copy + SDPA, so the caller's SDPA backend choice applies to them.
 - on Hopper, vlt's kernels launch with programmatic dependent launch (``pdl``, ``vlt.kernels.pdl``).
 - ``advance=True`` adds T to the token counter inside the step (streaming); ``False`` replays the
   same slot (latency benchmark at a fixed context).
 
 ``compile``: a ``torch.compile`` backend ("inductor" on the GPU) for the per-block pieces - norms,
-projections, RoPE, the unfused GDN step (the torch recurrence under compile, see
+projections, RoPE and its tables, the unfused GDN step (the torch recurrence under compile, see
 vlt.kernels.gated_delta) and the MLP - so Inductor fuses the small kernels that the fused paths
 above leave (RoPE, T > 1 frames, the unfused alternatives the benchmarks compare against). The
 attention read/write (index_copy into the buffers + SDPA, or the decode kernel) stays eager between
@@ -168,9 +170,6 @@ class StaticStepper:
         ``slot_cache``: this step's (token indices, slots) per buffer length, shared by the layers."""
         T = q.shape[1]
         L = s["L"]
-        if self.decode_attention and m.window is not None:
-            o = attn_kernel.decode_attention(q[:, 0], k[:, 0], v[:, 0], s["k"], s["v"], self.tok, s["ktok"])
-            return o.unsqueeze(1)
         if L not in slot_cache:  # every layer with this buffer length writes the same slots
             qtok = self.tok + self.ar
             slot_cache[L] = qtok, qtok % L
@@ -199,7 +198,7 @@ class StaticStepper:
             return self._step()
 
     def _step(self):
-        attn_in, gdn_in, gdn_block, mixer_out = self.pieces
+        attn_in, gdn_in, gdn_block, mixer_out, rope_tables = self.pieces
         fast = self.gemv
         x = self.x
         rope, slot_cache = {}, {}
@@ -208,18 +207,32 @@ class StaticStepper:
             if s["kind"] == "attn":
                 key = (m.head_dim, m.rope_theta, tuple(m.mrope_section or ()))
                 if key not in rope:  # every attention layer of a model shares its RoPE tables
-                    rope[key] = rope_cos_sin(self.pos, m.head_dim, m.rope_theta, m.mrope_section)
-                q, k, v = attn_in(blk, x, *rope[key], fast)
-                x = mixer_out(blk, x, m.o_proj, self._attend(m, s, q, k, v, slot_cache), fast)
+                    rope[key] = rope_tables(self.pos, m.head_dim, m.rope_theta, m.mrope_section)
+                cos, sin = rope[key]
+                if self.decode_attention and m.window is not None:  # RoPE, K/V write, attention: one kernel
+                    q, k, v = _attn_qkv(blk, x, fast)
+                    y = attn_kernel.decode_attention(q[:, 0], k[:, 0], v[:, 0], s["k"], s["v"], self.tok, s["ktok"],
+                                                     cos=cos.view(-1), sin=sin.view(-1)).unsqueeze(1)
+                else:
+                    y = self._attend(m, s, *attn_in(blk, x, cos, sin, fast), slot_cache)
+                x = mixer_out(blk, x, m.o_proj, y, fast)
             elif self.fused_gdn:
                 x = mixer_out(blk, x, m.o_proj, _gdn_fused(m, gdn_in(blk, x, fast), s), fast)
             else:
                 x = mixer_out(blk, x, None, gdn_block(blk, x, *s["conv"], s["ssm"]), fast)
         if self.advance:
             self.tok += self.T
-        last = self.model.norm(x[:, -1:])
-        self.out = self.model.lm_head(last) if self.logits else last
+        self.out = self._head(x[:, -1:], fast)
         return self.out
+
+    def _head(self, last, fast):
+        """Final norm (+ LM head): with ``fast`` one GEMV kernel with the norm fused in."""
+        norm, head = self.model.norm, self.model.lm_head
+        if not self.logits:
+            return norm(last)
+        if fast and _plain(head) and isinstance(norm, RMSNorm):
+            return gemv_kernel.norm_linear(last, norm.weight, norm.eps, head.weight, head.bias)
+        return head(norm(last))
 
 
 # -- the per-block pieces (module functions, so one compiled copy serves every layer of a kind) ----
@@ -227,13 +240,17 @@ class StaticStepper:
 # ``fast``: projections through vlt.kernels.gemv (batch-1 GEMV kernel) instead of F.linear / cuBLAS,
 # with the RMSNorm before them, SwiGLU's product and the residual adds fused into it.
 
-def _attn_in(blk, x, cos, sin, fast):
+def _attn_qkv(blk, x, fast):
+    """An attention block's input norm and q/k/v projections, [B, T, heads, D] each, before RoPE."""
     m = blk.mixer
     B, T, _ = x.shape
     q, k, v = _norm_project(x, blk.input_layernorm, fast, m.q_proj, m.k_proj, m.v_proj)
-    q = q.view(B, T, m.num_heads, m.head_dim)
-    k = k.view(B, T, m.num_kv_heads, m.head_dim)
-    v = v.view(B, T, m.num_kv_heads, m.head_dim)
+    return (q.view(B, T, m.num_heads, m.head_dim), k.view(B, T, m.num_kv_heads, m.head_dim),
+            v.view(B, T, m.num_kv_heads, m.head_dim))
+
+
+def _attn_in(blk, x, cos, sin, fast):
+    q, k, v = _attn_qkv(blk, x, fast)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
@@ -263,7 +280,12 @@ def _mixer_out(blk, x, o_proj, y, fast):
         return x + mlp(blk.post_attention_layernorm(x))
     # vlt.model.DecoderBlock + SwiGLU, each projection one GEMV with its neighbours fused in
     x = x + y if o_proj is None else gemv_kernel.linear(y.flatten(2), o_proj.weight, o_proj.bias, residual=x)
-    gate, up = _norm_project(x, blk.post_attention_layernorm, fast, mlp.gate_proj, mlp.up_proj)
+    norm = blk.post_attention_layernorm
+    if _plain(mlp.gate_proj, mlp.up_proj) and isinstance(norm, RMSNorm) and mlp.gate_proj.bias is None:
+        # norm, gate and up products and SwiGLU in one kernel; the down projection reads the product
+        h = gemv_kernel.norm_swiglu(x, norm.weight, norm.eps, mlp.gate_proj.weight, mlp.up_proj.weight)
+        return gemv_kernel.linear(h, mlp.down_proj.weight, residual=x)
+    gate, up = _norm_project(x, norm, fast, mlp.gate_proj, mlp.up_proj)
     return gemv_kernel.swiglu_linear(gate, up, mlp.down_proj.weight, residual=x)
 
 
@@ -290,7 +312,7 @@ def _gdn_fused(m, proj, s):
 
 
 def step_pieces(backend: str | None):
-    pieces = (_attn_in, _gdn_in, _gdn_block, _mixer_out)
+    pieces = (_attn_in, _gdn_in, _gdn_block, _mixer_out, rope_cos_sin)
     if backend is None:
         return pieces
     import torch._dynamo
