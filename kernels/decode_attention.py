@@ -1,10 +1,11 @@
-"""Batch-1-style decode attention over a K/V buffer, with the new token's K/V write fused in.
+"""Batch-1-style decode attention over a K/V buffer, with RoPE and the new token's K/V write fused in.
 
-A decode step of an attention layer writes the new key/value into slot ``tok % L`` of its buffers
-[B, L, Hkv, D] and attends over all L slots (the static stepper's dense decode: every slot valid).
-Through torch ops that is an add, a remainder and three index_copy kernels, then SDPA's flash
-split-KV kernel and its combine kernel: 7 kernels, about 15 us per SWA layer at InfiniteVL-4B shapes
-on an H200 (benchmarks/profiles/profile_decode_hybrid_h200.txt) for 8 MB of K/V. Here it is two:
+A decode step of an attention layer rotates q and the new key (RoPE), writes the new key/value into
+slot ``tok % L`` of its buffers [B, L, Hkv, D] and attends over all L slots (the static stepper's
+dense decode: every slot valid). Through torch ops that is two RoPE kernels (compiled), an add, a
+remainder and three index_copy kernels, then SDPA's flash split-KV kernel and its combine kernel:
+9 kernels; the last 7 took about 15 us per SWA layer at InfiniteVL-4B shapes on an H200 for 8 MB
+of K/V (the profile of commit 7ad5022). Here it is two:
 
 1. ``_attn_split_kernel``, a program per (sequence, KV head, split of the slots): all G query heads
    of the KV head at once (one [G, D] x [D, BN] product per block of BN keys, so K/V are read once
@@ -13,8 +14,8 @@ on an H200 (benchmarks/profiles/profile_decode_hybrid_h200.txt) for 8 MB of K/V.
    covers the slot takes the new K/V from registers, so no program reads what another writes;
 2. ``_attn_combine_kernel``, a program per (sequence, query head): merges the splits.
 
-On an H200 the two take 6.1 / 10.1 us at 4K / 8K slots, against 19.6 / 27.5 us for index_copy +
-SDPA flash (``vlt bench decode-kernels``, benchmarks/decode_kernels_h200.json). Splits are sized so
+On an H200 the two take 6.3 / 9.1 us at 4K / 8K slots with RoPE, against 19.4 / 27.4 us for
+index_copy + SDPA flash without it (``vlt bench decode-kernels``, benchmarks/decode_kernels_h200.json). Splits are sized so
 that about ``programs_per_sm`` programs per SM run. With ``cos``/``sin`` (the step's RoPE tables)
 the kernel rotates q and the new key itself (rotate-half layout, in fp32, rounded once as
 vlt.layers.rotary.apply_rope), so the step needs no RoPE kernels before it. Both kernels launch with

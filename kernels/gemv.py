@@ -72,11 +72,13 @@ def tuned_config(device_name: str, key: str) -> dict | None:
     table lists it."""
     if os.environ.get("VLT_GEMV_TUNED", "1") == "0":
         return None
-    name = device_name
-    if name not in _tuned:
-        path = tuned_table_path(name)
-        _tuned[name] = json.load(open(path))["configs"] if os.path.exists(path) else {}
-    return _tuned[name].get(key)
+    if device_name not in _tuned:
+        path = tuned_table_path(device_name)
+        _tuned[device_name] = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                _tuned[device_name] = json.load(f)["configs"]
+    return _tuned[device_name].get(key)
 
 
 def _one_row(x, weight):
