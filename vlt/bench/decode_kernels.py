@@ -245,7 +245,9 @@ def run_bench_decode_kernels(args) -> int:
 
 def plot(rep, path):
     pyplot = plt()
-    fig, (a, b, c) = pyplot.subplots(1, 3, figsize=(18, 4.5))
+    tuned = rep.get("gemv_tuned")
+    fig, axes = pyplot.subplots(1, 4 if tuned else 3, figsize=(24 if tuned else 18, 4.5))
+    a, b, c = axes[:3]
     g = rep["gdn_decode"]
     a.bar(range(len(g)), [r["us_per_layer"] for r in g])
     a.set_xticks(range(len(g)), [f"{r['block_v']}/{r['num_warps']}" for r in g], rotation=45)
@@ -258,7 +260,7 @@ def plot(rep, path):
     if rep.get("ceilings", {}).get("copy_tb_s"):
         b.axhline(rep["ceilings"]["copy_tb_s"], ls=":", color="k", label="copy bandwidth")
     b.set_xticks(list(xs), [r["proj"] for r in m], rotation=30)
-    b.set(ylabel="TB/s (weight bytes / time)", title="batch-1 projections")
+    b.set(ylabel="TB/s (weight bytes / time)", title="plain batch-1 projections (autotuned tiles)")
     b.legend(fontsize=7)
     at = rep.get("decode_attention", [])
     xs = range(len(at))
@@ -270,6 +272,14 @@ def plot(rep, path):
     c.set(xlabel="K/V slots", ylabel="us per layer (log)", yscale="log",
           title="SWA decode attention + K/V write (16q/2kv, D 128)")
     c.legend(fontsize=7)
+    if tuned:  # the decode step's own launches, at their measured best tile
+        rows = list(tuned.values())
+        axes[3].bar(range(len(rows)), [r["tb_s"] for r in rows])
+        if rep.get("ceilings", {}).get("copy_tb_s"):
+            axes[3].axhline(rep["ceilings"]["copy_tb_s"], ls=":", color="k", label="copy bandwidth")
+            axes[3].legend(fontsize=7)
+        axes[3].set_xticks(range(len(rows)), [r["launch"] for r in rows], rotation=30, ha="right", fontsize=7)
+        axes[3].set(ylabel="TB/s (weight bytes / time)", title="decode-step GEMVs, tuned tiles (--tune-gemv)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
