@@ -40,6 +40,17 @@ def test_static_step_matches_eager(layout, compile):
     assert int(st.tok) == 80
 
 
+@pytest.mark.parametrize("T,dense,option", [(8, False, "fused_gdn"), (8, False, "decode_attention"),
+                                             (1, False, "decode_attention")])
+def test_static_stepper_refuses_a_decode_kernel_outside_decode(T, dense, option):
+    """The fused GDN step is T = 1 only, the SWA decode kernel the dense T = 1 step only: asking for
+    either elsewhere is a ValueError naming the option (checked before any kernel is needed)."""
+    a, dev, dt = _tiny_args()
+    model = build_model("hybrid", a, dev, dt).eval()
+    with pytest.raises(ValueError, match=option):
+        StaticStepper(model, T, capacity=64, dense=dense, **{option: True})
+
+
 def test_bench_stream_tiny(tmp_path):
     from vlt.bench.stream import main
     assert main(["--tiny", "--device", "cpu", "--frames", "12", "--eager-frames", "10", "--out", str(tmp_path)]) == 0
