@@ -76,7 +76,10 @@ def test_kernel_matches_gdn_mixer_over_decode_steps():
                     srel = float((ssm - state["ssm"]).norm() / state["ssm"].norm())
                     print(nv, t, rel, srel)
                     assert rel < 1e-5 and srel < 1e-5, (nv, t, rel, srel)
-                    assert all(torch.equal(a, b) for a, b in zip(conv, state["conv"]))
+                    # conv windows hold projected inputs; the stacked projection and the mixer's own
+                    # differ in summation order, so fp32 round-off of the rows' scale, not bits
+                    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+                               for a, b in zip(conv, state["conv"]))
         print("OK")
     """)
     assert out.strip().endswith("OK")

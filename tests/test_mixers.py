@@ -123,7 +123,8 @@ def test_swa_with_window_beyond_input_equals_full():
     swa = create_mixer("swa", hidden_size=D, num_heads=H, num_kv_heads=2, window=64)
     swa.load_state_dict(full.state_dict())
     x = torch.randn(2, 30, D)
-    torch.testing.assert_close(swa(x)[0], full(x)[0])
+    # the windowed mask goes through another SDPA path than is_causal: fp32 round-off only
+    torch.testing.assert_close(swa(x)[0], full(x)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_swa_state_is_constant_after_window():

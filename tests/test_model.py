@@ -104,4 +104,5 @@ def test_mrope_on_text_only_equals_1d_rope():
     b.load_state_dict(a.state_dict())
     ids = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
-        torch.testing.assert_close(a(ids).logits, b(ids).logits)
+        # M-RoPE builds its tables through another path than 1-D RoPE: fp32 round-off only
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=1e-5, atol=1e-5)
