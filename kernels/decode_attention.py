@@ -41,21 +41,27 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, tok, ktok=None, *, cos=N
                      scale: float | None = None, block_n: int = 64, splits: int | None = None,
                      programs_per_sm: int = 2):
     """q [B, Hq, D]; k_new, v_new [B, Hkv, D] (unit stride along D; any other strides); k_cache,
-    v_cache [B, L, Hkv, D] contiguous; tok: 0-d long tensor on the device, the new token's index
-    (slot ``tok % L``); ktok [L] long (optional), the token index of each slot, updated too;
-    cos, sin [D] float32 (optional): RoPE for this token, applied to q and k_new first (the same
-    position for every sequence of the batch).
+    v_cache [B, L, Hkv, D] contiguous; tok: long tensor on the device, the new token's index per
+    sequence ([B]) or for all of them (0-d or [1]): the new K/V go to slot ``tok % L``; ktok [B, L]
+    long (or [L] with B = 1; optional), the token index of each slot, updated too; cos, sin [D] or
+    [B, D] float32 (optional): RoPE for this token, applied to q and k_new first.
     Writes the new K/V into the caches in place and returns the attention output [B, Hq, D] in q's
-    dtype, over all L slots (no mask: the caller sizes L to the valid keys, as a dense step does)."""
+    dtype over the slots ``0 .. min(tok, L - 1)``: every slot of a wrapped ring (a sliding window's
+    ring holds exactly its visible keys), or a cache filled from slot 0 that has not wrapped (full
+    attention sized to its capacity). Splits past a sequence's valid slots do no work."""
     if triton is None:
         raise RuntimeError("decode_attention needs Triton; use decode_attention_reference instead")
     B, Hq, D = q.shape
     _, L, Hkv, _ = k_cache.shape
     assert Hq % Hkv == 0 and k_new.shape == v_new.shape == (B, Hkv, D), (q.shape, k_new.shape, k_cache.shape)
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
-    assert q.stride(-1) == k_new.stride(-1) == v_new.stride(-1) == 1 and tok.numel() == 1
-    assert (cos is None) == (sin is None) and (cos is None or (cos.shape == sin.shape == (D,) and D % 2 == 0
+    assert q.stride(-1) == k_new.stride(-1) == v_new.stride(-1) == 1 and tok.numel() in (1, B), tok.shape
+    assert (cos is None) == (sin is None) and (cos is None or (cos.shape == sin.shape and cos.shape[-1] == D
+                                                             and cos.numel() in (D, B * D) and D % 2 == 0
                                                              and cos.dtype == sin.dtype == torch.float32))
+    assert ktok is None or (ktok.numel() == B * L and ktok.is_contiguous()), (None if ktok is None else ktok.shape)
+    tok_stride = 0 if tok.numel() == 1 else 1
+    cs_stride = 0 if cos is None or cos.numel() == D else D
     G = Hq // Hkv
     if splits is None:  # a few programs per SM (loads of one overlap another's math), over whole key blocks
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
@@ -72,7 +78,7 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, tok, ktok=None, *, cos=N
         q, k_new, v_new, k_cache, v_cache, ktok if ktok is not None else tok, tok, part_o, part_ml,
         cos if cos is not None else part_o, sin if sin is not None else part_o,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-        L, chunk, S, D ** -0.5 if scale is None else scale, HAS_KTOK=ktok is not None, ROPE=cos is not None, BN=block_n,
+        tok_stride, cs_stride, L, chunk, S, D ** -0.5 if scale is None else scale, HAS_KTOK=ktok is not None, ROPE=cos is not None, BN=block_n,
         PREC="ieee" if q.dtype == torch.float32 else None, UPCAST=not q.is_cuda, **meta)
     _attn_combine_kernel[(B * Hq,)](part_o, part_ml, out, S, BS=triton.next_power_of_2(S), **meta)
     return out
@@ -80,20 +86,26 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, tok, ktok=None, *, cos=N
 
 def decode_attention_reference(q, k_new, v_new, k_cache, v_cache, tok, ktok=None, *, cos=None, sin=None,
                                scale=None):
-    """The same step in torch ops: RoPE (vlt.layers.rotary), index_copy into the caches, then SDPA
-    with the G query heads of a KV head as rows of one head."""
+    """The same step in torch ops: RoPE (vlt.layers.rotary), the K/V write into slot ``tok % L`` of
+    each sequence, then SDPA with the G query heads of a KV head as rows of one head, masked to the
+    valid slots ``0 .. min(tok, L - 1)``. Graph-safe (no host syncs)."""
     B, Hq, D = q.shape
+    L, Hkv = k_cache.shape[1], k_cache.shape[2]
     if cos is not None:
         from vlt.layers.rotary import apply_rope
-        q, k_new = (apply_rope(t[:, None], cos.view(1, 1, D), sin.view(1, 1, D))[:, 0] for t in (q, k_new))
-    L, Hkv = k_cache.shape[1], k_cache.shape[2]
-    slot = (tok.reshape(1) % L)
-    k_cache.index_copy_(1, slot, k_new[:, None])
-    v_cache.index_copy_(1, slot, v_new[:, None])
+        cos, sin = cos.reshape(-1, 1, D), sin.reshape(-1, 1, D)
+        q, k_new = (apply_rope(t[:, None], cos, sin)[:, 0] for t in (q, k_new))
+    tok = tok.reshape(-1).expand(B)
+    slot = tok % L
+    rows = torch.arange(B, device=q.device)
+    k_cache[rows, slot] = k_new
+    v_cache[rows, slot] = v_new
     if ktok is not None:
-        ktok.index_copy_(0, slot, tok.reshape(1))
+        ktok.view(B, L)[rows, slot] = tok
+    valid = torch.arange(L, device=q.device)[None, :] <= tok[:, None]          # [B, L]
     qh = q.view(B, Hkv, Hq // Hkv, D)
-    o = F.scaled_dot_product_attention(qh, k_cache.transpose(1, 2), v_cache.transpose(1, 2), scale=scale)
+    o = F.scaled_dot_product_attention(qh, k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                       attn_mask=valid[:, None, None, :], scale=scale)
     return o.reshape(B, Hq, D)
 
 
@@ -112,7 +124,7 @@ if triton is not None:
 
     @triton.jit
     def _attn_split_kernel(q, k_new, v_new, k_cache, v_cache, ktok, tok_ptr, part_o, part_ml, cos_ptr, sin_ptr,
-                           sqb, sqh, skb, skh, svb, svh, L, chunk, S, scale,
+                           sqb, sqh, skb, skh, svb, svh, tok_stride, cs_stride, L, chunk, S, scale,
                            G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                            HKV: tl.constexpr, HAS_KTOK: tl.constexpr, ROPE: tl.constexpr, BN: tl.constexpr,
                            PREC: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
@@ -125,16 +137,16 @@ if triton is not None:
             gdc_launch_dependents()
         d = tl.arange(0, BD)
         md = d < D
-        start = s * chunk
-        end = tl.minimum(start + chunk, L)
-        tok = tl.load(tok_ptr)
+        tok = tl.load(tok_ptr + b * tok_stride)
         slot = tok % L
+        start = s * chunk
+        end = tl.minimum(start + chunk, tl.minimum(L, tok + 1))  # slots past the valid ones: no work
         row = (b * L).to(tl.int64) * HKV + h  # (b, slot 0, h) in units of D
         # the new K/V: written to the slot by the program whose split holds it, and taken from
         # registers (not re-read from the cache) where a block of keys covers the slot
         if ROPE:
-            cos = tl.load(cos_ptr + d, mask=md, other=0.0)
-            sin = tl.load(sin_ptr + d, mask=md, other=0.0)
+            cos = tl.load(cos_ptr + b * cs_stride + d, mask=md, other=0.0)
+            sin = tl.load(sin_ptr + b * cs_stride + d, mask=md, other=0.0)
             kn = _rope(k_new + b * skb + h * skh, d, md, cos, sin, D)
         else:
             kn = tl.load(k_new + b * skb + h * skh + d, mask=md, other=0.0)
@@ -143,8 +155,8 @@ if triton is not None:
             tl.store(k_cache + (row + slot * HKV) * D + d, kn, mask=md)
             tl.store(v_cache + (row + slot * HKV) * D + d, vn, mask=md)
             if HAS_KTOK:
-                if b == 0:
-                    tl.store(ktok + slot, tok)
+                if h == 0:
+                    tl.store(ktok + b * L + slot, tok)
         g = tl.arange(0, GP)
         mg = g < G
         if ROPE:

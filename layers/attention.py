@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vlt.kernels import attention as attention_kernel
-from vlt.layers.base import TokenMixer, check_heads, check_positive_int, project, seq_positions
+from vlt.layers.base import TensorSpec, TokenMixer, check_heads, check_positive_int, project, seq_positions
 from vlt.layers.registry import register_mixer
 from vlt.layers.rotary import apply_rope, rope_cos_sin
 
@@ -49,9 +49,9 @@ class Attention(TokenMixer):
     def _cache_len(self, seen: int) -> int:
         return seen if self.window is None else min(seen, self.window)
 
-    def state_size(self, batch_size, seq_len, dtype=torch.bfloat16):
-        elems = 2 * batch_size * self._cache_len(seq_len) * self.num_kv_heads * self.head_dim
-        return elems * torch.finfo(dtype).bits // 8
+    def state_spec(self, batch_size, capacity, dtype=torch.bfloat16):
+        kv = TensorSpec((batch_size, self._cache_len(capacity), self.num_kv_heads, self.head_dim), dtype)
+        return {"k": kv, "v": kv}
 
     def _cached_kv(self, state):
         """Cached keys/values in chronological order (the ring buffer unrolled)."""

@@ -11,13 +11,43 @@ returns ``(y_BTD, new_state)``:
 - ``cu_seqlens`` (int tensor [N+1], B == 1) marks packed sequences: nothing crosses a boundary;
 - ``position_ids`` [B, T] (or [3, B, T] for M-RoPE) only matter to mixers with positions.
 
-``state_size(batch_size, seq_len, dtype)`` gives the bytes of state after ``seq_len`` tokens, so
-constant-memory claims can be checked against ``state_nbytes`` of a real state.
+``state_spec(batch_size, capacity, dtype)`` declares the decode state's tensors: the same nested
+dict / tuple / list as the state ``forward`` returns, with a ``TensorSpec`` (shape, dtype) for each
+tensor, as held after ``capacity`` tokens (the integer ``seen`` is left out). One declaration serves
+``state_size`` (bytes after ``seq_len`` tokens, checked against ``state_nbytes`` of a real state),
+the inference engine's preallocated in-place cache (``vlt.inference``) and the benchmarks' byte
+counts. A mixer without a declaration still trains and decodes eagerly; the engine asks for one.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
+
+
+class TensorSpec(NamedTuple):
+    """One tensor of a declared decode state."""
+    shape: tuple
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def spec_nbytes(spec) -> int:
+    """Bytes of a (nested) state declaration."""
+    if isinstance(spec, TensorSpec):
+        return spec.nbytes
+    if isinstance(spec, dict):
+        return sum(spec_nbytes(v) for v in spec.values())
+    if isinstance(spec, (list, tuple)):
+        return sum(spec_nbytes(v) for v in spec)
+    return 0
 
 
 class TokenMixer(nn.Module):
@@ -36,8 +66,13 @@ class TokenMixer(nn.Module):
         """Recurrent decode of x [B, 1, D] given the previous state."""
         return self.forward(x, state=state, position_ids=position_ids, use_cache=True)
 
+    def state_spec(self, batch_size: int, capacity: int, dtype=torch.bfloat16):
+        """The decode state's tensors after ``capacity`` tokens (see the module docstring)."""
+        raise NotImplementedError(f"mixer {type(self).__qualname__} declares no decode state (state_spec); "
+                                  "the inference engine needs it to preallocate its cache")
+
     def state_size(self, batch_size: int, seq_len: int, dtype=torch.bfloat16) -> int:
-        raise NotImplementedError
+        return spec_nbytes(self.state_spec(batch_size, seq_len, dtype))
 
 
 def state_nbytes(state) -> int:

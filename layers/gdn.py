@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlt.kernels import gated_delta_rule, gated_rms_norm, short_conv
-from vlt.layers.base import TokenMixer, check_heads, check_positive_int, project
+from vlt.layers.base import TensorSpec, TokenMixer, check_heads, check_positive_int, project
 from vlt.layers.registry import register_mixer
 
 
@@ -89,10 +89,12 @@ class GatedDeltaNet(TokenMixer):
             conv.weight.zero_()
             conv.weight[:, 0, -1] = 1.0
 
-    def state_size(self, batch_size, seq_len, dtype=torch.bfloat16):
-        conv = batch_size * (2 * self.key_dim + self.value_dim) * (self.conv_size - 1)
-        ssm = batch_size * self.num_v_heads * self.head_k_dim * self.head_v_dim
-        return conv * torch.finfo(dtype).bits // 8 + ssm * 4  # the recurrent state is kept in fp32
+    def state_spec(self, batch_size, capacity, dtype=torch.bfloat16):
+        W = self.conv_size - 1
+        conv = tuple(TensorSpec((batch_size, c, W), dtype) for c in (self.key_dim, self.key_dim, self.value_dim))
+        # the recurrent state is kept in fp32 whatever the weights' dtype
+        ssm = TensorSpec((batch_size, self.num_v_heads, self.head_k_dim, self.head_v_dim), torch.float32)
+        return {"conv": conv, "ssm": ssm}
 
     def forward(self, x, *, state=None, cu_seqlens=None, position_ids=None, use_cache=False):
         B, T, _ = x.shape

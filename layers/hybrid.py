@@ -74,8 +74,8 @@ class HybridMixer(TokenMixer):
             return [1.0] * n
         return list(self.branch_logits.softmax(0).unbind(0))
 
-    def state_size(self, batch_size, seq_len, dtype=torch.bfloat16):
-        return sum(b.state_size(batch_size, seq_len, dtype) for b in self.branches)
+    def state_spec(self, batch_size, capacity, dtype=torch.bfloat16):
+        return [b.state_spec(batch_size, capacity, dtype) for b in self.branches]
 
     def forward(self, x, *, state=None, cu_seqlens=None, position_ids=None, use_cache=False):
         states = state or [None] * len(self.branches)

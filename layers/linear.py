@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlt.kernels import linear_attention, rms_norm
-from vlt.layers.base import TokenMixer, check_heads
+from vlt.layers.base import TensorSpec, TokenMixer, check_heads
 from vlt.layers.registry import register_mixer
 
 FEATURE_MAPS = {
@@ -53,8 +53,8 @@ class LinearAttention(TokenMixer):
         if decay not in DECAYS:
             raise ValueError(f"{where}decay={decay!r}; allowed: {list(DECAYS)}")
 
-    def state_size(self, batch_size, seq_len, dtype=torch.bfloat16):
-        return batch_size * self.num_heads * self.head_dim * self.head_dim * 4
+    def state_spec(self, batch_size, capacity, dtype=torch.bfloat16):
+        return {"ssm": TensorSpec((batch_size, self.num_heads, self.head_dim, self.head_dim), torch.float32)}
 
     def forward(self, x, *, state=None, cu_seqlens=None, position_ids=None, use_cache=False):
         B, T, _ = x.shape

@@ -4,7 +4,7 @@ combine) on the CPU through Triton's interpreter, against index_copy + SDPA
 compiles the same kernels: tests/test_kernels_gpu.py and tests/test_static_gpu.py."""
 import pytest
 
-from triton_interpreter import TINY_HYBRID
+from triton_interpreter import TINY_ENGINE
 from triton_interpreter import interpret as _interpret
 
 pytest.importorskip("triton")
@@ -25,14 +25,18 @@ def test_kernel_matches_sdpa_with_the_write():
                                              (1, 8, 2, 64, 300, 5, torch.bfloat16)]:
             rope = Hq != Hkv
             kc, vc = torch.randn(B, L, Hkv, D, dtype=dt), torch.randn(B, L, Hkv, D, dtype=dt)
-            ktok = torch.arange(L)
+            ktok = torch.arange(L).repeat(B, 1)
             kc2, vc2, ktok2 = kc.clone(), vc.clone(), ktok.clone()
-            for tok in (L + 3, 5 * L - 1, 7):               # slots 3, L - 1 (the last split's end), 7
+            # slots 3, L - 1 (the last split's end), 7 of a cache not yet wrapped (only slots 0..7 are
+            # valid: later splits do no work); with B 2 also one token index per row, one row wrapped
+            for tok in [L + 3, 5 * L - 1, 7] + ([(7, L + 3)] if B == 2 else []):
                 proj = torch.randn(B, Hq * D + 2 * Hkv * D, dtype=dt)
                 q, k, v = proj.split([Hq * D, Hkv * D, Hkv * D], -1)   # strided views, as a stacked projection
                 q, k, v = q.view(B, Hq, D), k.view(B, Hkv, D), v.view(B, Hkv, D)
                 t = torch.tensor(tok)
-                cos, sin = (c.view(-1) for c in rope_cos_sin(torch.tensor([[tok]]), D, 10000.0)) if rope else (None, None)
+                per_row = t.dim() == 1
+                cos, sin = (c.view(B, D) if per_row else c.view(-1)
+                            for c in rope_cos_sin(t.reshape(-1, 1), D, 10000.0)) if rope else (None, None)
                 o = decode_attention(q, k, v, kc, vc, t, ktok, splits=splits, block_n=16, cos=cos, sin=sin)
                 r = decode_attention_reference(q, k, v, kc2, vc2, t, ktok2, cos=cos, sin=sin)
                 print(dt, B, Hq, Hkv, D, L, tok, rel(o, r))
@@ -52,30 +56,34 @@ def test_kernel_matches_sdpa_with_the_write():
     assert out.strip().endswith("OK")
 
 
-def test_static_step_with_the_kernel_matches_eager():
+def test_engine_decode_with_the_kernels_matches_eager():
+    """The engine's decode with every vlt kernel (the interpreter runs them on CPU tensors): batch 1
+    (GEMVs, fused GDN step, decode attention) and batch 2 with rows of different lengths (per-row
+    token counters, RoPE and valid slots in the decode attention kernel); one row's SWA ring has
+    wrapped, the other's not."""
     out = _interpret("""
-        # the dense decode step with every vlt kernel (the interpreter runs them on CPU tensors):
-        # the SWA ring (window 32) not yet full, then wrapped
-        for ctx in (20, 50):
-            st = StaticStepper(model, 1, dense=True, advance=False, fill="random", context=ctx, fused_gdn=True,
-                               gemv=True, decode_attention=True)
-            x, pos = torch.randn(1, 1, 64), frame_positions(1, ctx, dev)
-            ref, new_state = eager_step(model, x, pos, st.eager_state(ctx))
-            st.x.copy_(x)
-            st.pos.copy_(pos)
-            err = rel_err(st.step(), ref)
-            print(ctx, err)
-            assert err < 1e-5, (ctx, err)
-            for s, ns in zip(st.states, new_state["layers"]):   # the new K/V landed in the slot
-                if s["kind"] == "attn":
-                    slot = ctx % s["L"]
-                    new_k = ns["k"][:, -1] if ns["k"].shape[1] > ctx else ns["k"][:, slot]  # chronological or ring
-                    # rotated by the kernel (numpy under the interpreter) vs torch's apply_rope: equal up
-                    # to FMA contraction / vector width, so a tolerance relative to the key's scale
-                    scale = float(new_k.abs().max())
-                    assert torch.allclose(s["k"][:, slot], new_k, rtol=1e-5, atol=1e-5 * scale), \
-                        (ctx, float((s["k"][:, slot] - new_k).abs().max()), scale)
-                    assert int(s["ktok"][slot]) == ctx
+        for B in (1, 2):
+            eng = InferenceEngine(model, batch_size=B, capacity=48, fused=True, graphs=False, compile=None)
+            rows = prompts[:B]
+            for b, ids in enumerate(rows):
+                eng.prefill(ids, row=b)
+            tokens = [[int(t) for t in torch.randint(0, 200, (6,))] for _ in rows]
+            refs = [eager_logits(ids, toks) for ids, toks in zip(rows, tokens)]
+            for i in range(6):
+                got = eng.decode(torch.tensor([toks[i] for toks in tokens]))
+                for b in range(B):
+                    err = rel_err(got[b], refs[b][i])
+                    print(B, b, i, err)
+                    assert err < 1e-5, (B, b, i, err)
+            # the new K/V landed in the slots: the engine's state converts back to the eager one
+            for b, ids in enumerate(rows):
+                with torch.no_grad():
+                    out = model(torch.cat([ids, torch.tensor(tokens[b][:-1])])[None], use_cache=True)
+                    out = model(torch.tensor([[tokens[b][-1]]]), state=out.state, use_cache=True)
+                got_state = eng.export_state(b)["layers"]
+                for s_got, s_ref in ((got_state[0], out.state["layers"][0]), (got_state[3], out.state["layers"][3])):
+                    scale = float(s_ref["k"].abs().max())
+                    assert torch.allclose(s_got["k"], s_ref["k"], rtol=1e-5, atol=1e-5 * scale)
         print("OK")
-    """, prelude=TINY_HYBRID)
+    """, prelude=TINY_ENGINE)
     assert out.strip().endswith("OK")

@@ -9,7 +9,7 @@ matrix-vector product. The GPU compiles the same kernels for real: tests/test_ke
 tests/test_static_gpu.py.
 """
 import pytest
-from triton_interpreter import TINY_HYBRID
+from triton_interpreter import TINY_ENGINE
 from triton_interpreter import interpret as _interpret
 
 pytest.importorskip("triton")
@@ -85,26 +85,25 @@ def test_kernel_matches_gdn_mixer_over_decode_steps():
     assert out.strip().endswith("OK")
 
 
-def test_static_stepper_fused_gdn_matches_eager():
+def test_engine_fused_gdn_with_separate_and_stacked_projections():
+    """The engine's batch-1 decode with the fused GDN step and every projection through the GEMV
+    kernel (norm / SwiGLU / residual fused in), with the projections left apart and stacked."""
     out = _interpret("""
+        import copy
+        from vlt.inference import pack_projections
         packed = copy.deepcopy(model)
         assert pack_projections(packed) == 2 * len(packed.layers)
-        # gemv=True: every projection through the GEMV kernel (which the interpreter runs on CPU
-        # tensors), with its norm / SwiGLU / residual fused in; separate and stacked projections
-        for stepped in (model, packed):
-            st = StaticStepper(stepped, 1, capacity=64, fused_gdn=True, gemv=True)
-            assert st.fused_gdn and st.gemv
-            state = None
-            for t in range(4):                                       # decode steps, states carried
-                x, pos = torch.randn(1, 1, 64), frame_positions(1, t, dev)
-                ref, state = eager_step(model, x, pos, state)
-                st.x.copy_(x)
-                st.pos.copy_(pos)
-                err = rel_err(st.step(), ref)
-                print(t, err)
-                assert err < 1e-5, (t, err)
+        ids, toks = prompts[1], [5, 6, 7, 8]
+        refs = eager_logits(ids, toks)
+        for stepped, pack in ((model, False), (packed, True)):
+            eng = InferenceEngine(stepped, capacity=32, fused=True, graphs=False, compile=None, pack=pack)
+            eng.prefill(ids)
+            for i, t in enumerate(toks):
+                err = rel_err(eng.decode(torch.tensor([t]))[0], refs[i])
+                print(pack, i, err)
+                assert err < 1e-5, (pack, i, err)
         print("OK")
-    """, prelude=TINY_HYBRID)
+    """, prelude=TINY_ENGINE)
     assert out.strip().endswith("OK")
 
 

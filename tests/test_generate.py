@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from vlt.convert import convert_to_student, load_teacher, make_tiny_teacher
-from vlt.generation import generate, sample_next
+from vlt.inference import generate_eager as generate, sample_next
 from vlt.layers import state_nbytes
 
 IMG, VS, VE = 261, 259, 260

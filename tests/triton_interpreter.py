@@ -8,17 +8,27 @@ import sys
 import textwrap
 
 
-# What the static-stepper snippets start from: the tiny hybrid on the CPU (SWA window 32 + GDN).
-TINY_HYBRID = """
-    import argparse
-    import copy
+# What the engine snippets start from: a tiny VLM on the CPU (SWA window 16, GDN, full attention),
+# prompts of two lengths (one wraps the window), and the eager reference decode for a prompt.
+TINY_ENGINE = """
     import torch
-    from vlt.bench.common import add_common_args, build_model, setup
-    from vlt.bench.static import StaticStepper, eager_step, frame_positions, pack_projections, rel_err
-    a = add_common_args(argparse.ArgumentParser()).parse_args(["--tiny", "--device", "cpu"])
-    dev, dt = setup(a)
+    from vlt.config import VLMConfig
+    from vlt.inference import InferenceEngine
+    from vlt.model import VLM
     torch.manual_seed(0)
-    model = build_model("hybrid", a, dev, dt).eval()
+    model = VLM(VLMConfig.from_name("tiny-hybrid", decoder={"layout": "[swa, gdn, gdn, full]",
+                                                            "mixers": {"swa": {"window": 16, "qkv_bias": True}}})).eval()
+    prompts = [torch.randint(0, 200, (25,)), torch.randint(0, 200, (10,))]
+    rel_err = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())
+
+    @torch.no_grad()
+    def eager_logits(ids, tokens):
+        out = model(ids[None], use_cache=True)
+        got = []
+        for t in tokens:
+            out = model(torch.tensor([[t]]), state=out.state, use_cache=True)
+            got.append(out.logits[0, -1])
+        return got
 """
 
 

@@ -1,0 +1,285 @@
+"""The inference engine: a preallocated in-place decode cache, per-mixer steps, CUDA graphs in one place.
+
+    engine = InferenceEngine(model, batch_size=1, capacity=4096 + 256)
+    logits = engine.prefill(input_ids, images)           # eager prompt pass, state loaded into the cache
+    logits = engine.decode(next_ids)                     # [B] -> [B, V]; a CUDA-graph replay on the GPU
+    logits = engine.step_embeddings(frame_feats, pos)    # T tokens of embeddings (a video frame)
+
+Every consumer decodes through it: ``vlt generate`` / ``vlt chat`` (``vlt.inference.generate``),
+``vlt stream`` (``vlt.inference.stream``), evaluation, and ``vlt bench infer|stream``.
+
+- The cache of each layer comes from its mixer's declared state (``TokenMixer.state_spec``) through
+  the step registered for the mixer's class (``vlt.inference.steps``); a prefill's state loads into
+  a row of it and converts back (``load_state`` / ``export_state``).
+- Rows are independent sequences (batch > 1: several prompts at once), each with its own token
+  counter (``tok``, the cache write index) and next RoPE position (``next_pos``): they may differ
+  in length. ``full`` attention layers hold ``capacity`` tokens (prompt + new tokens).
+- Decode on CUDA: vlt's fused kernels where they apply (batch-1 GEMVs with norms / SwiGLU / residual
+  fused in, the fused GDN step, the split decode attention with RoPE and the K/V write inside, PDL on
+  Hopper), the whole step captured in one CUDA graph per step size (``capture``). On CPU the same
+  steps run eagerly (the kernels' torch references), so the tests exercise the engine everywhere.
+- Every index lives on the device: no host sync inside a step.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlt.kernels import decode_attention as attn_kernel
+from vlt.kernels import gdn_decode, pdl
+from vlt.kernels import gemv as gemv_kernel
+from vlt.layers import pack_linears
+from vlt.layers.rotary import rope_cos_sin
+from vlt.inference.steps import StepContext, head, mixer_out, step_for
+
+
+class InferenceEngine:
+    def __init__(self, model, *, batch_size: int = 1, capacity: int | None = None, graphs: bool | None = None,
+                 fused: bool | None = None, compile: str | None = "auto", pack: bool | None = None, pdl: bool = True):
+        """``capacity``: tokens a ``full`` attention layer holds (None: only constant-state layouts).
+        ``graphs``: capture steps in CUDA graphs (None: on CUDA). ``fused``: vlt's decode kernels
+        (None: on CUDA with Triton). ``compile``: torch.compile backend for the small ops between the
+        kernels (RoPE tables, the residual/MLP half, generic steps; "auto": inductor on CUDA).
+        ``pack``: stack the projections that read one input into one GEMM (None: with ``fused``;
+        parameters keep names and shapes, so LoRA targets and state dicts are unaffected)."""
+        p = next(model.parameters())
+        self.model, self.device, self.dtype = model.eval(), p.device, p.dtype
+        cuda = self.device.type == "cuda"
+        self.batch_size, self.capacity = batch_size, capacity
+        self.graphs = cuda if graphs is None else graphs
+        if self.graphs and not cuda:
+            raise ValueError("graphs=True needs the model on a CUDA device")
+        self.fused = (cuda and gdn_decode.triton is not None) if fused is None else fused
+        self.pdl = pdl
+        if compile == "auto":
+            compile = "inductor" if cuda else None
+        self.compile = compile
+        self._rope_tables, self._mixer_out = rope_cos_sin, mixer_out
+        if compile:
+            from torch import _dynamo
+            cfg = _dynamo.config  # one compile per kind of block and step size: room for all
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(cfg, name):
+                    setattr(cfg, name, max(getattr(cfg, name), 64))
+            self._rope_tables = torch.compile(rope_cos_sin, backend=compile, dynamic=False)
+            self._mixer_out = torch.compile(mixer_out, backend=compile, dynamic=False)
+        if pack if pack is not None else self.fused:
+            pack_projections(model)
+        needs_capacity = [i for i, b in enumerate(model.layers) if getattr(b.mixer, "state_grows", False)]
+        if needs_capacity and capacity is None:
+            raise ValueError(f"layers {needs_capacity} keep a growing state (full attention): give the engine a "
+                             "capacity (the longest prompt + new tokens it must hold)")
+        # capacity None: unbounded (constant-state layouts; a sliding window keeps its whole ring).
+        # Given, every layer holds at most that many tokens (a window shorter than the window saves memory)
+        cap = capacity or (1 << 40)
+        self.caches = [step_for(b.mixer).allocate(b.mixer, batch_size, cap, self.dtype, self.device)
+                       for b in model.layers]
+        self.tok = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.ids = torch.zeros(batch_size, dtype=torch.long, device=self.device)   # decode input
+        self._frame_in: dict[int, tuple] = {}                                    # T -> (x, pos) buffers
+        self._graphs: dict[tuple, tuple] = {}                                    # key -> (replay, out)
+        self.mrope = model.config.decoder.mrope_section is not None
+
+    # -- state ------------------------------------------------------------------------------------------
+    def reset(self):
+        """Empty every row (as before any token)."""
+        for t in _tensors(self.caches):
+            t.fill_(-1 if t.dtype == torch.long else 0)
+        self.tok.zero_()
+        self.next_pos.zero_()
+
+    def state_nbytes(self) -> int:
+        """Bytes of the decode state (the mixers' declared tensors, without the engine's bookkeeping)."""
+        return sum(t.numel() * t.element_size() for t in _tensors(self.caches) if t.dtype != torch.long)
+
+    def load_state(self, state: dict, row: int = 0, seen: int | None = None):
+        """Put a model state (``model(..., use_cache=True).state``, batch 1) into row ``row``."""
+        seen = _seen(state["layers"]) if seen is None else seen
+        if seen < 0:
+            raise ValueError("the state carries no 'seen' count; pass seen= (the tokens it holds)")
+        if self.capacity is not None and seen > self.capacity:
+            raise ValueError(f"a prompt of {seen} tokens does not fit the engine's capacity of {self.capacity} "
+                             "tokens; shorten it or build the engine with a larger capacity")
+        for blk, cache, s in zip(self.model.layers, self.caches, state["layers"]):
+            step_for(blk.mixer).load(blk.mixer, cache, s, row, seen)
+        self.tok[row] = seen
+        self.next_pos[row] = state["next_pos"].reshape(-1)[0]
+
+    def export_state(self, row: int = 0) -> dict:
+        """Row ``row`` as a model state (what ``model(..., state=...)`` continues from)."""
+        seen = int(self.tok[row])
+        layers = [step_for(b.mixer).export(b.mixer, c, row, seen) for b, c in zip(self.model.layers, self.caches)]
+        return {"layers": layers, "next_pos": self.next_pos[row:row + 1].clone()}
+
+    @torch.no_grad()
+    def fill_random(self, context: int, seed: int = 0):
+        """Every row as after ``context`` tokens of random content (K/V, conv and SSM states), for
+        benchmarks of long contexts without a prefill of that length."""
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        for t in _tensors(self.caches):
+            if t.dtype == torch.long:   # ktok [B, L]: slot s holds the latest token t < context, t % L == s
+                L = t.shape[-1]
+                s = torch.arange(L, device=self.device)
+                last = context - 1 - ((context - 1 - s) % L)
+                t.copy_(torch.where(last >= 0, last, torch.full_like(last, -1)).expand_as(t))
+            else:
+                t.copy_(torch.randn(t.shape, generator=gen, device=self.device, dtype=torch.float32)
+                        * (0.05 if t.dtype == torch.float32 else 1.0))
+        self.tok.fill_(context)
+        self.next_pos.fill_(context)
+
+    def snapshot(self):
+        return [t.clone() for t in _tensors(self.caches)], self.tok.clone(), self.next_pos.clone()
+
+    def restore(self, snap):
+        tensors, tok, nxt = snap
+        for dst, src in zip(_tensors(self.caches), tensors):
+            dst.copy_(src)
+        self.tok.copy_(tok)
+        self.next_pos.copy_(nxt)
+
+    # -- prefill ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, images=None, row: int = 0, chunk: int | None = None) -> torch.Tensor:
+        """Run a prompt (ids [T] or [1, T], images for its image tokens) through the model's parallel
+        forward (the mixers' chunked kernels) and load its state into ``row``, replacing what the row
+        held. ``chunk``: text-only prompts longer than this run in pieces (bounded activation memory).
+        Returns the last position's logits [V]."""
+        ids = input_ids.reshape(1, -1).to(self.device)
+        T = ids.shape[1]
+        if self.capacity is not None and T > self.capacity:
+            raise ValueError(f"the prompt has {T} tokens but the engine holds {self.capacity} (its capacity); "
+                             "give a larger capacity or a shorter prompt")
+        state, out = None, None
+        step = T if (chunk is None or images) else chunk
+        for s in range(0, T, step):
+            out = self.model(ids[:, s:s + step], images=(images or None) if s == 0 else None, state=state,
+                             use_cache=True, logits_to_keep=1)
+            state = out.state
+        self.load_state(state, row, seen=T)
+        return out.logits[0, -1]
+
+    # -- the step ---------------------------------------------------------------------------------------
+    def _context(self, T: int, pos) -> StepContext:
+        B = self.batch_size
+        fast = self.fused and B == 1 and gemv_kernel.triton is not None
+        return StepContext(tok=self.tok, pos=pos, T=T, fast=fast, fused_gdn=self.fused and T == 1,
+                           decode_attention=self.fused and T == 1 and attn_kernel.triton is not None,
+                           rope_tables=self._rope_tables)
+
+    def _blocks(self, x, pos):
+        """The decoder on embeddings x [B, T, D] at positions pos: caches updated, counters advanced;
+        returns the last position's logits [B, V]."""
+        T = x.shape[1]
+        ctx = self._context(T, pos)
+        with pdl.disabled(not self.pdl):
+            for blk, cache in zip(self.model.layers, self.caches):
+                y, o_proj = step_for(blk.mixer)(blk.mixer, cache, ctx, x, blk.input_layernorm)
+                x = self._mixer_out(blk, x, o_proj, y, ctx.fast)
+            logits = head(self.model, x[:, -1:], ctx.fast)[:, 0]
+        self.tok += T
+        return logits
+
+    def _decode_impl(self):
+        pos = self.next_pos[:, None]                                            # [B, 1]
+        if self.mrope:
+            pos = pos[None].expand(3, -1, -1)
+        logits = self._blocks(self.model.embed_tokens(self.ids)[:, None], pos)
+        self.next_pos += 1
+        return logits
+
+    def _frame_impl(self, T):
+        x, pos = self._frame_in[T]
+        logits = self._blocks(x, pos)
+        self.next_pos.copy_(pos.reshape(-1, pos.shape[-2], T).amax(dim=(0, 2)) + 1)
+        return logits
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """One token per row (ids [B], on the device) -> next-token logits [B, V]."""
+        # a full layer's capacity is checked where the host knows the lengths (generate): no sync here
+        self.ids.copy_(ids.reshape(-1))
+        return self._run(("decode",), self._decode_impl)
+
+    @torch.no_grad()
+    def step_embeddings(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """T tokens given as embeddings x [1, T, D] at M-RoPE / RoPE positions pos ([3, 1, T] or
+        [1, T]) - a video frame's features - appended to row 0 (batch 1). Returns logits [1, V]."""
+        if self.batch_size != 1:
+            raise ValueError("step_embeddings (frames, prompt chunks) runs on a batch-1 engine")
+        T = x.shape[1]
+        if T not in self._frame_in:
+            self._frame_in[T] = (torch.zeros(1, T, x.shape[2], device=self.device, dtype=self.dtype),
+                                 torch.zeros(pos.shape, device=self.device, dtype=torch.long))
+        xb, pb = self._frame_in[T]
+        if pb.shape != pos.shape:
+            raise ValueError(f"positions of shape {tuple(pos.shape)} for {T} tokens; the engine holds "
+                             f"{tuple(pb.shape)} for that size")
+        xb.copy_(x)
+        pb.copy_(pos)
+        return self._run(("frame", T), lambda: self._frame_impl(T))
+
+    def _run(self, key, fn):
+        if not self.graphs:
+            return fn()
+        if key not in self._graphs:
+            self.capture(key, fn)
+        replay, out = self._graphs[key]
+        replay()
+        return out
+
+    def capture(self, key, fn):
+        """Capture ``fn`` (a step on the static buffers) in a CUDA graph: the one place vlt captures
+        decoder graphs. Warm-up runs (Triton JIT, compile) mutate the cache, so it is saved and
+        restored around them: capturing never changes what the engine holds."""
+        snap = self.snapshot()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = fn()
+        self.restore(snap)
+        self._graphs[key] = (g.replay, out)
+
+
+def _seen(tree) -> int:
+    """Tokens seen, from the first mixer state (dict) that carries it."""
+    if isinstance(tree, dict) and "seen" in tree:
+        return int(tree["seen"])
+    for v in (tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()):
+        n = _seen(v)
+        if n >= 0:
+            return n
+    return -1
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensors(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _tensors(v)
+
+
+def pack_projections(model) -> int:
+    """Stack each block's projections that read one input (the groups its mixer's step declares,
+    e.g. attention q/k/v, GDN q/k/v/g/a/b; the MLP's gate/up) with ``vlt.layers.pack_linears``:
+    one GEMV each per decode step. LoRA-wrapped groups are left alone. Returns the groups packed."""
+    n = 0
+    for blk in model.layers:
+        groups = [(blk.mixer, g) for g in step_for(blk.mixer).packed] + [(blk.mlp, ("gate_proj", "up_proj"))]
+        for mod, names in groups:
+            linears = [getattr(mod, name, None) for name in names]
+            if all(type(lin) is nn.Linear for lin in linears) and getattr(linears[0], "packed_weight", None) is None:
+                pack_linears(*linears)
+                n += 1
+    return n
+
