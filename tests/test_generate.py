@@ -134,7 +134,31 @@ def test_generate_cli_end_to_end(student, teacher_dir, tmp_path, capsys):
     new = generate(student, torch.tensor([ids]), [x], max_new_tokens=8, eos_token_id=[tok.eos_id, tok.pad_id])
     text = tok.decode([t for t in new[0].tolist() if t not in (tok.eos_id, tok.pad_id)])
     assert out == text + "\n"
-    assert "tokens/s" in err and "state" in err and "swa" in err
+    assert "tokens/s" in err and "state" in err and "swa" in err and "time to first token" in err
+    # the reference path prints the same tokens
+    eager = add_generate_args(argparse.ArgumentParser()).parse_args(
+        ["--ckpt", str(ckpt), "--image", str(img), "--prompt", "Describe it.", "--max-new-tokens", "8", "--engine", "eager"])
+    assert run_generate(eager) == 0
+    assert capsys.readouterr().out == out
     bad = add_generate_args(argparse.ArgumentParser()).parse_args(["--ckpt", str(tmp_path / "nope"), "--prompt", "x"])
     assert run_generate(bad) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_generate_uses_the_training_runs_system_prompt(student, teacher_dir, tmp_path, capsys):
+    """An export that records training without a system prompt is prompted without one by default
+    (the flag still overrides); one without a record falls back to Qwen's default."""
+    from vlt.export import save_pretrained_vlt
+    from vlt.generate_cli import add_generate_args, run_generate
+
+    def run(ckpt, *extra):
+        args = add_generate_args(argparse.ArgumentParser()).parse_args(
+            ["--ckpt", str(ckpt), "--prompt", "Which colour?", "--max-new-tokens", "6", *extra])
+        assert run_generate(args) == 0
+        return capsys.readouterr().out
+
+    plain = save_pretrained_vlt(student, tmp_path / "plain", tokenizer_dir=teacher_dir)
+    trained = save_pretrained_vlt(student, tmp_path / "nosys", tokenizer_dir=teacher_dir, prompt={"system": ""})
+    assert run(trained) == run(plain, "--system", "")
+    assert run(trained, "--system", "You are a helpful assistant.") == run(plain)
+    assert run(plain, "--system", "") != run(plain)   # the system prompt changes this model's answer

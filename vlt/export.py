@@ -21,6 +21,7 @@ builds the model itself.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -57,7 +58,11 @@ def merge_lora_(vlm: nn.Module) -> nn.Module:
     return merge_lora(vlm)
 
 
-def save_pretrained_vlt(model: nn.Module, out_dir, tokenizer_dir=None, merge_lora: bool = False) -> Path:
+def save_pretrained_vlt(model: nn.Module, out_dir, tokenizer_dir=None, merge_lora: bool = False,
+                        prompt: dict | None = None) -> Path:
+    """``prompt``: how the training data was templated - ``system`` (the system prompt, "" for none),
+    ``min_pixels`` / ``max_pixels`` (image resize limits) - read back by ``vlt generate`` / ``vlt
+    stream`` / ``vlt eval`` as their defaults, so the model is prompted the way it was trained."""
     from safetensors.torch import save_file
     vlm = _unwrap(model)
     out = Path(out_dir).expanduser()
@@ -92,7 +97,10 @@ def save_pretrained_vlt(model: nn.Module, out_dir, tokenizer_dir=None, merge_lor
     tok_kind = _copy_tokenizer(tokenizer_dir, out)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": vlm.config.to_dict(), "layout": vlm.layout,
             "dtype": str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32",
-            "tied_weights": tied, "tokenizer": tok_kind, "lora": lora_info}
+            "tied_weights": tied, "tokenizer": tok_kind, "lora": lora_info,
+            "imports": list(vlm.config.imports)}  # modules to import for the layout's mixers (vlt.config)
+    if prompt is not None:
+        meta["prompt"] = {k: v for k, v in prompt.items() if v is not None or k == "system"}
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     return out
 
@@ -153,7 +161,11 @@ def load_pretrained_vlt(path, dtype=None, device=None, load_adapter: bool = True
     from vlt.model import VLM
     p = Path(path).expanduser()
     meta, state = read_state(p)
-    model = VLM(VLMConfig.from_dict(meta["model"]))
+    target = _DTYPES.get(str(dtype).removeprefix("torch."), None) if dtype is not None else _DTYPES.get(meta.get("dtype"))
+    # built where it will run, in its dtype: a 4B model's random init on the CPU in fp32 (then moved)
+    # took most of a generate command's start-up; every parameter is overwritten below anyway
+    with torch.device(device or "cpu"), _default_dtype(target or torch.float32):
+        model = VLM(VLMConfig.from_dict(meta["model"]))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -167,9 +179,18 @@ def load_pretrained_vlt(path, dtype=None, device=None, load_adapter: bool = True
     lora = meta.get("lora") or {}
     if load_adapter and lora.get("dir"):
         _attach_adapter(model, p / lora["dir"])
-    target = _DTYPES.get(str(dtype).removeprefix("torch."), None) if dtype is not None else _DTYPES.get(meta.get("dtype"))
     model.to(device=device, dtype=target)
     return model.eval(), load_tokenizer_from(p, meta)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def _attach_adapter(model, adir: Path):

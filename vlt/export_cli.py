@@ -48,9 +48,21 @@ def export_checkpoint(ckpt_path, out_dir, tokenizer=None, merge_lora=False) -> P
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"{path}: tensors the model does not have: {unexpected[:5]}")
+    data_hp = ckpt.get("datamodule_hyper_parameters") or {}
     if tokenizer is None:
-        tokenizer = (ckpt.get("datamodule_hyper_parameters") or {}).get("tokenizer", None)
-    return save_pretrained_vlt(model, out_dir, tokenizer_dir=tokenizer, merge_lora=merge_lora)
+        tokenizer = data_hp.get("tokenizer", None)
+    return save_pretrained_vlt(model, out_dir, tokenizer_dir=tokenizer, merge_lora=merge_lora,
+                               prompt=prompt_settings(data_hp))
+
+
+def prompt_settings(data_hp: dict) -> dict | None:
+    """The data module's templating (system prompt, image resize limits) from its saved
+    hyper-parameters, as ``save_pretrained_vlt(prompt=...)`` records it; None when the run had no
+    vlt data module (its defaults then apply)."""
+    if "system_prompt" not in data_hp:
+        return None
+    return {"system": data_hp.get("system_prompt") or "", "min_pixels": data_hp.get("min_pixels"),
+            "max_pixels": data_hp.get("max_pixels")}
 
 
 def run_export(args) -> int:

@@ -4,8 +4,14 @@ The directory is one written by ``vlt.export.save_pretrained_vlt`` (or a Qwen2.5
 imported as a full-attention vlt model so the teacher can be compared with its student); its tokenizer (Qwen's ChatML
 specials) builds the prompt with vlt.data's template (``<|im_start|>`` turns, each image expanded to
 ``<|vision_start|><|image_pad|> x N<|vision_end|>``, video frames as timestamped images), and its
-preprocessor_config.json (if any) sets the image resize limits and normalisation. Text streams to
-stdout as tokens arrive; speed and decode-state bytes go to stderr at the end.
+preprocessor_config.json (if any) sets the image resize limits and normalisation. The export's
+``prompt`` record (the training run's system prompt and image limits) is the default, so the model
+is prompted as it was trained; ``--system`` / ``--max-pixels`` override it.
+
+Decoding runs through the inference engine (``vlt.inference``: in-place cache, fused kernels and a
+CUDA graph on the GPU); ``--engine eager`` runs the mixers' own decode path (the reference). Text
+streams to stdout as tokens arrive; time to first token, tokens/s and decode-state bytes go to
+stderr at the end.
 """
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--video", nargs="+", default=None, metavar="FRAME",
                    help="video frames: image files in time order, or one directory of frames (sorted by name)")
     p.add_argument("--fps", type=float, default=1.0, help="frame rate of --video frames (for their timestamps)")
-    p.add_argument("--system", default=None, help="system prompt (default: Qwen's 'You are a helpful assistant.')")
+    p.add_argument("--system", default=None, help="system prompt (default: the one the model was trained with, "
+                   "recorded in its export; else Qwen's 'You are a helpful assistant.'); '' for none")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -33,12 +40,32 @@ def add_generate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: the dtype the model was saved in")
     p.add_argument("--max-pixels", type=int, default=None, help="resize limit per image (default: the checkpoint's)")
+    p.add_argument("--engine", default="auto", choices=["auto", "engine", "eager"],
+                   help="auto/engine: vlt.inference's engine (CUDA graphs on the GPU); eager: the mixers' own "
+                        "decode path, the reference")
     return p
+
+
+def prompt_record(ckpt: Path) -> dict:
+    """The training run's templating recorded in an export (``vlt_config.json`` "prompt"), or {}."""
+    f = ckpt / "vlt_config.json"
+    if not f.is_file():
+        return {}
+    return json.loads(f.read_text()).get("prompt") or {}
+
+
+def system_prompt(args, record: dict) -> str:
+    from vlt.data.tokenizer import DEFAULT_SYSTEM
+    if args.system is not None:
+        return args.system
+    return record.get("system", DEFAULT_SYSTEM)
 
 
 def _image_processor(ckpt: Path, model, max_pixels):
     from vlt.data.image import ImageProcessor
     kw = dict(patch_size=model.config.vision.patch_size, merge_size=model.config.vision.merge_size)
+    record = prompt_record(ckpt)
+    kw.update({k: record[k] for k in ("min_pixels", "max_pixels") if record.get(k) is not None})
     f = ckpt / "preprocessor_config.json"
     if f.is_file():
         pc = json.loads(f.read_text())
@@ -70,7 +97,7 @@ def _open(path: Path):
 def build_inputs(args, model, tok):
     """(input_ids [1, T], list of image tensors) for the prompt, images and video frames in ``args``."""
     import torch
-    from vlt.data.tokenizer import DEFAULT_SYSTEM, build_prompt_ids
+    from vlt.data.tokenizer import build_prompt_ids
     images = [Path(i).expanduser() for i in args.image]
     frames = _frames(args.video) if args.video else []
     if (images or frames) and model.vision is None:
@@ -83,7 +110,7 @@ def build_inputs(args, model, tok):
         counts.append(("video", [(i / args.fps, proc.num_tokens(t)) for i, t in enumerate(tensors[len(images):])]))
         value += "<video>\n"
     conv = [{"from": "human", "value": value + args.prompt}]
-    ids = build_prompt_ids(tok, conv, counts, system=DEFAULT_SYSTEM if args.system is None else args.system)
+    ids = build_prompt_ids(tok, conv, counts, system=system_prompt(args, prompt_record(Path(args.ckpt).expanduser())))
     return torch.tensor([ids], dtype=torch.long), tensors
 
 
@@ -95,58 +122,92 @@ def run_generate(args) -> int:
         return 2
 
 
-def _run(args) -> int:
-    import torch
+def load_for_inference(ckpt_arg: str, device: str, dtype: str | None):
+    """(model, tokenizer) from an export directory or a transformers Qwen2.5-VL directory."""
     from vlt.export import load_pretrained_vlt
-    from vlt.generation import generate
-    from vlt.layers import state_nbytes
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    ckpt = Path(args.ckpt).expanduser()
+    ckpt = Path(ckpt_arg).expanduser()
     if not (ckpt / "vlt_config.json").is_file() and (ckpt / "config.json").is_file():
         # a transformers Qwen2.5-VL directory: run it as is (full attention), e.g. to compare with a student
         from vlt.convert import import_qwen2_5_vl
         from vlt.export import _DTYPES, load_tokenizer_from
-        model = import_qwen2_5_vl(ckpt, _DTYPES[args.dtype or "float32"]).to(device).eval()
+        model = import_qwen2_5_vl(ckpt, _DTYPES[dtype or "float32"]).to(device).eval()
         tok = load_tokenizer_from(ckpt, {"tokenizer": "hf"})
     else:
-        model, tok = load_pretrained_vlt(ckpt, dtype=args.dtype, device=device)
+        model, tok = load_pretrained_vlt(ckpt, dtype=dtype, device=device)
     if tok is None:
-        raise ValueError(f"{args.ckpt} has no tokenizer; export it with save_pretrained_vlt(..., tokenizer_dir=TEACHER_DIR "
+        raise ValueError(f"{ckpt_arg} has no tokenizer; export it with save_pretrained_vlt(..., tokenizer_dir=TEACHER_DIR "
                          "or 'byte')")
+    return model, tok
+
+
+class TextStreamer:
+    """Writes decoded text as token ids arrive (holding back half a multi-byte character)."""
+
+    def __init__(self, tok, stop_ids, out=None):
+        self.tok, self.stop, self.out = tok, set(stop_ids), out or sys.stdout
+        self.ids: list[int] = []
+        self.printed = ""
+        self.first = None
+        self.finished = False
+
+    def __call__(self, t):
+        if self.first is None:
+            self.first = time.perf_counter()
+        t = int(t[0])
+        if self.finished or t in self.stop:
+            self.finished = True
+            return
+        self.ids.append(t)
+        text = self.tok.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            self.out.write(text[len(self.printed):])
+            self.out.flush()
+            self.printed = text
+
+    def close(self):
+        self.out.write(self.tok.decode(self.ids)[len(self.printed):] + "\n")
+        self.out.flush()
+
+
+def _run(args) -> int:
+    import torch
+    from vlt.layers import state_nbytes
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    t_load = time.perf_counter()
+    model, tok = load_for_inference(args.ckpt, device, args.dtype)
     ids, images = build_inputs(args, model, tok)
     ids = ids.to(device)
     dtype = next(model.parameters()).dtype
     images = [im.to(device, dtype) for im in images]
-    out_ids: list[int] = []
-    printed = [""]
-    t0 = time.perf_counter()
-    first = [None]
     eos = [tok.eos_id, tok.pad_id]
-
-    def on_token(t):
-        if first[0] is None:
-            first[0] = time.perf_counter()
-        if int(t[0]) in eos:
-            return
-        out_ids.append(int(t[0]))
-        text = tok.decode(out_ids)
-        if not text.endswith("\ufffd"):  # hold back half a multi-byte character
-            sys.stdout.write(text[len(printed[0]):])
-            sys.stdout.flush()
-            printed[0] = text
-
-    new, state = generate(model, ids, images, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, eos_token_id=eos, on_token=on_token, seed=args.seed, return_state=True)
+    streamer = TextStreamer(tok, eos)
+    load_s = time.perf_counter() - t_load
+    t0 = time.perf_counter()
+    if args.engine == "eager":
+        from vlt.inference import generate_eager
+        new, state = generate_eager(model, ids, images, max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, top_p=args.top_p, eos_token_id=eos,
+                                    on_token=streamer, seed=args.seed, return_state=True)
+        per_layer = [state_nbytes(s) for s in state["layers"]]
+    else:
+        from vlt.inference import InferenceEngine, generate
+        engine = InferenceEngine(model, capacity=ids.shape[1] + args.max_new_tokens)
+        new = generate(engine, [(ids[0], images)], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_p=args.top_p, eos_token_id=eos, on_token=streamer, seed=args.seed)
+        per_layer = engine.layer_state_nbytes()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     end = time.perf_counter()
-    sys.stdout.write(tok.decode(out_ids)[len(printed[0]):] + "\n")
-    n = new.shape[1]
-    decode_s = end - first[0]
     per_kind: dict[str, int] = {}
-    for block, s in zip(model.layers, state["layers"]):
-        per_kind[block.mixer_name] = per_kind.get(block.mixer_name, 0) + state_nbytes(s)
-    print(f"[vlt generate] prompt {ids.shape[1]} tokens ({len(images)} images), prefill {first[0] - t0:.2f} s; "
+    for block, nbytes in zip(model.layers, per_layer):
+        per_kind[block.mixer_name] = per_kind.get(block.mixer_name, 0) + nbytes
+    streamer.close()
+    n = new.shape[1]
+    decode_s = end - streamer.first
+    print(f"[vlt generate] {args.engine if args.engine != 'auto' else 'engine'} on {device}: load {load_s:.2f} s; "
+          f"prompt {ids.shape[1]} tokens ({len(images)} images), time to first token {streamer.first - t0:.3f} s; "
           f"{n} new tokens, {(n - 1) / decode_s if n > 1 and decode_s > 0 else float('nan'):.1f} tokens/s; "
-          f"state {state_nbytes(state['layers'])} bytes {per_kind}", file=sys.stderr)
+          f"decode state {sum(per_layer)} bytes {per_kind}", file=sys.stderr)
     return 0
 
 

@@ -91,7 +91,10 @@ class InferenceEngine:
 
     def state_nbytes(self) -> int:
         """Bytes of the decode state (the mixers' declared tensors, without the engine's bookkeeping)."""
-        return sum(t.numel() * t.element_size() for t in _tensors(self.caches) if t.dtype != torch.long)
+        return sum(self.layer_state_nbytes())
+
+    def layer_state_nbytes(self) -> list[int]:
+        return [sum(t.numel() * t.element_size() for t in _tensors(c) if t.dtype != torch.long) for c in self.caches]
 
     def load_state(self, state: dict, row: int = 0, seen: int | None = None):
         """Put a model state (``model(..., use_cache=True).state``, batch 1) into row ``row``."""

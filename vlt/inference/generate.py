@@ -20,6 +20,8 @@ import torch
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids [B] from logits [B, V]: argmax at temperature 0, else nucleus sampling."""
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)
@@ -34,7 +36,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float):
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
+    if temperature < 0 or not 0 < top_p <= 1:  # before the prefill, not at the first sample
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
 
 
