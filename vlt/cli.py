@@ -6,7 +6,7 @@
     vlt fit --config quickstart --print_config
     vlt fit ... --ckpt_path last              # resume the newest run's last.ckpt
     vlt data synth|pack|inspect ...   vlt generate --ckpt DIR ...
-    vlt bench mixers|data|train|infer|stream|decode-kernels ...
+    vlt bench mixers|data|train|fit|infer|stream|decode-kernels ...
 
 ``--config NAME`` also finds recipes shipped with vlt by name (``quickstart``,
 ``infinitevl/stage2_sft``). The resolved config is saved as ``config.yaml`` in the run directory,
@@ -146,9 +146,11 @@ def tool_main(argv: list[str]) -> int:
     from vlt.bench.infer import add_bench_infer_args, run_bench_infer
     from vlt.bench.stream import add_bench_stream_args, run_bench_stream
     from vlt.bench.train import add_bench_train_args, run_bench_train
+    from vlt.bench.fit import add_bench_fit_args, run_bench_fit
     from vlt.bench.decode_kernels import add_bench_decode_kernels_args, run_bench_decode_kernels
     for name, add, run, help_ in (
             ("train", add_bench_train_args, run_bench_train, "training tokens/s, peak memory, MFU per layout and length"),
+            ("fit", add_bench_fit_args, run_bench_fit, "the InfiniteVL stages through vlt fit: tokens/s, MFU, memory"),
             ("infer", add_bench_infer_args, run_bench_infer, "prefill time, decode latency and memory vs context"),
             ("stream", add_bench_stream_args, run_bench_stream, "video stream FPS and memory per frame index"),
             ("decode-kernels", add_bench_decode_kernels_args, run_bench_decode_kernels,

@@ -57,6 +57,7 @@ class VLMOutput:
     loss: torch.Tensor | None = None
     state: dict | None = None
     hidden_states: list | None = None  # input of each layer, then the final (pre-norm) output
+    last_hidden: torch.Tensor | None = None  # the final (pre-norm) output: what fused LM-head losses take
 
 
 class VLM(nn.Module):
@@ -145,7 +146,7 @@ class VLM(nn.Module):
             new_states.append(ns)
         if output_hidden_states:
             hidden.append(x)
-        out = VLMOutput(hidden_states=hidden if output_hidden_states else None)
+        out = VLMOutput(hidden_states=hidden if output_hidden_states else None, last_hidden=x)
         if use_cache:
             out.state = {"layers": new_states, "next_pos": next_pos}
         if compute_logits or labels is not None:

@@ -264,17 +264,11 @@ def weight_bytes_per_token(model) -> int:
     return n
 
 
-def mixer_flops_fwd(mixer, T: int, chunk: int = 64) -> float:
-    """Forward FLOPs of a mixer's token mixing (not its projections) over T tokens from empty state."""
-    name = mixer.mixer_name if hasattr(mixer, "mixer_name") else type(mixer).__name__
-    if hasattr(mixer, "head_dim") and hasattr(mixer, "window"):   # full / swa attention
-        W = mixer.window
-        visible = T * (T + 1) / 2 if W is None or W >= T else W * (W + 1) / 2 + (T - W) * W
-        return 4.0 * mixer.num_heads * mixer.head_dim * visible
-    if hasattr(mixer, "head_k_dim"):  # GDN, chunked form (intra-chunk products + state products)
-        K, V, H = mixer.head_k_dim, mixer.head_v_dim, mixer.num_v_heads
-        return 2.0 * H * T * (3 * chunk * K + 2 * chunk * V + 3 * K * V)
-    raise ValueError(f"no FLOP model for mixer {name}")
+def mixer_flops_fwd(mixer, T: int) -> float:
+    """Forward FLOPs of a mixer's token mixing (not its projections) over T tokens from empty state
+    (the count `vlt fit` logs its MFU with: vlt.training.flops)."""
+    from vlt.training.flops import mixer_seq_flops
+    return mixer_seq_flops(mixer, [T])
 
 
 def train_flops(model, T: int) -> float:

@@ -2,8 +2,9 @@
 
 One step = forward + next-token loss + backward + fused AdamW on random weights, batch 1 x T tokens,
 bf16 parameters (AdamW states in bf16 too: fp32 master weights for 3.7B parameters would not leave
-room for 128K-token activations on one 80 GB GPU). The loss runs lm_head + cross-entropy in
-checkpointed chunks of 4096 tokens so a [T, 151936] logits matrix never exists. Activation
+room for 128K-token activations on one 80 GB GPU). The loss is `vlt fit`'s fused LM-head
+cross-entropy (vlt.training.losses) in chunks of --loss-chunk tokens, so a [T, 151936] logits matrix
+never exists. Activation
 checkpointing per decoder block is used when ``--checkpointing`` says so (default: from 32K tokens on;
 below, none, and after an out-of-memory half of the blocks, then all). If a step with every parameter trainable runs out of
 memory, the row is retried training only the token mixers (InfiniteVL stage I: MLPs, norms,
@@ -59,23 +60,11 @@ def checkpointing_tries(setting: str, T: int):
 
 
 def chunked_loss(model, ids, chunk: int):
-    """Mean next-token cross-entropy, lm_head applied per checkpointed chunk (no [T, V] logits)."""
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
-    out = model(ids, compute_logits=False, output_hidden_states=True)
-    h = out.hidden_states[-1]
-    target = F.pad(ids[:, 1:], (0, 1), value=-100)
-    T = ids.shape[1]
-    n_valid = T - 1
-
-    def piece(hc, tc):
-        logits = model.lm_head(model.norm(hc)).float()
-        return F.cross_entropy(logits.flatten(0, 1), tc.flatten(), ignore_index=-100, reduction="sum")
-    total = 0
-    for s in range(0, T, chunk):
-        total = total + checkpoint(piece, h[:, s:s + chunk], target[:, s:s + chunk], use_reentrant=False)
-    return total / n_valid
+    """Mean next-token cross-entropy through the fused LM-head loss `vlt fit` uses
+    (vlt.training.losses: chunks of ``chunk`` rows, gradients formed in the same pass, no [T, V] logits)."""
+    from vlt.training.losses import linear_cross_entropy
+    h = model(ids, compute_logits=False).last_hidden[:, :-1].flatten(0, 1)
+    return linear_cross_entropy(model.norm(h), model.lm_head.weight, ids[:, 1:].flatten(), chunk=chunk)
 
 
 def set_trainable(model, which: str):

@@ -14,7 +14,9 @@ import torch
 from vlt.checkpoint import describe_mismatch, load_model_state
 from vlt.config import VLMConfig, _deep_update
 from vlt.model import VLM, checkpointed_blocks, shift_labels
+from vlt.training.flops import StepFlops, image_sizes, peak_tflops_for, segment_lengths
 from vlt.training.freezing import apply_trainable, check_new_params_train, trainable_table
+from vlt.training.losses import IMPLS, linear_cross_entropy
 
 log = logging.getLogger("vlt")
 
@@ -52,7 +54,8 @@ class VLTModule(L.LightningModule):
                  trainable: list[str] | None = None, lora: dict | None = None,
                  lr: float = 1e-3, weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 0, schedule: str = "cosine", min_lr_ratio: float = 0.1,
-                 activation_checkpointing: bool | float = False, peak_tflops: float | None = None):
+                 activation_checkpointing: bool | float = False, peak_tflops: float | None = None,
+                 fused_adamw: bool | None = None, loss_impl: str = "auto"):
         """
         Args:
             model_name: a named config (``tiny-hybrid``, ``infinitevl-4b``); ``model`` overrides it.
@@ -66,11 +69,18 @@ class VLTModule(L.LightningModule):
             lora: peft LoRA options ``{r, alpha, dropout, target_modules, adapter_only_checkpoint}``.
             activation_checkpointing: recompute decoder blocks in backward: true (all), false, or a
                 fraction of the blocks (0.5: the first half) to trade memory for speed.
-            peak_tflops: accelerator peak for the MFU estimate (default 789 on CUDA: measured bf16 H100).
+            peak_tflops: accelerator peak for ``perf/mfu`` (default: the device's dense bf16 peak from
+                its name, vlt.training.flops.DENSE_BF16_PEAK; none on the CPU).
+            fused_adamw: AdamW's fused kernel (default: on when the parameters are on CUDA).
+            loss_impl: the fused LM-head losses: ``auto`` (Liger-Kernel on CUDA when installed, else
+                vlt's chunked torch path), ``torch`` or ``liger`` (vlt.training.losses).
         """
         super().__init__()
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r}; allowed: {list(SCHEDULES)}")
+        if loss_impl not in IMPLS:
+            raise ValueError(f"loss_impl={loss_impl!r}; allowed: {list(IMPLS)}")
+        self._built_at = time.perf_counter()
         self.save_hyperparameters()
         self.model: VLM = self.build_model()
         self.new_params = self.initial_new_params()
@@ -89,8 +99,8 @@ class VLTModule(L.LightningModule):
         default = ["lora"] if self.lora_cfg else ["all"]
         apply_trainable(self.model, trainable if trainable is not None else self.default_trainable(default))
         self._t0 = None
-        self._flops_per_token = 6 * sum(p.numel() for n, p in self.model.named_parameters()
-                                        if not n.startswith("embed_tokens"))
+        self._fit_t0 = None
+        self._device_peak = None
 
     # ---- hooks for subclasses ---------------------------------------------------------------------
     def build_model(self) -> VLM:
@@ -124,6 +134,7 @@ class VLTModule(L.LightningModule):
 
     # ---- Lightning ----------------------------------------------------------------------------
     def on_fit_start(self):
+        self._fit_t0 = time.perf_counter()
         table = trainable_table(self.model)
         if self.global_rank == 0:
             print(f"\nlayout: {self.model.layout}\n{table}\n")
@@ -132,9 +143,38 @@ class VLTModule(L.LightningModule):
     def forward(self, **batch):
         return self.model(**batch)
 
+    def loss_rows(self, batch) -> torch.Tensor:
+        """Flat indices of the positions the loss is taken on (supervised next tokens)."""
+        target = shift_labels(batch["labels"], batch.get("cu_seqlens")).flatten()
+        return (target != -100).nonzero().squeeze(1)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        # On the host, before the copy: the loss rows and the step's FLOPs need the labels and
+        # packing boundaries, and reading them here costs no device synchronisation. (Not
+        # on_before_batch_transfer: the data module has its own, and Lightning then skips this one's.)
+        if self.training and isinstance(batch, dict) and "labels" in batch and batch["labels"].device.type == "cpu":
+            batch["loss_rows"] = self.loss_rows(batch)
+            batch["step_flops"] = self.count_step_flops(batch).total
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def count_step_flops(self, batch) -> StepFlops:
+        """Model FLOPs of a training step on this (host) batch, per part (vlt.training.flops)."""
+        fl = StepFlops()
+        rows = batch.get("loss_rows")
+        fl.add_model(self.model, segment_lengths(batch), image_sizes(batch),
+                     int(rows.numel()) if rows is not None else batch["input_ids"].numel())
+        return fl
+
     def compute_loss(self, batch) -> tuple[torch.Tensor, dict]:
-        out = self.model(**batch)
-        return out.loss, {"loss/ce": out.loss}
+        inputs = {k: batch.get(k) for k in ("input_ids", "images", "position_ids", "cu_seqlens")}
+        out = self.model(**inputs, compute_logits=False)
+        rows = batch.get("loss_rows")
+        if rows is None:
+            rows = self.loss_rows(batch)
+        target = shift_labels(batch["labels"], batch.get("cu_seqlens")).flatten()[rows]
+        h = self.model.norm(out.last_hidden.flatten(0, 1)[rows])  # the head runs on supervised rows only
+        loss = linear_cross_entropy(h, lm_head_weight(self.model), target, impl=self.hparams.loss_impl)
+        return loss, {"loss/ce": loss}
 
     def training_step(self, batch, batch_idx):
         loss, terms = self.compute_loss(batch)
@@ -144,7 +184,18 @@ class VLTModule(L.LightningModule):
         self.log("train/loss", loss, batch_size=bs, prog_bar=True)
         return loss
 
+    def on_train_start(self):
+        if self.device.type == "cuda":
+            self._device_peak, which = peak_tflops_for(torch.cuda.get_device_name(self.device))
+            if self.global_rank == 0 and not self.hparams.peak_tflops:
+                print(f"perf/mfu against {which or 'no known peak (set peak_tflops)'}")
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self._fit_t0 is not None:  # the first optimizer step is done: time to it, caches as they were
+            now = time.perf_counter()
+            self.log("perf/first_step_s", now - self._fit_t0)
+            self.log("perf/first_step_since_build_s", now - self._built_at)
+            self._fit_t0 = None
         # Throughput from the wall time between consecutive steps: no device synchronisation (which
         # would stall the CUDA queue every step); in steady state this is the true step time.
         now = time.perf_counter()
@@ -158,9 +209,14 @@ class VLTModule(L.LightningModule):
         dt = now - last
         tokens = batch["input_ids"].numel() * self.trainer.world_size
         self.log("perf/tokens_per_s", tokens / dt)
-        peak = self.hparams.peak_tflops or (789.0 if self.device.type == "cuda" else None)
-        if peak:
-            self.log("perf/mfu_est", self._flops_per_token * tokens / dt / (peak * 1e12 * self.trainer.world_size))
+        flops = batch.get("step_flops")
+        if flops:  # this rank's model FLOPs; every rank runs the same shapes
+            self.log("perf/tflops", flops / dt / 1e12)
+            peak = self.hparams.peak_tflops or self._device_peak
+            if peak:
+                self.log("perf/mfu", flops / dt / (peak * 1e12))
+        if self.device.type == "cuda":
+            self.log("perf/peak_mem_gib", torch.cuda.max_memory_allocated(self.device) / 2 ** 30)
 
     def on_train_epoch_start(self):
         self._t0 = None  # the gap across an epoch boundary (loader restart) is not a step
@@ -201,7 +257,10 @@ class VLTModule(L.LightningModule):
                 continue
             (no_decay if p.dim() < 2 or "embed_tokens" in n or getattr(p, "_no_weight_decay", False) else decay).append(p)
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=tuple(hp.betas))
+        params = [p for g in groups for p in g["params"]]
+        fused = hp.fused_adamw if hp.fused_adamw is not None else bool(params) and all(
+            p.device.type == "cuda" for p in params)  # one kernel for all tensors instead of a loop of ops
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=tuple(hp.betas), fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm, floor = hp.warmup_steps, hp.min_lr_ratio
 
@@ -230,6 +289,14 @@ class VLTModule(L.LightningModule):
             why = describe_mismatch(self.model.config.to_dict(), saved)
             if why:
                 raise ValueError(f"checkpoint does not match this run's model: {why}")
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    head = model.lm_head
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        raise ValueError("the fused LM-head loss needs lm_head to be a plain bias-free Linear; leave lm_head out "
+                         "of lora.target_modules")
+    return head.weight
 
 
 def answer_accuracy(logits, labels, cu_seqlens=None):

@@ -1,0 +1,66 @@
+"""`vlt bench fit --tiny`: every InfiniteVL stage through the real `vlt fit` (recipe, module, data
+module) on the CPU, and the JSON + PNG it writes. GPU: the fused losses of Liger-Kernel against
+vlt's torch path, and the torch path in bf16 against fp32 (``-m gpu``)."""
+import json
+
+import pytest
+import torch
+
+from vlt.cli import main
+
+
+def test_bench_fit_tiny_runs_every_stage(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["bench", "fit", "--tiny", "--out", str(tmp_path / "out")])
+    rep = json.loads((tmp_path / "out" / "fit.json").read_text())
+    assert rc == 0 and (tmp_path / "out" / "fit.png").stat().st_size > 0
+    rows = {r["stage"]: r for r in rep["results"]}
+    assert sorted(rows) == sorted(["stage1_layer", "stage1_kl", "stage2_sft", "stage3_long_lora"])
+    for stage, r in rows.items():
+        assert "error" not in r, (stage, r.get("error"))
+        assert r["tokens_per_s"] > 0 and r["first_step_s"] > 0 and r["step_tflop"] > 0, stage
+        assert r["first_step_since_build_s"] >= r["first_step_s"]
+    parts = rows["stage1_kl"]["flops_parts"]
+    assert parts["teacher/lm_head"]["bwd"] == 0 and parts["lm_head"]["bwd"] > 0  # the teacher: forward only
+    assert "lm_head" not in rows["stage1_layer"]["flops_parts"]  # the layer phase never runs a head
+    assert rows["stage3_long_lora"]["length"] == 512
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["ce", "kl"])
+def test_liger_matches_torch_path_cuda(kind):
+    pytest.importorskip("liger_kernel")
+    from vlt.training.losses import linear_cross_entropy, linear_kl_distill
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, d, v = 3000, 256, 32000
+    h = (torch.randn(n, d, device="cuda", generator=g)).bfloat16().requires_grad_()
+    w = (torch.randn(v, d, device="cuda", generator=g) * 0.05).bfloat16().requires_grad_()
+    ht, wt = torch.randn(n, d, device="cuda", generator=g).bfloat16(), (w.detach() * 1.1).bfloat16()
+    target = torch.randint(0, v, (n,), device="cuda", generator=g)
+    out = {}
+    for impl in ("torch", "liger"):
+        loss = linear_cross_entropy(h, w, target, impl=impl) if kind == "ce" else \
+            linear_kl_distill(h, w, ht, wt, 2.0, impl=impl)
+        out[impl] = (loss.float(), *torch.autograd.grad(loss, (h, w)))
+    for a, b in zip(out["torch"], out["liger"]):  # bf16 matmuls on both sides, fp32 softmax
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torch_path_bf16_autocast_close_to_fp32_cuda():
+    from vlt.training.losses import cross_entropy_reference, linear_cross_entropy
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, d, v = 4096, 512, 151936
+    h = torch.randn(n, d, device="cuda", generator=g).requires_grad_()
+    w = (torch.randn(v, d, device="cuda", generator=g) * 0.05).requires_grad_()
+    target = torch.randint(0, v, (n,), device="cuda", generator=g)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, target, impl="torch")
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    ref = cross_entropy_reference(h @ w.T, target)
+    rh, rw = torch.autograd.grad(ref, (h, w))
+    torch.testing.assert_close(loss, ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(gh, rh, rtol=5e-2, atol=1e-4)
+    torch.testing.assert_close(gw, rw, rtol=5e-2, atol=1e-4)
