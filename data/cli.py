@@ -50,9 +50,11 @@ def cmd_pack(args) -> int:
 
 def cmd_synth(args) -> int:
     from .shards import write_synthetic
+    from .synthetic import check_params
 
     try:
         params = _parse_kv(args.param)
+        check_params(args.task, params)  # unknown keys and wrong kinds of value, before anything is written
         for name, n in (("train", args.num_train), ("val", args.num_val)):
             if n <= 0:
                 continue
@@ -93,7 +95,8 @@ def add_data_subcommands(subparsers) -> None:
     p.add_argument("--video-frames", default=None, help="folder of <video>/ frame folders (optional)")
     p.add_argument("--fps", type=float, default=1.0, help="frame rate when a video folder has no timestamps.json")
     p.add_argument("--out", required=True, help="output folder for shard-*.tar and manifest.json")
-    p.add_argument("--max-count", type=int, default=1000, help="samples per shard")
+    p.add_argument("--shard-size", "--max-count", dest="max_count", type=int, default=1000,
+                   help="samples per shard (--max-count: the old name)")
     p.add_argument("--max-size", type=float, default=1e9, help="bytes per shard")
     p.add_argument("--json-out", default=None, help="also write the summary as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -105,7 +108,9 @@ def add_data_subcommands(subparsers) -> None:
     s.add_argument("--num-train", type=int, default=2000)
     s.add_argument("--num-val", type=int, default=200)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--max-count", type=int, default=1000, help="samples per shard")
+    s.add_argument("--shard-size", "--max-count", dest="max_count", type=int, default=1000,
+                   help="samples per shard (not the count task's max_count: that is --param max_count=N; "
+                        "--max-count here is the old name of this option)")
     s.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="generator parameter, e.g. image_size=56, num_frames=64, length=6 (repeatable)")
     s.add_argument("--quiet", action="store_true")

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -35,11 +36,12 @@ from .tokenizer import DEFAULT_SYSTEM, load_tokenizer
 log = logging.getLogger(__name__)
 
 
-_SYNTH_KEYS = ("task", "num_train", "num_val", "seed", "cache_dir", "shard_size")
+_SYNTH_KEYS = ("task", "num_train", "num_val", "num_test", "seed", "cache_dir", "shard_size")
 
 
 def synthetic_dirs(synthetic: dict) -> tuple[Path, Path]:
-    """(train_dir, val_dir) for a synthetic spec, keyed by a hash of every parameter but cache_dir."""
+    """(train_dir, val_dir) for a synthetic spec, keyed by a hash of every parameter but cache_dir
+    (``test`` is their sibling)."""
     params = {k: v for k, v in synthetic.items() if k != "cache_dir"}
     digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     root = Path(synthetic.get("cache_dir") or "~/.cache/vlt/synthetic").expanduser() / f"{params.get('task')}-{digest}"
@@ -47,17 +49,21 @@ def synthetic_dirs(synthetic: dict) -> tuple[Path, Path]:
 
 
 def ensure_synthetic(synthetic: dict) -> tuple[Path, Optional[Path]]:
-    """Generate the synthetic shards once (atomically: written aside, then renamed)."""
+    """Generate the synthetic shards once (atomically: written aside, then renamed); returns
+    (train_dir, val_dir or None); the test split (``num_test``, default 0) is ``train_dir``'s sibling
+    ``test``."""
     spec = dict(synthetic)
     task = spec.pop("task", None)
     if task not in TASKS:
         raise ValueError(f"synthetic.task={task!r} is not one of {list(TASKS)}")
     n_train, n_val = int(spec.pop("num_train", 2000)), int(spec.pop("num_val", 200))
+    n_test = int(spec.pop("num_test", 0))
     seed = int(spec.pop("seed", 0))
     maxcount = int(spec.pop("shard_size", 1000))
     spec.pop("cache_dir", None)
     train_dir, val_dir = synthetic_dirs(synthetic)
-    for split, n, d in (("train", n_train, train_dir), ("val", n_val, val_dir)):
+    for split, n, d in (("train", n_train, train_dir), ("val", n_val, val_dir),
+                        ("test", n_test, train_dir.with_name("test"))):
         if n <= 0 or (d / "manifest.json").is_file():
             continue
         tmp = d.with_name(f"{d.name}.tmp-{os.getpid()}")
@@ -79,6 +85,7 @@ class VLTDataModule(L.LightningDataModule):
         train_shards: Optional[str] = None,
         val_shards: Optional[str] = None,
         synthetic: Optional[dict] = None,
+        test_shards: Optional[str] = None,
         tokenizer: str = "byte",
         max_length: int = 1024,
         pack: bool = True,
@@ -101,8 +108,10 @@ class VLTDataModule(L.LightningDataModule):
                 set: the synthetic set's cache directory.
             val_shards: validation shards (same forms); None: the synthetic val split, or no validation.
             synthetic: embedded synthetic set, e.g. ``{"task": "color", "num_train": 2000, "num_val": 200,
-                "image_size": 56, "seed": 0, "cache_dir": "~/.cache/vlt/synthetic"}``; other keys go to
-                the generator (see ``vlt.data.synthetic``). Generated once in ``prepare_data``.
+                "num_test": 0, "image_size": 56, "seed": 0, "cache_dir": "~/.cache/vlt/synthetic"}``; other
+                keys go to the generator (see ``vlt.data.synthetic``). Generated once in ``prepare_data``.
+            test_shards: shards for ``vlt test`` (same forms); None: the synthetic test split when
+                ``num_test`` > 0, else ``vlt test`` says it evaluates the validation shards.
             tokenizer: ``"byte"`` (built in) or a local directory holding a Hugging Face tokenizer.
             max_length: token budget per row (packed) or per sample.
             pack: pack several samples per row with ``cu_seqlens``; False: one right-padded sample per row.
@@ -131,9 +140,11 @@ class VLTDataModule(L.LightningDataModule):
             raise ValueError("set train_shards (a shard dir or pattern) or synthetic (e.g. {task: color})")
         if synthetic is not None:
             gen = {k: v for k, v in synthetic.items() if k not in _SYNTH_KEYS}
-            check_params(synthetic.get("task"), gen)  # ValueError naming the task or the unknown key
+            # ValueError naming the task or the unknown key; the allowed list includes num_train & co.
+            check_params(synthetic.get("task"), gen, extra=_SYNTH_KEYS)
         self.save_hyperparameters()
         self.train_shards, self.val_shards, self.synthetic = train_shards, val_shards, synthetic
+        self.test_shards = test_shards
         self.tokenizer_spec, self.max_length, self.pack = tokenizer, max_length, pack
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.overlong, self.samples_per_epoch, self.system_prompt = overlong, samples_per_epoch, system_prompt
@@ -282,12 +293,40 @@ class VLTDataModule(L.LightningDataModule):
                        num_workers=self.num_workers, num_batches=nb)
         return VLTLoader(ds, self.num_workers, epoch_fn=lambda: 0, on_stats=self._on_stats)
 
+    def _test_files(self) -> tuple[list[str], str]:
+        """(files, what they are) for ``vlt test`` / ``vlt predict``: the test split when there is
+        one, else the validation shards, said out loud."""
+        self._resolve()
+        if self.test_shards:
+            return resolve_shards(self.test_shards, "test_shards"), "test_shards"
+        if self.synthetic is not None and int(self.synthetic.get("num_test", 0)) > 0:
+            return resolve_shards(str(synthetic_dirs(self.synthetic)[0].with_name("test")), "synthetic test"), \
+                "the synthetic test split"
+        if not self._val_files:
+            raise ValueError("no test data: set data.init_args.test_shards (or synthetic.num_test), or val_shards")
+        msg = ("vlt: this data module has no test split (set data.init_args.test_shards or synthetic.num_test); "
+               "evaluating on the VALIDATION shards")
+        log.warning(msg)
+        if self.rank_world()[0] == 0:
+            print(msg, file=sys.stderr)
+        return self._val_files, "the validation shards"
+
+    def _eval_loader(self, files: list[str], batch_size: int, pack: bool):
+        rank, world = self.rank_world()
+        nb = None if world == 1 else self.batches_per_epoch(files, world)
+        ds = VLTStream(files, self._processor(), batch_size, self.max_length, pack, self.tokenizer.pad_id,
+                       seed=self.seed, shuffle=False, rank=rank, world_size=world, num_workers=self.num_workers,
+                       num_batches=nb)
+        return VLTLoader(ds, self.num_workers, epoch_fn=lambda: 0, on_stats=self._on_stats)
+
     def test_dataloader(self):
-        """`vlt test` / `vlt predict` evaluate on the validation shards (no separate test split)."""
-        return self.val_dataloader()
+        files, self.test_source = self._test_files()
+        return self._eval_loader(files, self.batch_size, self.pack)
 
     def predict_dataloader(self):
-        return self.val_dataloader()
+        """One unpacked sample per batch: ``vlt predict`` generates each sample's answer."""
+        files, self.test_source = self._test_files()
+        return self._eval_loader(files, 1, False)
 
     # ------------------------------------------------------------------ state / stats
     def stats(self) -> dict:

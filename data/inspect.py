@@ -18,9 +18,19 @@ from .tokenizer import load_tokenizer
 
 
 def _text_histogram(lengths: list[int], bins: int = 10) -> list[str]:
-    counts, edges = np.histogram(lengths, bins=bins)
+    """At most ``bins`` rows of whole-token ranges (inclusive), none narrower than one token, so
+    lengths that span a few values give one row per value instead of empty fractional bins."""
+    lo, hi = int(min(lengths)), int(max(lengths))
+    width = -(-(hi - lo + 1) // bins)  # ceil
+    edges = np.arange(lo, hi + width + 1, width)
+    counts, _ = np.histogram(lengths, bins=edges)
     top = max(1, counts.max())
-    return [f"{int(edges[i]):>7d}-{int(edges[i + 1]):<7d} {c:>6d} {'#' * int(40 * c / top)}" for i, c in enumerate(counts)]
+    rows = []
+    for i, c in enumerate(counts):
+        a, b = int(edges[i]), int(edges[i + 1]) - 1
+        label = f"{a}" if a == b else f"{a}-{b}"
+        rows.append(f"{label:>15} {c:>6d} {'#' * int(40 * c / top)}")
+    return rows
 
 
 def inspect_shards(shards: str, out_png: str | None = None, num_render: int = 6, tokenizer: str = "byte",

@@ -178,8 +178,10 @@ def generate_record(task: str, rng: random.Random, **params) -> SyntheticRecord:
     return _GENERATORS[task](rng, **params)
 
 
-def check_params(task: str, params: dict) -> None:
-    """ValueError naming any parameter the task's generator does not take (typos would be ignored)."""
+def check_params(task: str, params: dict, extra=()) -> None:
+    """ValueError naming any parameter the task's generator does not take (typos would be ignored);
+    ``extra``: the other keys the caller accepts beside them (listed as allowed too)."""
+    import difflib
     import inspect
 
     if task not in TASKS:
@@ -188,9 +190,21 @@ def check_params(task: str, params: dict) -> None:
     allowed = {"weights", "task_params"} if task == "mix" else set()
     for g in gens:
         allowed |= {n for n, p in inspect.signature(g).parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD} - {"rng"}
+    allowed |= set(extra)
     bad = sorted(set(params) - allowed)
     if bad:
-        raise ValueError(f"synthetic parameter(s) {bad} not understood by task {task!r} (allowed: {sorted(allowed)})")
+        close = difflib.get_close_matches(bad[0], sorted(allowed), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"synthetic parameter(s) {bad} not understood by task {task!r} ({hint}allowed: {sorted(allowed)})")
+    for g in gens:  # a value of the wrong kind would end in a TypeError deep inside the generator
+        for n, prm in inspect.signature(g).parameters.items():
+            if n not in params or prm.default is inspect.Parameter.empty or prm.default is None:
+                continue
+            want, got = type(prm.default), params[n]
+            ok = isinstance(got, want) or (want is float and isinstance(got, int) and not isinstance(got, bool))
+            if want in (int, float, bool, str) and not ok:
+                raise ValueError(f"synthetic parameter {n}={got!r} for task {task!r}: expected {want.__name__} "
+                                 f"(default {prm.default!r})")
 
 
 def make_sample(task: str, rng: random.Random, **params):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 
 _REGISTRY: dict[str, type] = {}
 
@@ -40,11 +42,12 @@ def get_mixer_class(name: str) -> type:
         return _REGISTRY[name]
     if "." in name:
         module, _, attr = name.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"mixer class path {name!r} cannot be imported ({e}); "
-                             f"registered mixers: {list_mixers()}") from e
+        # a module that is not there is a ValueError naming it; an error inside it propagates as it is
+        import_user_modules([module], where=f"mixer class path {name!r}")
+        cls = getattr(importlib.import_module(module), attr, None)
+        if cls is None:
+            raise ValueError(f"mixer class path {name!r}: module {module!r} has no attribute {attr!r}; "
+                             f"registered mixers: {list_mixers()}")
         from vlt.layers.base import TokenMixer
         if not (inspect.isclass(cls) and issubclass(cls, TokenMixer)):
             raise ValueError(f"mixer class path {name!r} is not a vlt.layers.TokenMixer subclass")
@@ -84,3 +87,49 @@ def _import_builtin():
     # Importing the modules runs their @register_mixer decorators; done lazily so that
     # registry.py itself has no import cycle with the mixers.
     from vlt.layers import attention, gdn, hybrid, linear  # noqa: F401
+
+
+# ---- user modules ---------------------------------------------------------------------------
+# User modules imported before a recipe is parsed (cf. mmengine's ``custom_imports``).
+#
+# A recipe's top-level ``imports: [mypkg.mixers]`` or ``vlt fit --import mypkg.mixers`` imports the
+# module before the config is parsed, so the mixers it registers (``@register_mixer("token_shift")``)
+# are known to layouts by name. The list is saved in the run's ``config.yaml`` (so ``vlt fit --config
+# that/config.yaml`` re-runs it), and the model config records the module of every mixer class
+# that is not vlt's own (``VLMConfig.imports``), so checkpoints and exports name what they need.
+#
+# The current directory is importable, as with ``python -m``: a ``my_mixers.py`` beside the recipe
+# works without installing it.
+
+
+def import_user_modules(modules, where: str = "imports") -> list[str]:
+    """Import each dotted module name; a module that cannot be found is a ValueError naming it and
+    ``where`` it was asked for. Errors raised *inside* the module propagate as they are (they are
+    the user's own traceback to read)."""
+    done = []
+    for name in modules or []:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{where}: expected dotted module names like 'mypkg.mixers', got {name!r}")
+        name = name.strip()
+        if name.endswith(".py"):
+            raise ValueError(f"{where}: {name!r} is a file name; give the module name "
+                             f"({name[:-3].replace(os.sep, '.')!r}) and run from the folder that holds it")
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not (name == e.name or name.startswith(e.name + ".")):
+                raise  # the module exists but one of *its* imports is missing: the user's traceback
+            raise ValueError(f"{where}: cannot import {name!r} ({e}); put the folder that holds it on "
+                             f"PYTHONPATH or run vlt from that folder") from None
+        done.append(name)
+    return done
+
+
+def user_module_of(cls: type) -> str | None:
+    """The module to import for ``cls`` to exist, or None for vlt's own classes."""
+    mod = getattr(cls, "__module__", "") or ""
+    if mod == "vlt" or mod.startswith("vlt.") or mod == "__main__":
+        return None
+    return mod

@@ -67,7 +67,7 @@ def test_pattern_parsing(pattern, expected):
     (dict(num_heads=5), r"num_heads=5 does not divide hidden_size=32"),
     (dict(num_kv_heads=3), r"num_kv_heads=3 must divide num_heads=4"),
     (dict(layout=[{"mixer": "gdn", "windoww": 3}]), r"unknown option\(s\) \['windoww'\].*allowed"),
-    (dict(mixers={"swa": {"windw": 8}}), r"unknown option\(s\) \['windw'\] for mixer 'swa'"),
+    (dict(mixers={"swa": {"windw": 8}}), r"^decoder.mixers.swa.windw: .*did you mean 'window'.*allowed"),
     (dict(mixers={"sw": {"window": 8}}), r"decoder.mixers has options for unknown mixer 'sw'"),
     (dict(layout="[swa, gdn) * 2"), r"cannot parse pattern"),
     (dict(layout="[swa, gdn] * 0"), r"repeat count"),

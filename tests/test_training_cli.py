@@ -108,7 +108,7 @@ def test_distillation_layer_then_kl_then_sft(tmp_path):
     assert sft["vlt_layout"] == ["swa", "gdn"]
 
 
-def test_long_lora_saves_adapters_only_and_checks_layout(tmp_path):
+def test_long_lora_saves_adapters_only_and_checks_layout(tmp_path, capsys):
     fit(tmp_path, steps=2)
     base = versions(tmp_path)[-1] / "checkpoints" / "last.ckpt"
     lora = ["--model=vlt.training.LongSequenceSFT", "--model.init_args.model_name=null", "--model.init_args.model=null",
@@ -130,8 +130,10 @@ def test_long_lora_saves_adapters_only_and_checks_layout(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, with_adapters(ids).logits, rtol=1e-4, atol=1e-5)
     assert tok is not None and tok.vocab_size == 264
-    with pytest.raises(ValueError, match="layout differs"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # a config error: one line on stderr, exit code 2
         fit(tmp_path, f"--model.init_args.init_from={base}", "--model.init_args.layout=[gdn] * 4", steps=1)
+    assert e.value.code == 2 and "vlt: error: model.init_args.init_from " in capsys.readouterr().err
 
 
 def test_ddp_two_cpu_processes_split_samples_evenly(tmp_path):

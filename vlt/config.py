@@ -66,13 +66,20 @@ class VLMConfig:
     video_token_id: int | None = None
     vision_start_token_id: int | None = None
     name: str = "custom"
+    #: user modules that register the layout's mixers (vlt.layers.registry.import_user_modules):
+    #: imported before the layout is resolved, then completed with the module of every mixer class
+    #: that is not vlt's own, so checkpoints and exports name what a fresh process must import.
+    imports: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if isinstance(self.vision, dict):
             self.vision = _build(VisionConfig, self.vision, "vision")
         if isinstance(self.decoder, dict):
             self.decoder = _build(DecoderConfig, self.decoder, "decoder")
+        from vlt.layers.registry import import_user_modules
+        self.imports = import_user_modules(self.imports, "the model config's imports (modules of its mixers)")
         self.validate()
+        self.imports = sorted(set(self.imports) | set(self.mixer_modules()))
 
     # ---- checks that run before any allocation ------------------------------------------------
     def validate(self):
@@ -106,6 +113,12 @@ class VLMConfig:
         from vlt.layout import resolve_layout
         return resolve_layout(self.decoder.layout, self.decoder.num_layers, self.decoder.mixers,
                               self.shared_mixer_options())
+
+    def mixer_modules(self) -> list[str]:
+        """Modules outside vlt that define this layout's mixer classes."""
+        from vlt.layers.registry import get_mixer_class, user_module_of
+        mods = {user_module_of(get_mixer_class(name)) for name, _ in self.layers()}
+        return sorted(m for m in mods if m)
 
     # ---- serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -17,6 +17,7 @@ against the registry before any parameter is allocated.
 from __future__ import annotations
 
 import ast
+import difflib
 import re
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
@@ -66,7 +67,7 @@ def parse_pattern(pattern: str) -> list:
 
 def resolve_layout(layout, num_layers: int | None, mixer_defaults: dict, shared: dict) -> list[tuple[str, dict]]:
     """One ``(mixer name, full options)`` per layer; raises ValueError naming the bad key."""
-    from vlt.layers.registry import check_mixer_options, get_mixer_class, list_mixers, mixer_options
+    from vlt.layers.registry import check_mixer_options, get_mixer_class, mixer_options
     entries = parse_pattern(layout) if isinstance(layout, str) else list(layout)
     if not entries:
         raise ValueError("decoder.layout is empty; give at least one layer")
@@ -76,6 +77,7 @@ def resolve_layout(layout, num_layers: int | None, mixer_defaults: dict, shared:
     for name, opts in (mixer_defaults or {}).items():
         if not isinstance(opts, dict):
             raise ValueError(f"decoder.mixers.{name} must be a mapping of options, got {opts!r}")
+        check_default_options(name, opts)
     resolved = []
     for i, entry in enumerate(entries):
         where = f"decoder.layout[{i}]: "
@@ -88,8 +90,8 @@ def resolve_layout(layout, num_layers: int | None, mixer_defaults: dict, shared:
             raise ValueError(f"{where}expected a mixer name or {{'mixer': name, ...}}, got {entry!r}")
         try:
             cls = get_mixer_class(name)
-        except ValueError:
-            raise ValueError(f"{where}unknown mixer {name!r}; registered mixers: {list_mixers()}") from None
+        except ValueError as e:  # the registry's message: unknown name, or why a class path did not import
+            raise ValueError(f"{where}{e}") from None
         allowed = mixer_options(cls)
         opts = {k: v for k, v in shared.items() if k in allowed and v is not None}
         defaults = (mixer_defaults or {}).get(name, {})
@@ -99,11 +101,44 @@ def resolve_layout(layout, num_layers: int | None, mixer_defaults: dict, shared:
             opts["layer_idx"] = i
         check_mixer_options(name, opts, where)
         resolved.append((name, opts))
-    for name in (mixer_defaults or {}):
-        if name not in {n for n, _ in resolved}:
-            try:
-                get_mixer_class(name)
-            except ValueError:
-                raise ValueError(f"decoder.mixers has options for unknown mixer {name!r}; "
-                                 f"registered mixers: {list_mixers()}") from None
     return resolved
+
+
+def check_default_options(name: str, opts: dict) -> None:
+    """``decoder.mixers.<name>``: a known mixer, and only options it takes, reported at that key path
+    (the per-layer check would name the first layer using it instead of the key the user wrote)."""
+    from vlt.layers.registry import get_mixer_class, list_mixers, mixer_options
+    try:
+        cls = get_mixer_class(name)
+    except ValueError as e:
+        if "." in name:
+            raise ValueError(f"decoder.mixers.{name}: {e}") from None
+        raise ValueError(f"decoder.mixers has options for unknown mixer {name!r}; "
+                         f"registered mixers: {list_mixers()}") from None
+    allowed = sorted(mixer_options(cls))
+    for key in opts:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"decoder.mixers.{name}.{key}: mixer {name!r} has no option {key!r}; {hint}"
+                             f"allowed: {allowed}")
+
+
+def check_backends(layers: list[tuple[str, dict]], device) -> None:
+    """Every explicitly chosen kernel ``backend`` can run on ``device``: checked once the device is
+    known and before any step, instead of failing at the first forward."""
+    from vlt.kernels.backends import PREFERENCE, resolve_backend
+    known = sorted({b for names in PREFERENCE.values() for b in names})
+    for i, (name, opts) in enumerate(layers):
+        backend = opts.get("backend")
+        if backend in (None, "auto"):
+            continue
+        ops = [op for op, names in PREFERENCE.items() if backend in names]
+        if not ops:
+            raise ValueError(f"decoder.layout[{i}] ({name}): backend={backend!r} is not a kernel backend; "
+                             f"allowed: {['auto', *known]}")
+        try:
+            resolve_backend(ops[0], backend, device)
+        except ValueError as e:
+            raise ValueError(f"decoder layer {i} ({name}): backend={backend!r} cannot run on this machine: {e}. "
+                             f"Set model.init_args.mixers.{name}.backend to one of those, or drop it for 'auto'") from None
