@@ -32,7 +32,9 @@ def add_bench_data_args(parser) -> None:
     parser.add_argument("--no-pack", action="store_true", help="one padded sample per row instead of packing")
     parser.add_argument("--tokenizer", default="byte")
     parser.add_argument("--cache-dir", default=None, help="where shards are written (default: a temp dir)")
-    parser.add_argument("--out", default="bench_data.json", help="JSON results file")
+    parser.add_argument("--out", default="bench_data.json", help="JSON results file (the PNG goes beside it)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="smoke run: the quickstart preset, 64 samples, 5 batches, no workers")
 
 
 def _run_preset(name: str, cfg: dict, args, root: Path) -> dict:
@@ -73,6 +75,8 @@ def _run_preset(name: str, cfg: dict, args, root: Path) -> dict:
 
 def bench_data(args) -> dict:
     """Run the presets in ``args.preset``; print a table, write ``args.out`` (JSON), return the dict."""
+    if getattr(args, "tiny", False):
+        args.preset, args.num_samples, args.batches, args.num_workers = "quickstart", 64, 5, 0
     names = list(PRESETS) if args.preset == "all" else [args.preset]
     tmp = None
     if args.cache_dir:
@@ -95,6 +99,33 @@ def bench_data(args) -> dict:
         print(f"{r['preset']:>10}: {r['samples_per_s']:8.1f} samples/s {r['tokens_per_s']:10.1f} tokens/s "
               f"{r['images_per_s']:8.1f} images/s  ({r['image_size']}px, L={r['max_length']}, B={r['batch_size']}, "
               f"workers={r['num_workers']}, first batch {r['first_batch_s']} s)")
+    if getattr(args, "tiny", False):
+        out["tiny"] = "smoke run (64 samples, 5 batches, no workers): checks the loader runs, not its speed"
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1))
+        png = str(Path(args.out).with_suffix(".png"))
+        plot(out, png)
+        print(f"wrote {args.out} and {png}")
     return out
+
+
+def plot(out: dict, path: str) -> None:
+    """Samples/s and tokens/s per preset, one bar each, with the machine in the title."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = out["results"]
+    labels = [f"{r['preset']}\n{r['image_size']}px, L={r['max_length']}\nworkers={r['num_workers']}" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, unit in zip(axes, ("samples_per_s", "tokens_per_s"), ("samples/s", "tokens/s")):
+        bars = ax.bar(labels, [r[key] for r in rows], color="tab:blue")
+        ax.bar_label(bars, fmt="%.0f")
+        ax.set(ylabel=unit, title=f"data loader {unit}")
+        ax.grid(True, axis="y", alpha=0.3)
+    m = out["machine"]
+    fig.suptitle(f"vlt bench data: {m['processor']}, {m['affinity']} cores, torch threads {m['torch_threads']}"
+                 + (" - smoke run" if out.get("tiny") else ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -39,7 +39,70 @@ def add_bench_mixers_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     a("--flex-options", nargs="*", default=[], help='extra FlexAttention kernel_options to try on the raw '
       'SWA kernel at the largest T, as JSON dicts, e.g. \'{"USE_TMA": true}\'')
     a("--out", default="bench_out", help="folder for mixers.json and mixers.png")
+    a("--tiny", action="store_true", help="CPU smoke run: width 64, T 64/256, float32, whole-mixer rows "
+      "only (the core/raw kernel rows need CUDA), wall-clock medians")
     return parser
+
+
+TINY_SHAPES = dict(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, expand_v=2.0, window=32,
+                   seq_lens=[64, 256], dtype="float32")
+
+
+def wall_time(fn, rep_ms, grads=()):
+    """Median ms of fn() by the wall clock (CPU): one warm-up call, then >= 3 and <= 50 repetitions."""
+    _clear(grads)
+    fn()
+    times = []
+    budget = time.perf_counter() + rep_ms / 1e3
+    while len(times) < 3 or (len(times) < 50 and time.perf_counter() < budget):
+        _clear(grads)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), len(times)
+
+
+def run_tiny(args) -> int:
+    """``--tiny``: every mixer's fwd+bwd and decode step at tiny shapes on the CPU (what runs, not how fast)."""
+    import torch
+    from vlt.layers import create_mixer
+    for k, v in TINY_SHAPES.items():
+        setattr(args, k, v)
+    os.makedirs(args.out, exist_ok=True)
+    machine = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    report = {"command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]), "machine": machine,
+              "versions": _versions(), "tiny": True,
+              "timer": "wall clock on the CPU: a smoke run of every mixer, not a speed measurement",
+              "shapes": {k: getattr(args, k) for k in ("hidden_size", "num_heads", "num_kv_heads", "head_dim",
+                                                       "expand_v", "window", "dtype")},
+              "batch": 1, "results": []}
+    for name in args.mixers:
+        torch.manual_seed(0)
+        m = create_mixer(name, **_mixer_opts(name, args))
+        params = list(m.parameters())
+        for T in args.seq_lens:
+            x = torch.randn(1, T, args.hidden_size)
+            if "train" in args.modes:
+                xg = x.clone().requires_grad_()
+                step, lv = fwd_bwd(lambda: m(xg)[0], [xg, *params])
+                ms, n = wall_time(step, args.rep_ms, lv)
+                report["results"].append(dict(mixer=name, kind="mixer", op=name, mode="fwd+bwd", T=T,
+                                              ms=round(ms, 3), reps=n))
+            if "decode" in args.modes:
+                with torch.no_grad():
+                    _, state = m(x, use_cache=True)
+                    x1 = torch.randn(1, 1, args.hidden_size)
+                    ms, n = wall_time(lambda: m.step(x1, state), args.rep_ms)
+                report["results"].append(dict(mixer=name, kind="mixer", op=name, mode="decode", T=T,
+                                              ms=round(ms, 3), reps=n))
+            print(json.dumps(report["results"][-1]), flush=True)
+    report["goals"] = []  # the goals compare CUDA kernels; none apply to a CPU smoke run
+    with open(os.path.join(args.out, "mixers.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    plot(report, os.path.join(args.out, "mixers.png"))
+    print_table(report)
+    print(f"(CPU smoke run: {report['timer']})")
+    return 0
 
 
 # -- timing -------------------------------------------------------------------------------------
@@ -278,8 +341,10 @@ def _versions():
 
 def run_bench_mixers(args) -> int:
     import torch
+    if args.tiny:
+        return run_tiny(args)
     if not torch.cuda.is_available():
-        print("vlt bench mixers needs a CUDA device", file=sys.stderr)
+        print("vlt bench mixers needs a CUDA device (--tiny: a CPU smoke run at tiny shapes)", file=sys.stderr)
         return 2
     from vlt.layers import create_mixer
     flex_options = [json.loads(s) for s in args.flex_options]
@@ -405,7 +470,8 @@ def plot(report, path):
             style = {"mixer": "-o", "core": "--s", "raw": ":^"}[kind]
             ax.plot(*zip(*pts), style, label=f"{mixer} {kind}: {op}"[:60], markersize=4)
         ax.set(xscale="log", yscale="log", xlabel="T (tokens; decode: context)", ylabel="ms (median)",
-               title=f"{mode}, {report['shapes']['dtype']}, {report['machine']}")
+               title=f"{mode}, {report['shapes']['dtype']}, {report['machine']}"
+               + ("\nCPU smoke run (wall clock), not a speed measurement" if report.get("tiny") else ""))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6)
     fig.tight_layout()

@@ -29,7 +29,8 @@ from vlt.bench.common import (long_swa_backend, PEAK_BF16_TFLOPS, add_common_arg
 
 def add_bench_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_common_args(p)
-    p.add_argument("--seq-lens", nargs="+", type=int, default=[8192, 32768, 131072])
+    p.add_argument("--seq-lens", nargs="+", type=int, default=None,
+                   help="tokens per step (default 8192 32768 131072; --tiny: 64 256, a CPU smoke run)")
     p.add_argument("--checkpointing", default="auto",
                    help="auto | on | off | a fraction of the blocks (0.5); auto: off below 32K tokens, "
                         "after an OOM half of the blocks, then all; on from 32K")
@@ -101,6 +102,8 @@ def run_row(model, T, args, device, trainable, ckpt, profile_path=None):
 
 def run_bench_train(args) -> int:
     import torch
+    if args.seq_lens is None:  # --tiny keeps the lengths tiny too: one 32K full-attention row took 6 min on a CPU
+        args.seq_lens = [64, 256] if args.tiny else [8192, 32768, 131072]
     device, dtype = setup(args)
     rep = header(args, "train")
     rep["ceilings"] = machine_ceilings(device)
