@@ -26,7 +26,7 @@ PREFERENCE = {
 
 
 # Looked up once at import (find_spec does not import): a plain dict read is also traceable by
-# torch.compile, which the decode pieces of vlt.bench.static go through.
+# torch.compile, which the inference engine's small ops go through.
 _INSTALLED = {name: importlib.util.find_spec(name) is not None for name in ("fla", "flash_attn")}
 
 

@@ -1,7 +1,7 @@
 """Batch-1-style decode attention over a K/V buffer, with RoPE and the new token's K/V write fused in.
 
 A decode step of an attention layer rotates q and the new key (RoPE), writes the new key/value into
-slot ``tok % L`` of its buffers [B, L, Hkv, D] and attends over all L slots (the static stepper's
+slot ``tok % L`` of its buffers [B, L, Hkv, D] and attends over all L slots (the inference engine's
 dense decode: every slot valid). Through torch ops that is two RoPE kernels (compiled), an add, a
 remainder and three index_copy kernels, then SDPA's flash split-KV kernel and its combine kernel:
 9 kernels; the last 7 took about 15 us per SWA layer at InfiniteVL-4B shapes on an H200 for 8 MB

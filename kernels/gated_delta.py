@@ -15,7 +15,7 @@ token-by-token recurrence instead of padding a whole chunk.
 
 Decode under ``torch.compile``: fla's kernels are opaque to Dynamo (they run outside the graph), so
 inside a compiled region a decode step takes the recurrence, which is plain tensor math that Inductor
-fuses with the norms, gates and convs around it - the fused GDN decode step of the static stepper.
+fuses with the norms, gates and convs around it - the fused GDN decode step of the inference engine.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """CPU smoke tests of ``vlt bench train|infer|stream`` at tiny shapes: the JSON each writes, the
-graph-friendly static step against the mixers' own eager path, and constant per-frame state."""
+inference engine's compiled pieces against the mixers' own eager path, and constant per-frame state."""
 import argparse
 import json
 
@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from vlt.bench.common import add_common_args, build_model, setup, train_flops
-from vlt.bench.static import StaticStepper, eager_step, frame_positions, rel_err
 
 
 def _tiny_args(*extra):
@@ -15,63 +14,44 @@ def _tiny_args(*extra):
     return a, *setup(a)
 
 
-# "aot_eager": Dynamo traces the per-block pieces (the GDN step takes the recurrence under compile)
-# without Inductor's code generation, which takes a minute on CPU; Inductor runs in the GPU tests.
-@pytest.mark.parametrize("layout,compile", [("full", None), ("swa", None), ("gdn", None), ("hybrid", None),
-                                            ("hybrid", "aot_eager")])
-def test_static_step_matches_eager(layout, compile):
-    a, dev, dt = _tiny_args()
-    model = build_model(layout, a, dev, dt).eval()
-    for ctx in (20, 50):  # below and above the window (32): ring not yet full, then wrapped
-        st = StaticStepper(model, 1, dense=True, advance=False, fill="random", context=ctx, compile=compile)
-        x, pos = torch.randn(1, 1, 64), frame_positions(1, ctx, dev)
-        ref, _ = eager_step(model, x, pos, st.eager_state(ctx))
-        st.x.copy_(x)
-        st.pos.copy_(pos)
-        assert rel_err(st.step(), ref) < 1e-5
-    # frames of 8 tokens carried over 10 frames (80 tokens: the SWA ring wraps twice)
-    st, state = StaticStepper(model, 8, capacity=128, compile=compile), None
-    for f in range(10):
-        x, pos = torch.randn(1, 8, 64), frame_positions(8, 4 * f, dev, (2, 4))
-        ref, state = eager_step(model, x, pos, state)
-        st.x.copy_(x)
-        st.pos.copy_(pos)
-        assert rel_err(st.step(), ref) < 1e-5, f
-    assert int(st.tok) == 80
-
-
-@pytest.mark.parametrize("T,dense,option", [(8, False, "fused_gdn"), (8, False, "decode_attention"),
-                                             (1, False, "decode_attention")])
-def test_static_stepper_refuses_a_decode_kernel_outside_decode(T, dense, option):
-    """The fused GDN step is T = 1 only, the SWA decode kernel the dense T = 1 step only: asking for
-    either elsewhere is a ValueError naming the option (checked before any kernel is needed)."""
+# "aot_eager": Dynamo traces the engine's small ops (RoPE tables, residual/MLP half) without
+# Inductor's code generation, which takes a minute on CPU; Inductor runs in the GPU tests.
+def test_engine_compiled_pieces_match_eager():
+    from vlt.inference import InferenceEngine
     a, dev, dt = _tiny_args()
     model = build_model("hybrid", a, dev, dt).eval()
-    with pytest.raises(ValueError, match=option):
-        StaticStepper(model, T, capacity=64, dense=dense, **{option: True})
+    ids = torch.randint(0, 400, (1, 40))
+    eng = InferenceEngine(model, compile="aot_eager")
+    eng.prefill(ids[0])
+    with torch.no_grad():
+        state = model(ids, use_cache=True).state
+        for t in (5, 6, 7):
+            ref = model(torch.tensor([[t]]), state=state, use_cache=True)
+            state = ref.state
+            got = eng.decode(torch.tensor([t]))
+            assert float((got - ref.logits[:, -1]).norm() / ref.logits[:, -1].norm()) < 1e-5
 
 
 def test_bench_stream_tiny(tmp_path):
     from vlt.bench.stream import main
-    assert main(["--tiny", "--device", "cpu", "--frames", "12", "--eager-frames", "10", "--out", str(tmp_path)]) == 0
+    assert main(["--tiny", "--device", "cpu", "--frames", "12", "--eager-frames", "6", "--check-frames", "6",
+                 "--out", str(tmp_path)]) == 0
     rep = json.loads((tmp_path / "stream.json").read_text())
     assert (tmp_path / "stream.png").stat().st_size > 0
     assert rep["bench"] == "stream" and rep["command"].startswith("vlt bench stream") and rep["machine"]
     assert rep["tokens_per_frame"] == 8
     r = rep["results"][0]
-    assert r["layout"] == "hybrid" and len(r["fps"]) == len(r["decoder_ms"]) == len(r["mem_bytes"]) == 12
-    assert r["check_static_vs_eager_max_rel_err"] < 1e-5
-    # hybrid state: grows while the SWA ring fills (window 32 = 4 frames of 8), then stays constant
-    eb = r["eager_state_bytes"]
-    assert eb[0] < eb[4] and len(set(eb[4:])) == 1
-    assert set(r["mem_bytes"]) == {r["state_bytes"]} and r["mem_change_from_100"] == 0
-    assert eb[-1] == r["state_bytes"]  # the static buffers hold exactly the mixers' steady-state
+    assert r["layout"] == "hybrid" and len(r["fps"]) == len(r["mem_bytes"]) == 12, r
+    assert r["path"].startswith("vlt.inference.VideoStream")      # the user's path, not a copy
+    assert r["check_engine_vs_eager_rel_err"] < 1e-5
+    assert len(set(r["mem_bytes"])) == 1 and r["mem_change_steady"] == 0 and "goal_70fps" not in r  # CPU: no GPU goals
 
 
 def test_bench_infer_tiny(tmp_path):
     from vlt.bench.infer import main
     assert main(["--tiny", "--device", "cpu", "--layouts", "full", "hybrid", "--prefill-lens", "64",
-                 "--contexts", "16", "64", "--check-max", "64", "--rep-ms", "1", "--out", str(tmp_path)]) == 0
+                 "--contexts", "16", "64", "--check-max", "64", "--rep-ms", "1", "--batch-sizes", "1", "2",
+                 "--batch-contexts", "32", "--e2e-prompt", "24", "--e2e-new", "4", "--out", str(tmp_path)]) == 0
     rep = json.loads((tmp_path / "infer.json").read_text())
     assert {(r["layout"], r["T"]) for r in rep["prefill"]} == {("full", 64), ("hybrid", 64)}
     assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 for r in rep["prefill"])
@@ -79,10 +59,15 @@ def test_bench_infer_tiny(tmp_path):
     assert set(dec) == {(lay, c) for lay in ("full", "hybrid") for c in (16, 64)}
     for r in dec.values():
         assert r["ms"] > 0 and r["check_rel_err"] < 1e-5 and r["state"].startswith("constructed")
+        assert r["path"].startswith("InferenceEngine.decode") and r["graph"] is False
     # the full layout's KV grows with the context, the hybrid's state is capped by the window
     assert dec["full", 64]["state_bytes"] > dec["full", 16]["state_bytes"]
     s16, s64 = (dec["hybrid", c]["state_bytes"] for c in (16, 64))
-    assert s64 >= s16 and rep["goals"][0]["goal"].startswith("hybrid decode flat")
+    assert s64 >= s16 and rep["goals"] == []            # the targets are for the GPU; a CPU run says none
+    assert {(r["layout"], r["batch"]) for r in rep["batched"]} == {(lay, b) for lay in ("full", "hybrid") for b in (1, 2)}
+    assert all(r["tokens_per_s"] > 0 for r in rep["batched"])
+    e2e = {r["layout"]: r for r in rep["e2e"]}
+    assert set(e2e) == {"full", "hybrid"} and all(r["ttft_ms"] > 0 and r["new_tokens"] == 4 for r in e2e.values())
 
 
 def test_bench_train_tiny(tmp_path):
@@ -114,7 +99,7 @@ def test_cli_registers_bench_commands():
 
 def test_packed_projections_same_outputs_fewer_gemms(monkeypatch):
     from vlt.bench.common import token_ids
-    from vlt.bench.static import pack_projections
+    from vlt.inference import pack_projections
     a, dev, dt = _tiny_args()
     model = build_model("hybrid", a, dev, dt).eval()      # [swa, gdn, gdn, gdn]
     ids = token_ids(model, (1, 12), dev)

@@ -1,7 +1,7 @@
-"""vlt.kernels.decode_attention (the static stepper's SWA decode step: K/V write + split attention +
+"""vlt.kernels.decode_attention (the engine's attention decode step: K/V write + split attention +
 combine) on the CPU through Triton's interpreter, against index_copy + SDPA
 (``decode_attention_reference``), and the stepper using it against the model's eager blocks. The GPU
-compiles the same kernels: tests/test_kernels_gpu.py and tests/test_static_gpu.py."""
+compiles the same kernels: tests/test_kernels_gpu.py and tests/test_inference_gpu.py."""
 import pytest
 
 from triton_interpreter import TINY_ENGINE

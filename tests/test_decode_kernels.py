@@ -4,9 +4,9 @@
 ``TRITON_INTERPRET=1`` must be set before the kernel module is imported (Triton decides at
 ``@triton.jit`` time), so each check runs in a fresh Python process. References: the torch version
 of the same GDN step (``gdn_decode_reference``), the GDN mixer's own forward over several carried
-decode steps, the static stepper's fused path against the model's eager blocks, and a float64
+decode steps, the inference engine's fused path against the model's eager blocks, and a float64
 matrix-vector product. The GPU compiles the same kernels for real: tests/test_kernels_gpu.py and
-tests/test_static_gpu.py.
+tests/test_inference_gpu.py.
 """
 import pytest
 from triton_interpreter import TINY_ENGINE

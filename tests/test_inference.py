@@ -148,3 +148,62 @@ def test_user_errors_are_clear():
 
     with pytest.raises(NotImplementedError, match="declares no decode state"):
         NoSpec(8, 2).state_spec(1, 4)
+
+
+def _frames(n, size=56):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    return [Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).byte().numpy()) for _ in range(n)]
+
+
+@pytest.mark.parametrize("layout", ["[swa, gdn, gdn, gdn]", "[swa_gdn, linear, full, gdn]"])
+def test_video_stream_answers_as_the_offline_prompt(layout):
+    """Frames streamed one by one, then a question: the answer equals the eager generation from the
+    whole video prompt built by vlt.data's template (the layout training uses); asking does not
+    change the stream's state; the carried state stays the same size frame after frame."""
+    from vlt.data.image import ImageProcessor
+    from vlt.data.tokenizer import build_prompt_ids, load_tokenizer
+    from vlt.inference import VideoStream
+    model = tiny(layout, mrope=True)
+    tok = load_tokenizer("byte")
+    proc = ImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56)
+    frames = _frames(9)                     # 9 frames x (4 visual + ~10 text tokens): past the window of 6
+    stream = VideoStream(model, tok, image_processor=proc, fps=2.0, system="", capacity=400)
+    sizes = []
+    for f in frames[:5]:
+        stream.add_frame(f)
+        sizes.append(stream.state_nbytes())
+    before = stream.engine.export_state()
+    early = stream.ask("Which colour?", max_new_tokens=5)
+    after = stream.engine.export_state()
+    assert all(torch.equal(a, b) for a, b in zip(_leaves(before["layers"]), _leaves(after["layers"])))
+    for f in frames[5:]:
+        stream.add_frame(f)
+        sizes.append(stream.state_nbytes())
+    answer = stream.ask("Which colour?", max_new_tokens=5)
+    assert len(set(sizes)) == 1
+    pixels = [proc(f) for f in frames]
+    counts = [("video", [(i / 2.0, proc.num_tokens(p)) for i, p in enumerate(pixels)])]
+    ids = build_prompt_ids(tok, [{"from": "human", "value": "<video>\nWhich colour?"}], counts, system="")
+    ref = generate_eager(model, torch.tensor([ids]), pixels, max_new_tokens=5, eos_token_id=[tok.eos_id, tok.pad_id, tok.im_end_id])
+    ref_ids = [i for i in ref[0].tolist()]
+    stop = {tok.eos_id, tok.pad_id, tok.im_end_id}
+    ref_ids = ref_ids[:next((k for k, i in enumerate(ref_ids) if i in stop), len(ref_ids))]
+    assert answer == tok.decode(ref_ids)
+    with torch.no_grad():   # and the distribution it answered from, not only its argmax
+        ref_logits = model(torch.tensor([ids]), images=pixels).logits[0, -1]
+    assert rel(stream.question_logits, ref_logits) < 1e-4
+    ids5 = build_prompt_ids(tok, [{"from": "human", "value": "<video>\nWhich colour?"}],
+                            [("video", counts[0][1][:5])], system="")
+    ref5 = generate_eager(model, torch.tensor([ids5]), pixels[:5], max_new_tokens=5)[0].tolist()
+    ref5 = ref5[:next((k for k, i in enumerate(ref5) if i in stop), len(ref5))]
+    assert early == tok.decode(ref5)
+
+
+def test_video_stream_needs_a_vision_tower():
+    from vlt.data.tokenizer import load_tokenizer
+    from vlt.inference import VideoStream
+    torch.manual_seed(0)
+    model = VLM(VLMConfig.from_name("tiny-hybrid", vision={"kind": "none"}, image_token_id=None)).eval()
+    with pytest.raises(ValueError, match="no vision tower"):
+        VideoStream(model, load_tokenizer("byte"))

@@ -97,7 +97,7 @@ def test_gdn_decode_fused_recurrent_matches_torch(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("HV", [16, 32])           # InfiniteVL's 16 heads (K 128, V 256); and GVA
 def test_gdn_decode_step_kernel_matches_torch(dtype, HV):
-    """vlt.kernels.gdn_decode (the static stepper's fused decode step) compiled for the GPU, against
+    """vlt.kernels.gdn_decode (the inference engine's fused decode step) compiled for the GPU, against
     the same step in torch ops, over 6 steps with every state carried; B = 2."""
     from vlt.kernels.gdn_decode import gdn_decode_reference, gdn_decode_step
     torch.manual_seed(3)

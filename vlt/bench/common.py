@@ -37,11 +37,11 @@ def add_common_args(p, layouts=("full", "swa", "gdn", "hybrid")):
 
 def add_compile_arg(p):
     p.add_argument("--compile", default="auto",
-                   help="torch.compile backend for the static step's per-block pieces (auto: inductor on CUDA, "
+                   help="torch.compile backend for the inference engine's small ops (auto: inductor on CUDA, "
                         "none on CPU; 'none' to disable)")
     p.add_argument("--no-pack", action="store_true",
                    help="keep each projection its own GEMM (default: stack q/k/v(/g/a/b) and gate/up, "
-                        "vlt.bench.static.pack_projections)")
+                        "vlt.inference.pack_projections)")
     return p
 
 
@@ -67,7 +67,7 @@ def out_of_time(args) -> bool:
     return bool(args.time_limit) and time.perf_counter() - args.t0 > args.time_limit
 
 
-def model_config(layout: str, args):
+def model_config(layout: str, args, vision: bool = False):
     from vlt.config import VLMConfig
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}; allowed: {list(LAYOUTS)}")
@@ -78,17 +78,31 @@ def model_config(layout: str, args):
                                        "full": {"qkv_bias": True}, "gdn": {"expand_v": 2.0}})
     if args.tiny:
         dec.update(TINY)
-    extra = dict(image_token_id=500, video_token_id=501, vision_start_token_id=502) if args.tiny else {}
+    extra = dict(image_token_id=500, video_token_id=501, vision_start_token_id=502) if args.tiny else \
+        dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652)  # Qwen2.5-VL's ids
+    if vision:
+        extra["vision"] = dict(kind="qwen2_5_vl", hf_config=TINY_VISION if args.tiny else QWEN25_VL_3B_VISION)
     return VLMConfig.from_name("infinitevl-4b", decoder=dec, **extra)
 
 
-def build_model(layout: str, args, device, dtype, seed: int = 0):
-    """Random-weight decoder (no vision tower) at InfiniteVL-4B shapes, built directly on ``device``."""
+# the Qwen2.5-VL-3B vision tower (InfiniteVL-4B keeps its teacher's), and a tiny one for CPU smoke runs
+QWEN25_VL_3B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, in_channels=3,
+                           out_hidden_size=2048, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                           window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu",
+                           tokens_per_second=2)
+TINY_VISION = dict(QWEN25_VL_3B_VISION, depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                   out_hidden_size=64, fullatt_block_indexes=[1])
+
+
+def build_model(layout: str, args, device, dtype, seed: int = 0, vision: bool = False):
+    """Random-weight model at InfiniteVL-4B shapes (``vision``: with the Qwen2.5-VL-3B tower, else
+    the decoder alone), built directly on ``device`` in ``dtype``."""
     import torch
+    from vlt.export import _default_dtype
     from vlt.model import VLM
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = VLM(model_config(layout, args))
+    with torch.device(device), _default_dtype(dtype):
+        model = VLM(model_config(layout, args, vision))
     return model.to(dtype)
 
 
@@ -280,18 +294,20 @@ def train_flops(model, T: int) -> float:
     return f
 
 
-def state_bytes_per_token(model, context: int) -> tuple[int, int]:
-    """(bytes of state read, bytes written) by one decode step at ``context`` tokens of history."""
+def state_bytes_per_token(model, context: int, batch: int = 1) -> tuple[int, int]:
+    """(bytes of state read, bytes written) by one decode step at ``context`` tokens of history, from
+    each mixer's declared state (``state_spec``): a cache whose size depends on its capacity (K/V) is
+    read whole and written one token; a fixed-size state (GDN, linear) is read and written whole."""
+    import torch
+    from vlt.layers import spec_nbytes
+    dt = next(model.parameters()).dtype
     read = write = 0
     for blk in model.layers:
         m = blk.mixer
-        if hasattr(m, "head_k_dim"):
-            s = m.state_size(1, context)
-            read, write = read + s, write + s
-        else:
-            kv_tok = 2 * m.num_kv_heads * m.head_dim * 2  # bf16 K and V of one token
-            L = context + 1 if m.window is None else min(context + 1, m.window)
-            read, write = read + L * kv_tok, write + kv_tok
+        whole = spec_nbytes(m.state_spec(batch, context + 1, dt))
+        one = spec_nbytes(m.state_spec(batch, 1, dt))
+        read += whole
+        write += one if one != whole else whole
     return read, write
 
 

@@ -14,7 +14,7 @@
   with RoPE in the kernel (the stepper's call) and for each ``--attn-programs-per-sm``.
 
 ``--tune-gemv`` first times every GEMV tile (vlt.kernels.gemv._CONFIGS) for each launch of the 4B
-decode step (shape and fused ops as the static stepper calls them), in a CUDA graph over 36 layers'
+decode step (shape and fused ops as the inference engine calls them), in a CUDA graph over 36 layers'
 weights with programmatic dependent launch, and writes the best per launch to
 gemv_configs.json - the table vlt.kernels.gemv reads from kernels/gemv_configs/<GPU name>.json.
 The rows after it use that table.
@@ -30,7 +30,7 @@ import sys
 from vlt.bench.common import header, machine_ceilings, plt, save_json
 from vlt.bench.mixers import cuda_time, graphed
 
-# every GEMV launch of the InfiniteVL-4B decode step (vlt.bench.static): (name, N, K, fused ops)
+# every GEMV launch of the InfiniteVL-4B decode step (vlt.inference): (name, N, K, fused ops)
 STEP_GEMVS = (("swa q/k/v (norm, bias)", 2560, 2048, dict(norm=True, bias=True)),
               ("swa o_proj (+res)", 2048, 2048, dict(residual=True)),
               ("gdn q/k/v/g/a/b (norm)", 12320, 2048, dict(norm=True)),

@@ -1,30 +1,23 @@
-"""``vlt bench infer``: prefill time, per-token decode latency and peak memory vs context length.
+"""``vlt bench infer``: the inference engine users get (``vlt generate``), timed - prefill, per-token
+decode latency vs context, batched decode, and one end-to-end generate with an image.
 
-Prefill: one forward of T random tokens with ``use_cache=True`` and ``logits_to_keep=1`` (the
-generation path), event-timed, per layout and T.
+Prefill: ``InferenceEngine.prefill`` of T random tokens (the model's parallel forward with
+``use_cache=True`` and ``logits_to_keep=1``, then the state loaded into the engine's cache), event-timed.
 
-Decode (batch 1): the state of a context of L tokens is BUILT DIRECTLY at its true size (random K/V
-in every attention layer's buffer - L + 1 slots for ``full``, min(L + 1, window) for ``swa`` - and
-random GDN conv/SSM states); a decode step's cost depends only on those sizes, so contexts up to 1M
-are measured without prefilling them. The step is ``vlt.bench.static.StaticStepper`` (in-place state,
-device-side indices) captured in a CUDA graph; each replay rewrites the same slot. Before timing,
-the step is checked against the mixers' own eager decode path (``eager_step``) on the same state
-(``check_rel_err`` of the logits), at contexts <= ``--check-max`` and always after graph replay.
-``eager_ms`` times that eager path (the "before" of the graphed path) where its out-of-place cache
-copy fits. On CUDA the step's per-block pieces are compiled with Inductor (``--compile``), which
-fuses the small kernels of norms, RoPE, gates, the GDN step and the MLP; ``uncompiled_graph_ms``
-is the same graphed step without it. GDN layers decode through two fused Triton kernels per layer
-(``vlt.kernels.gdn_decode``; ``--no-fused-gdn``: the compiled torch recurrence instead), and
-``unfused_gdn_graph_ms`` times that alternative on the same state (the "before" of the kernel).
-The blocks' projections run through vlt's batch-1 GEMV kernel with the norms, SwiGLU and residual
-adds fused in (``vlt.kernels.gemv``; ``--no-gemv``: cuBLAS and Inductor), and ``cublas_graph_ms``
-times the step that way. Sliding-window layers write K/V and attend through vlt's split decode
-kernel (``vlt.kernels.decode_attention``; ``--no-decode-attention``: index_copy + SDPA, as full
-layers always do), and ``sdpa_swa_graph_ms`` times the step that way. On Hopper these kernels start
-while the kernel before them finishes (programmatic dependent launch, ``vlt.kernels.pdl``;
-``--no-pdl``: one after another), and ``no_pdl_graph_ms`` times the step without it. Input
-projections are stacked (one GEMV per group, ``pack_projections``; ``--no-pack`` keeps them apart).
-Full attention is timed with each SDPA backend (flash, efficient, cuDNN) and the best is reported.
+Decode: an engine sized as ``vlt generate`` sizes it (capacity = context + room for new tokens) holds
+a context of L tokens BUILT DIRECTLY at its true size (``InferenceEngine.fill_random``: random K/V and
+GDN states), since a decode step's cost depends only on those sizes; contexts up to 1M are measured
+without prefilling them. Timed: ``engine.decode`` - exactly the call ``vlt generate`` makes per token
+(a CUDA-graph replay of the step with vlt's fused kernels on the GPU). Before timing, the step is
+checked against the mixers' own eager decode on the same state (``check_rel_err``), at contexts <=
+``--check-max``; ``eager_ms`` times that eager path (``vlt generate --engine eager``). At the first
+context the same step without vlt's kernels (``unfused_graph_ms``: cuBLAS, the torch GDN step, SDPA)
+and without programmatic dependent launch (``no_pdl_graph_ms``) are timed too.
+
+Batched decode (``--batch-sizes``): tokens/s of B rows decoding at once at each context of
+``--batch-contexts``. End to end (``--e2e-prompt``): a model with the Qwen2.5-VL vision tower, a
+prompt of that many tokens with one 448x448 image, then ``--e2e-new`` tokens through
+``vlt.inference.generate``: time to first token and per-token latency as ``vlt generate`` reports them.
 A layout whose state would not fit is recorded as OOM (estimated up front, or caught).
 
 Bandwidth floor per token = (weight bytes + state bytes read + written) / measured copy bandwidth.
@@ -36,159 +29,164 @@ import argparse
 import sys
 import time
 
-from vlt.bench.common import (add_common_args, add_compile_arg, allocated_bytes, build_model, err, graphed, header,
-                              is_oom, kernel_profile, long_swa_backend, machine_ceilings, out_of_time, peak_gib, plt,
+from vlt.bench.common import (add_common_args, add_compile_arg, allocated_bytes, build_model, err, header,
+                              kernel_profile, long_swa_backend, machine_ceilings, out_of_time, peak_gib, plt,
                               reset_peak, save_json, setup, state_bytes_per_token, step_compile_backend, time_ms,
                               token_ids, weight_bytes_per_token)
 
-SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION")
+ROOM = 2048  # new tokens an engine is sized for beyond its context (timing replays advance it)
 
 
 def add_bench_infer_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_common_args(p)
     p.add_argument("--prefill-lens", nargs="*", type=int, default=[4096, 32768, 131072], help="none: decode only")
-    p.add_argument("--contexts", nargs="+", type=int,
-                   default=[4096, 16384, 65536, 131072, 262144, 524288, 1048576])
-    p.add_argument("--check-max", type=int, default=16384, help="check the graphed step against eager up to here")
+    p.add_argument("--contexts", nargs="+", type=int, default=[4096, 131072, 1048576])
+    p.add_argument("--batch-sizes", nargs="*", type=int, default=[1, 8, 32], help="batched decode rows (none: skip)")
+    p.add_argument("--batch-contexts", nargs="*", type=int, default=[4096, 131072])
+    p.add_argument("--e2e-prompt", type=int, default=4096, help="end-to-end generate: prompt tokens (0: skip)")
+    p.add_argument("--e2e-new", type=int, default=256, help="end-to-end generate: new tokens")
+    p.add_argument("--check-max", type=int, default=16384, help="check the engine's step against eager up to here")
     p.add_argument("--eager-max", type=int, default=131072, help="time the eager decode path up to this context")
     p.add_argument("--rep-ms", type=float, default=200.0)
-    p.add_argument("--no-graph", action="store_true", help="time the static step without CUDA graphs")
+    p.add_argument("--no-graph", action="store_true", help="the engine without CUDA graphs")
+    p.add_argument("--no-fused", action="store_true", help="the engine without vlt's decode kernels")
+    p.add_argument("--no-pdl", action="store_true", help="vlt's kernels without programmatic dependent launch")
+    p.add_argument("--profile", action="store_true", help="kernel profile of the step at the first context")
     add_compile_arg(p)
-    p.add_argument("--no-fused-gdn", action="store_true",
-                   help="GDN decode through the compiled torch recurrence, not the fused Triton step")
-    p.add_argument("--no-gemv", action="store_true", help="projections through cuBLAS, not vlt's GEMV kernel")
-    p.add_argument("--no-decode-attention", action="store_true",
-                   help="sliding-window layers through index_copy + SDPA, not vlt's split decode kernel")
-    p.add_argument("--no-pdl", action="store_true",
-                   help="launch vlt's decode kernels one after another, without programmatic dependent launch")
-    p.add_argument("--profile", action="store_true",
-                   help="profile the (ungraphed) step at each layout's first context: profile_decode_<layout>.txt")
     return p
 
 
-def _sdpa_ctx(name):
-    import contextlib
-    if name is None:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    return sdpa_kernel([getattr(SDPBackend, name)])
+def _engine(model, args, device, capacity, batch=1, **over):
+    from vlt.inference import InferenceEngine
+    kw = dict(batch_size=batch, capacity=capacity, graphs=False if args.no_graph or device.type != "cuda" else None,
+              fused=False if args.no_fused else None, compile=step_compile_backend(args, device),
+              pdl=not args.no_pdl, pack=False if args.no_pack else None)
+    kw.update(over)
+    return InferenceEngine(model, **kw)
 
 
-def decode_row(model, layout, L, args, device, bw):
+def _oom_estimate(model, L, batch, device):
     import torch
-    from vlt.bench.static import StaticStepper, eager_step, frame_positions, rel_err, step_pieces
-    from vlt.kernels import pdl
-    row = dict(layout=layout, context=L, state="constructed at full size (random contents), not prefilled")
+    read, _ = state_bytes_per_token(model, L + ROOM, batch)
+    if device.type == "cuda" and read > 0.9 * torch.cuda.mem_get_info()[0]:
+        return f"OOM (estimated): state {read / 2**30:.1f} GiB > free {torch.cuda.mem_get_info()[0] / 2**30:.1f} GiB"
+    return None
+
+
+def decode_row(model, layout, L, args, device, bw, first: bool):
+    import torch
+    from vlt.inference.steps import step_for
+    row = dict(layout=layout, context=L, state="constructed at full size (random contents), not prefilled",
+               path="InferenceEngine.decode (what vlt generate runs per token)")
     read, write = state_bytes_per_token(model, L)
     wbytes = weight_bytes_per_token(model)
     row.update(state_bytes=read, state_gib=round(read / 2**30, 3), weight_gib=round(wbytes / 2**30, 3))
     if bw:
         row["floor_ms"] = round((wbytes + read + write) / (bw * 1e12) * 1e3, 4)
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info()[0]
-        if read > 0.92 * free:
-            row["error"] = f"OOM (estimated): state {read / 2**30:.1f} GiB > free {free / 2**30:.1f} GiB"
-            return row
+    oom = _oom_estimate(model, L, 1, device)
+    if oom:
+        row["error"] = oom
+        return row
     reset_peak(device)
-    compile = step_compile_backend(args, device)
-    st = StaticStepper(model, 1, dense=True, advance=False, fill="random", context=L, compile=compile,
-                       fused_gdn=False if args.no_fused_gdn else None, gemv=False if args.no_gemv else None,
-                       decode_attention=False if args.no_decode_attention else None, pdl=not args.no_pdl)
-    x = model.embed_tokens(token_ids(model, (1, 1), device))
-    pos = frame_positions(1, L, device)
-    st.x.copy_(x)
-    st.pos.copy_(pos)
-    ref = None
-    if L <= args.check_max:
-        snap = st.snapshot()
-        ref, _ = eager_step(model, x, pos, st.eager_state(L))
-        row["check_rel_err"] = round(rel_err(st.step(), ref), 6)
-        st.restore(snap)
-    backends = SDPA_BACKENDS if (layout == "full" and device.type == "cuda") else (None,)
-    times = {}
-    for b in backends:
-        try:
-            with _sdpa_ctx(b):
-                fn = st.step
-                if not (args.no_graph or device.type != "cuda"):
-                    try:
-                        fn = graphed(st.step)
-                    except Exception as e:  # noqa: BLE001 - fall back to the eager static step, say so
-                        row["graph_error"] = err(e)
-                        torch.cuda.synchronize()
-                ms, _ = time_ms(fn, device, args.rep_ms)
-                times[b or "auto"] = round(ms, 4)
-                if ref is not None:  # one replay from the checked state: the graph computes the same step
-                    st.restore(snap)
-                    fn()
-                    row[f"graph_rel_err{'' if b is None else '_' + b}"] = round(rel_err(st.out, ref), 6)
-        except Exception as e:  # noqa: BLE001 - a backend that cannot take these shapes is a result
-            times[b or "auto"] = err(e)
-    ok = {k: v for k, v in times.items() if isinstance(v, float)}
-    if len(backends) > 1:
-        row["sdpa_ms"] = times
-    if ok:
-        best = min(ok, key=ok.get)
-        row.update(ms=ok[best], backend=best)
-        if "floor_ms" in row:
-            row["ms_over_floor"] = round(ok[best] / row["floor_ms"], 3)
-    else:
-        row["error"] = "; ".join(str(v) for v in times.values())
-    if args.profile and device.type == "cuda" and L == args.contexts[0]:  # the timed (compiled) step, ungraphed
-        row["profile"] = kernel_profile(st.step, f"{args.out}/profile_decode_{layout}.txt", reps=5)
-    has_gdn = any(s["kind"] == "gdn" for s in st.states)
-    row["fused_gdn"], row["gemv"] = bool(st.fused_gdn and has_gdn), bool(st.gemv)
-    row["decode_attention"] = bool(st.decode_attention and any(getattr(b.mixer, "window", None) for b in model.layers))
-    row["pdl"] = bool(st.pdl and (row["fused_gdn"] or row["gemv"] or row["decode_attention"]) and pdl.enabled(x))
-    # the "before" of each kernel, same state and graph: GDN through the compiled recurrence; cuBLAS
-    # GEMMs; SWA through index_copy + SDPA; vlt's kernels launched one after another (no PDL)
-    variants = [(key, attr) for key, attr, on in (("unfused_gdn_graph_ms", "fused_gdn", row["fused_gdn"]),
-                                                  ("cublas_graph_ms", "gemv", row["gemv"]),
-                                                  ("sdpa_swa_graph_ms", "decode_attention", row["decode_attention"]),
-                                                  ("no_pdl_graph_ms", "pdl", row["pdl"])) if on]
-    for key, attr in variants if ok and not args.no_graph else ():
-        setattr(st, attr, False)
-        try:
-            with _sdpa_ctx(None if row["backend"] == "auto" else row["backend"]):
-                row[key] = round(time_ms(graphed(st.step), device, args.rep_ms)[0], 4)
-        except Exception as e:  # noqa: BLE001
-            row[key] = err(e)
-        setattr(st, attr, True)
-    if compile and ok and device.type == "cuda" and not args.no_graph:  # the same step, uncompiled
-        st.pieces = step_pieces(None)
-        try:
-            with _sdpa_ctx(None if row["backend"] == "auto" else row["backend"]):
-                row["uncompiled_graph_ms"] = round(time_ms(graphed(st.step), device, args.rep_ms)[0], 4)
-        except Exception as e:  # noqa: BLE001
-            row["uncompiled_graph_ms"] = err(e)
-    row["compile"] = compile
-    row["peak_gib"] = peak_gib(device)
-    if L <= args.eager_max or layout != "full":
-        try:
-            es = st.eager_state(L)
-            with torch.no_grad():
-                row["eager_ms"] = round(time_ms(lambda: eager_step(model, x, pos, es), device, args.rep_ms)[0], 3)
-            del es
-        except Exception as e:  # noqa: BLE001
-            row["eager_ms"] = err(e)
-    del st
+    eng = _engine(model, args, device, L + ROOM)
+    eng.fill_random(L)
+    tok = token_ids(model, (1,), device)
+    if L <= args.check_max:   # the engine's step vs the mixers' own decode on the same state
+        state = eng.export_state()
+        with torch.no_grad():
+            ref = model(tok[:, None], state=state, use_cache=True).logits[:, -1]
+        got = eng.decode(tok)
+        row["check_rel_err"] = round(float((got.float() - ref.float()).norm() / ref.float().norm()), 6)
+        del state
+    row["ms"] = round(time_ms(lambda: eng.decode(tok), device, args.rep_ms)[0], 4)
+    if "floor_ms" in row:
+        row["ms_over_floor"] = round(row["ms"] / row["floor_ms"], 3)
+    row.update(graph=eng.graphs, fused=eng.fused, compile=eng.compile, pdl=eng.pdl,
+               steps=sorted({type(step_for(b.mixer)).__name__ for b in model.layers}), peak_gib=peak_gib(device))
+    if args.profile and device.type == "cuda" and first:
+        row["profile"] = kernel_profile(eng._decode_impl, f"{args.out}/profile_decode_{layout}.txt", reps=5)
+    if L <= args.eager_max:
+        state = eng.export_state()
+        with torch.no_grad():
+            row["eager_ms"] = round(time_ms(lambda: model(tok[:, None], state=state, use_cache=True), device,
+                                            args.rep_ms)[0], 3)
+        del state
+    del eng
+    if first and device.type == "cuda" and not args.no_graph:   # the "before" of vlt's kernels and of PDL
+        for key, over in (("unfused_graph_ms", dict(fused=False)), ("no_pdl_graph_ms", dict(pdl=False))):
+            try:
+                e2 = _engine(model, args, device, L + ROOM, **over)
+                e2.fill_random(L)
+                row[key] = round(time_ms(lambda: e2.decode(tok), device, args.rep_ms)[0], 4)
+                del e2
+            except Exception as e:  # noqa: BLE001
+                row[key] = err(e)
+    return row
+
+
+def batch_row(model, layout, L, B, args, device):
+    row = dict(layout=layout, context=L, batch=B)
+    oom = _oom_estimate(model, L, B, device)
+    if oom:
+        row["error"] = oom
+        return row
+    eng = _engine(model, args, device, L + ROOM, batch=B)
+    eng.fill_random(L)
+    tok = token_ids(model, (B,), device)
+    ms = time_ms(lambda: eng.decode(tok), device, args.rep_ms)[0]
+    row.update(ms=round(ms, 4), tokens_per_s=round(B / ms * 1e3, 1), peak_gib=peak_gib(device))
     return row
 
 
 def prefill_row(model, layout, T, device, args):
     import torch
-    row = dict(layout=layout, T=T)
+    row = dict(layout=layout, T=T, path="InferenceEngine.prefill")
     swa_b = long_swa_backend(model, T)
     if swa_b:
         row['swa_backend'] = swa_b
-    ids = token_ids(model, (1, T), device)
+    ids = token_ids(model, (T,), device)
+    eng = _engine(model, args, device, T + ROOM)
     reset_peak(device)
     base = allocated_bytes(device)
     with torch.no_grad():
-        ms, n = time_ms(lambda: model(ids, use_cache=True, logits_to_keep=1), device, max_reps=2)
+        ms, n = time_ms(lambda: eng.prefill(ids), device, max_reps=2)
     row.update(ms=round(ms, 2), reps=n, tokens_per_s=round(T / ms * 1e3, 1), peak_gib=peak_gib(device))
     if base is not None:
         row["peak_over_weights_gib"] = round(row["peak_gib"] - base / 2**30, 3)
+    return row
+
+
+def e2e_row(layout, args, device, dtype):
+    """What ``vlt generate`` does after loading: a prompt with one 448x448 image, then new tokens."""
+    import torch
+    from vlt.inference import generate
+    model = build_model(layout, args, device, dtype, vision=True).eval()
+    side = 28 * (2 if args.tiny else 16)
+    image = torch.randn(3, side, side, device=device, dtype=dtype)
+    n_img = (side // 28) ** 2
+    T = max(args.e2e_prompt, n_img + 8)
+    cfg = model.config
+    ids = token_ids(model, (T,), device)
+    ids[4:4 + n_img] = cfg.image_token_id
+    ids[3], ids[4 + n_img] = cfg.vision_start_token_id, cfg.vision_start_token_id
+    eng = _engine(model, args, device, T + args.e2e_new)
+    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+    generate(eng, [(ids, [image])], max_new_tokens=4)          # warm: graph capture, compiles, autotune
+    sync()
+    t0 = time.perf_counter()
+    generate(eng, [(ids, [image])], max_new_tokens=1)
+    sync()
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    new = generate(eng, [(ids, [image])], max_new_tokens=args.e2e_new)
+    sync()
+    total = time.perf_counter() - t0
+    n = new.shape[1]
+    per_token = (total - ttft) / max(n - 1, 1)
+    row = dict(layout=layout, prompt_tokens=T, image_px=[side, side], image_tokens=n_img, new_tokens=n,
+               ttft_ms=round(ttft * 1e3, 2), per_token_ms=round(per_token * 1e3, 4),
+               tokens_per_s=round(1 / per_token, 1), total_s=round(total, 3), path="vlt.inference.generate")
+    del eng, model
     return row
 
 
@@ -198,52 +196,50 @@ def run_bench_infer(args) -> int:
     rep = header(args, "infer")
     rep["ceilings"] = machine_ceilings(device)
     bw = rep["ceilings"].get("copy_tb_s")
-    rep["prefill"], rep["decode"] = [], []
+    rep["prefill"], rep["decode"], rep["batched"], rep["e2e"] = [], [], [], []
     path = f"{args.out}/infer.json"
+    cuda = device.type == "cuda"
+
+    def record(kind, fn, **where):
+        if out_of_time(args):
+            rep[kind].append(dict(where, error="skipped: --time-limit reached"))
+            return
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                row = fn()
+        except Exception as e:  # noqa: BLE001 - a row that fails is a result; the others still run
+            row = dict(where, error=err(e))
+        row["wall_s"] = round(time.perf_counter() - t0, 1)
+        print(kind.upper(), row, flush=True)
+        rep[kind].append(row)
+        save_json(rep, path)
+        if cuda:
+            torch.cuda.empty_cache()
+
     for layout in args.layouts:
         model = build_model(layout, args, device, dtype).eval()
-        if not args.no_pack:
-            from vlt.bench.static import pack_projections
-            rep.setdefault("packed_groups", {})[layout] = pack_projections(model)
         for T in args.prefill_lens:
-            if out_of_time(args):
-                break
-            try:
-                row = prefill_row(model, layout, T, device, args)
-            except Exception as e:  # noqa: BLE001
-                row = dict(layout=layout, T=T, error=err(e))
-            print("PREFILL", row, flush=True)
-            rep["prefill"].append(row)
-            save_json(rep, path)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        for L in args.contexts:
-            if out_of_time(args):
-                rep["decode"].append(dict(layout=layout, context=L, error="skipped: --time-limit reached"))
-                continue
-            t0 = time.perf_counter()
-            try:
-                with torch.no_grad():
-                    row = decode_row(model, layout, L, args, device, bw)
-            except Exception as e:  # noqa: BLE001
-                row = dict(layout=layout, context=L, error=err(e))
-            row["wall_s"] = round(time.perf_counter() - t0, 1)
-            print("DECODE", row, flush=True)
-            rep["decode"].append(row)
-            save_json(rep, path)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            record("prefill", lambda: prefill_row(model, layout, T, device, args), layout=layout, T=T)
+        for i, L in enumerate(args.contexts):
+            record("decode", lambda: decode_row(model, layout, L, args, device, bw, i == 0), layout=layout, context=L)
+        for L in args.batch_contexts:
+            for B in args.batch_sizes:
+                record("batched", lambda: batch_row(model, layout, L, B, args, device), layout=layout, context=L, batch=B)
         del model
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.empty_cache()
-    rep["goals"] = goals(rep["decode"])
+        if args.e2e_prompt:
+            record("e2e", lambda: e2e_row(layout, args, device, dtype), layout=layout)
+    # the targets are set for one H200/H100; on a CPU the run is a smoke test of the same path
+    rep["goals"] = goals(rep["decode"], rep["e2e"]) if cuda else []
     save_json(rep, path)
     plot(rep, f"{args.out}/infer.png")
     print_table(rep)
     return 0
 
 
-def goals(rows):
+def goals(rows, e2e=()):
     def ms(layout, L):
         for r in rows:
             if r["layout"] == layout and r["context"] == L and isinstance(r.get("ms"), float):
@@ -269,12 +265,22 @@ def goals(rows):
             s = ms("full", target) / ms("hybrid", target)
             out.append(dict(goal="full/hybrid decode >= 5x at 1M or where full runs out of memory",
                             context=target, speedup=round(s, 2), met=s >= 5))
+    for r in e2e:
+        if "ttft_ms" in r and r["layout"] == "hybrid":
+            out.append(dict(goal="time to first token <= 150 ms (4K prompt, one 448x448 image)", ttft_ms=r["ttft_ms"],
+                            met=r["ttft_ms"] <= 150))
+            if 4096 in h:
+                ratio = r["per_token_ms"] / h[4096]["ms"]
+                out.append(dict(goal="generate per token within 1.05x of the engine step at 4K",
+                                ratio=round(ratio, 3), met=ratio <= 1.05))
     return out
 
 
 def print_table(rep):
     print("=== SUMMARY infer ===")
-    print(f"{rep['machine']}  decode step (CUDA graph, batch 1), ms; ceilings {rep.get('ceilings')}")
+    graph = any(r.get("graph") for r in rep["decode"])
+    print(f"{rep['machine']}  engine decode step ({'CUDA graph' if graph else 'eager, no graph'}, batch 1), ms; "
+          f"ceilings {rep.get('ceilings')}")
     layouts = list(dict.fromkeys(r["layout"] for r in rep["decode"]))
     ctxs = sorted({r["context"] for r in rep["decode"]})
     print(f"{'context':>8} " + " ".join(f"{lay:>16}" for lay in layouts))
@@ -294,24 +300,36 @@ def print_table(rep):
                                                     f"{r['peak_gib']} GiB" if "ms" in r else r.get("error", "")[:80]))
     for r in rep["decode"]:
         if "check_rel_err" in r:
-            print(f"  check {r['layout']} L={r['context']}: eager vs static {r['check_rel_err']}, "
-                  f"graph {[v for k, v in r.items() if k.startswith('graph_rel_err')]}, eager {r.get('eager_ms')} ms, "
-                  f"uncompiled graph {r.get('uncompiled_graph_ms')} ms")
+            print(f"  check {r['layout']} L={r['context']}: engine vs eager {r['check_rel_err']}, eager "
+                  f"{r.get('eager_ms')} ms, unfused {r.get('unfused_graph_ms')} ms, no PDL {r.get('no_pdl_graph_ms')} ms")
+    for r in rep.get("batched", []):
+        print(f"  batched {r['layout']:7} L={r['context']:>7} B={r['batch']:>3}  " +
+              (f"{r['ms']:.3f} ms/step  {r['tokens_per_s']:.0f} tokens/s" if "ms" in r else str(r.get("error"))[:80]))
+    for r in rep.get("e2e", []):
+        print(f"  e2e {r['layout']}: " + (f"prompt {r['prompt_tokens']} tokens + image {r['image_px']}: time to first "
+                                          f"token {r['ttft_ms']} ms, then {r['per_token_ms']} ms/token"
+                                          if "ttft_ms" in r else str(r.get("error"))[:120]))
     for g in rep.get("goals", []):
         print("GOAL", g)
 
 
 def plot(rep, path):
     pyplot = plt()
-    fig, axes = pyplot.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = pyplot.subplots(1, 4, figsize=(21, 4.5))
     for layout in dict.fromkeys(r["layout"] for r in rep["decode"]):
         d = sorted((r["context"], r) for r in rep["decode"] if r["layout"] == layout and isinstance(r.get("ms"), float))
         if d:
-            axes[0].plot([c for c, _ in d], [r["ms"] for _, r in d], "-o", label=f"{layout} (graph)")
+            axes[0].plot([c for c, _ in d], [r["ms"] for _, r in d], "-o",
+                         label=f"{layout} ({'graph' if d[0][1].get('graph') else 'eager'})")
             fl = [(c, r["floor_ms"]) for c, r in d if r.get("floor_ms")]
             if fl:
                 axes[0].plot(*zip(*fl), ":", color=axes[0].lines[-1].get_color(), label=f"{layout} floor")
             axes[2].plot([c for c, _ in d], [r["peak_gib"] or 0 for _, r in d], "-o", label=layout)
+        for L in sorted({r["context"] for r in rep.get("batched", [])}):
+            b = sorted((r["batch"], r["tokens_per_s"]) for r in rep["batched"]
+                       if r["layout"] == layout and r["context"] == L and "tokens_per_s" in r)
+            if b:
+                axes[3].plot(*zip(*b), "-o", label=f"{layout} L={L}")
         p = sorted((r["T"], r["ms"]) for r in rep["prefill"] if r["layout"] == layout and "ms" in r)
         if p:
             axes[1].plot(*zip(*p), "-o", label=layout)
@@ -320,8 +338,9 @@ def plot(rep, path):
                      transform=axes[1].transAxes)
     for ax, (xl, yl, t) in zip(axes, (("context (tokens)", "ms / token", "decode latency, batch 1"),
                                       ("prompt tokens", "ms", "prefill time"),
-                                      ("context (tokens)", "GiB", "decode peak memory"))):
-        ax.set(xscale="log", yscale="log" if ax is not axes[2] else "linear", xlabel=xl, ylabel=yl,
+                                      ("context (tokens)", "GiB", "decode peak memory"),
+                                      ("batch rows", "tokens/s", "batched decode"))):
+        ax.set(xscale="log", yscale="linear" if ax is axes[2] else "log", xlabel=xl, ylabel=yl,
                title=f"{t}, {rep['machine']}")
         ax.grid(True, which="both", alpha=0.3)
         if ax.lines:

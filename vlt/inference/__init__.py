@@ -9,6 +9,7 @@ evaluation and ``vlt bench infer|stream`` all run it).
 from vlt.inference.engine import InferenceEngine, pack_projections
 from vlt.inference.generate import generate, generate_eager, sample_next
 from vlt.inference.steps import GenericStep, MixerStep, StepContext, register_step, step_for
+from vlt.inference.stream import VideoStream
 
 __all__ = ["InferenceEngine", "pack_projections", "generate", "generate_eager", "sample_next", "MixerStep",
-           "GenericStep", "StepContext", "register_step", "step_for"]
+           "GenericStep", "StepContext", "register_step", "step_for", "VideoStream"]

@@ -64,12 +64,23 @@ def generate(engine, prompts: Sequence, max_new_tokens: int = 128, temperature: 
             raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the engine's "
                              f"capacity of {engine.capacity}; build it with capacity >= "
                              f"{longest + max_new_tokens} or ask for fewer new tokens")
-    dev = engine.device
     engine.reset()
     rows = [engine.prefill(torch.as_tensor(ids), images, row=b) for b, (ids, images) in enumerate(prompts)]
     logits = torch.stack(rows)
     if B < engine.batch_size:  # idle rows decode a pad token; their output is dropped
         logits = torch.cat([logits, logits[:1].expand(engine.batch_size - B, -1)])
+    return decode_loop(engine, logits, max_new_tokens, temperature, top_p, eos_token_id, seed, on_token,
+                       sync_every, rows=B)[:B]
+
+
+def decode_loop(engine, logits, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                eos_token_id=None, seed: int | None = None, on_token=None, sync_every: int = 8,
+                rows: int | None = None) -> torch.Tensor:
+    """Sample from ``logits`` [B, V] (the engine's rows after their prompts), then decode until
+    ``max_new_tokens`` or each of the first ``rows`` rows (default all) has emitted an eos.
+    Returns the new ids [B, n]."""
+    dev = engine.device
+    B = rows or engine.batch_size
     gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
     eos = _eos_list(eos_token_id)
     eos_t = torch.tensor(eos or [-1], dtype=torch.long, device=dev)
@@ -94,7 +105,7 @@ def generate(engine, prompts: Sequence, max_new_tokens: int = 128, temperature: 
                 break
         if not last:
             logits = engine.decode(nxt)
-    return out[:B, :n].clone()
+    return out[:, :n].clone()
 
 
 @torch.no_grad()
