@@ -47,12 +47,12 @@ def _rewrite_argv(argv: list[str]) -> list[str]:
             continue
         if a.startswith("--config="):
             out.append("--config=" + find_recipe(a.split("=", 1)[1]))
-        elif a == "--ckpt_path" and i + 1 < len(argv) and argv[i + 1] == "last":
-            out += [a, find_last_checkpoint(argv)]
+        elif a == "--ckpt_path" and i + 1 < len(argv) and argv[i + 1] in RESUME_KEYWORDS:
+            out += find_last_checkpoint(argv, argv[i + 1])
             i += 2
             continue
-        elif a == "--ckpt_path=last":
-            out.append("--ckpt_path=" + find_last_checkpoint(argv))
+        elif a.startswith("--ckpt_path=") and a.split("=", 1)[1] in RESUME_KEYWORDS:
+            out += find_last_checkpoint(argv, a.split("=", 1)[1])
         else:
             out.append(a)
         i += 1
@@ -65,20 +65,42 @@ def _rewrite_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def find_last_checkpoint(argv: list[str]) -> str:
-    """Lightning resolves ``last`` only inside the new run's own (empty) version directory, so vlt
-    looks for the newest ``last.ckpt`` under the root directory's runs instead."""
+RESUME_KEYWORDS = ("last", "last_or_none")
+
+
+def find_last_checkpoint(argv: list[str], keyword: str = "last") -> list[str]:
+    """``--ckpt_path last|last_or_none`` -> the arguments that resume the newest checkpoint.
+
+    Lightning resolves ``last`` only inside the new run's own (empty) version directory, so vlt takes
+    the checkpoint with the highest step under the root directory's runs (any version folder; torn
+    temporaries never count). ``fit`` then writes its checkpoints into that checkpoint's folder, so a
+    resumed run keeps rotating the same files instead of adding two more per launch. With
+    ``last_or_none`` and no checkpoint yet the run starts fresh (one restart command for
+    preemptible jobs); with ``last`` that is an error."""
+    from vlt.checkpoint import newest_checkpoint
+
     root = "."
     for i, a in enumerate(argv):
         if a.startswith("--trainer.default_root_dir"):
             root = a.split("=", 1)[1] if "=" in a else argv[i + 1]
-    found = glob.glob(os.path.join(root, "**", "checkpoints", "last*.ckpt"), recursive=True)
-    if not found:
-        raise SystemExit(f"vlt: --ckpt_path last: no last.ckpt under {os.path.abspath(root)}/**/checkpoints/; "
-                         "give the checkpoint path explicitly")
-    newest = max(found, key=os.path.getmtime)
-    print(f"vlt: resuming from {newest}", file=sys.stderr)
-    return newest
+    found = newest_checkpoint(root)
+    if found is None:
+        if keyword == "last_or_none":
+            print(f"vlt: --ckpt_path last_or_none: no checkpoint under {os.path.abspath(root)}/**/checkpoints/ yet; "
+                  "starting fresh", file=sys.stderr)
+            return []
+        raise SystemExit(f"vlt: --ckpt_path last: no checkpoint under {os.path.abspath(root)}/**/checkpoints/; "
+                         "give the checkpoint path explicitly, or use --ckpt_path last_or_none to start fresh "
+                         "when there is none")
+    path, step = found
+    print(f"vlt: resuming from {path} (step {step})", file=sys.stderr)
+    out = ["--ckpt_path", str(path)]
+    if argv and argv[0] == "fit" and not any(a.startswith("--checkpoint.dirpath") for a in argv):
+        out += ["--checkpoint.dirpath", str(path.parent.resolve())]
+        # the files found there are this run's own: overwrite last.ckpt (atomically) instead of adding last-v1.ckpt
+        if not any(a.startswith("--checkpoint.enable_version_counter") for a in argv):
+            out += ["--checkpoint.enable_version_counter", "false"]
+    return out
 
 
 def token_info(datamodule) -> dict:

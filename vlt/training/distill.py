@@ -76,7 +76,7 @@ def load_teacher(teacher, tokens=None) -> VLM:
         from vlt.convert import import_qwen2_5_vl  # a transformers Qwen2.5-VL directory
         return import_qwen2_5_vl(str(path))
     from vlt.checkpoint import load_model_state
-    cfg, state = load_model_state(path)
+    cfg, state = load_model_state(path, role="teacher")
     model = VLM(VLMConfig.from_dict(cfg))
     model.load_state_dict(state)
     return model
