@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Issue 20 GPU evidence: the inference engine as users run it, on one H200. From the repo root:
+#   bash .whl/install.sh && export PYTHONPATH=/tmp/site; source tools/devpath.sh; bash tools/gpu-engine-evidence.sh PART...
+# Parts (run in order; each writes to $OUT as it goes, so a call stopped at its limit keeps what ran):
+#   tests     the engine's and kernels' GPU tests
+#   infer     vlt bench infer (hybrid, full): prefill, decode vs context, batched decode, end-to-end generate
+#   stream    vlt bench stream (hybrid): VideoStream.add_frame per frame, $FRAMES frames
+#   generate  a random InfiniteVL-4B-shaped export with the Qwen2.5-VL tower, then the whole `vlt generate`
+#             command (4K-token prompt + one 448x448 image, 256 new tokens) twice: a fresh process with cold
+#             caches, then again with the caches the first left
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+repo=$(pwd)
+OUT=${OUT:-/tmp/engine_out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
+work=/tmp/enginework; mkdir -p "$work"; cd "$work"   # outside the checkout: see tools/devpath.sh
+python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" \
+  | tee -a "$OUT/machine.txt"
+export TRITON_CACHE_AUTOTUNING=1
+for part in "$@"; do
+  echo "=== $part $(date +%T)"
+  case $part in
+    tests)
+      timeout -k 10 ${T_TESTS:-240} python3 -m pytest "$repo/tests/test_inference_gpu.py" "$repo/tests/test_kernels_gpu.py" \
+        -m gpu -rA -p no:cacheprovider -x -q > "$OUT/gpu_tests_engine.log" 2>&1
+      echo "tests rc=$?"; tail -4 "$OUT/gpu_tests_engine.log";;
+    infer)
+      timeout -k 10 ${T_INFER:-420} python3 -m vlt.bench.infer --layouts hybrid full --out "$work" ${INFER_ARGS:-} \
+        > "$OUT/infer.log" 2>&1
+      echo "infer rc=$?"; grep -A40 "SUMMARY" "$OUT/infer.log" | head -60
+      cp "$work/infer.json" "$OUT/infer_h200.json" 2>/dev/null; cp "$work/infer.png" "$OUT/infer_h200.png" 2>/dev/null;;
+    stream)
+      timeout -k 10 ${T_STREAM:-240} python3 -m vlt.bench.stream --layouts hybrid --frames ${FRAMES:-1000} --out "$work" \
+        > "$OUT/stream.log" 2>&1
+      echo "stream rc=$?"; grep -A12 "SUMMARY" "$OUT/stream.log"
+      cp "$work/stream.json" "$OUT/stream_h200.json" 2>/dev/null; cp "$work/stream.png" "$OUT/stream_h200.png" 2>/dev/null;;
+    generate)
+      python3 - <<'PY' > "$OUT/generate.log" 2>&1
+import argparse, dataclasses, torch
+from PIL import Image
+import numpy as np
+from vlt.bench.common import add_common_args, model_config, setup
+from vlt.export import _default_dtype, save_pretrained_vlt
+from vlt.model import VLM
+a = add_common_args(argparse.ArgumentParser()).parse_args(["--device", "cuda"])
+dev, dt = setup(a)
+# the byte tokenizer's vision ids (the export's tokenizer), InfiniteVL-4B shapes otherwise
+cfg = dataclasses.replace(model_config("hybrid", a, vision=True), image_token_id=261, video_token_id=262,
+                          vision_start_token_id=259)
+with torch.device(dev), _default_dtype(dt):
+    m = VLM(cfg)
+save_pretrained_vlt(m, "/tmp/export4b", tokenizer_dir="byte", prompt={"system": "", "max_pixels": 448 * 448, "min_pixels": 448 * 448})
+Image.fromarray(np.random.default_rng(0).integers(0, 255, (448, 448, 3), dtype=np.uint8)).save("/tmp/frame.png")
+print("export written")
+PY
+      prompt=$(python3 -c "print('describe the picture in detail ' * 130)")   # ~4K byte tokens
+      for run in cold warm; do
+        /usr/bin/time -f "$run wall %e s, max RSS %M KB" python3 -m vlt.cli generate --ckpt /tmp/export4b --image /tmp/frame.png \
+          --prompt "$prompt" --max-new-tokens 256 > "$OUT/generate_$run.out" 2>> "$OUT/generate.log"
+        echo "$run rc=$?"
+      done
+      grep -E "wall|vlt generate" "$OUT/generate.log";;
+  esac
+done
