@@ -18,6 +18,7 @@ from vlt.training.flops import StepFlops, image_sizes, peak_tflops_for, segment_
 from vlt.training.freezing import apply_trainable, check_new_params_train, trainable_table
 from vlt.training.losses import IMPLS, linear_cross_entropy
 
+from vlt.training.nonfinite import NonFiniteGuard, assert_finite_weights
 log = logging.getLogger("vlt")
 
 SCHEDULES = ("cosine", "constant")
@@ -55,7 +56,7 @@ class VLTModule(L.LightningModule):
                  lr: float = 1e-3, weight_decay: float = 0.01, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 0, schedule: str = "cosine", min_lr_ratio: float = 0.1,
                  activation_checkpointing: bool | float = False, peak_tflops: float | None = None,
-                 fused_adamw: bool | None = None, loss_impl: str = "auto"):
+                 max_nonfinite_skips: int = 10, fused_adamw: bool | None = None, loss_impl: str = "auto"):
         """
         Args:
             model_name: a named config (``tiny-hybrid``, ``infinitevl-4b``); ``model`` overrides it.
@@ -88,6 +89,8 @@ class VLTModule(L.LightningModule):
             self.load_init(init_from)
         self.lora_cfg = dict(lora) if lora else None
         if self.lora_cfg:
+            max_nonfinite_skips: a step with a non-finite loss or gradient norm is skipped (weights and
+                optimizer state untouched, counted as ``train/skipped_nonfinite``); this many in a row stop the run.
             from vlt.lora import apply_lora
             opts = {k: v for k, v in self.lora_cfg.items() if k != "adapter_only_checkpoint"}
             apply_lora(self.model, **opts)
@@ -99,6 +102,7 @@ class VLTModule(L.LightningModule):
         default = ["lora"] if self.lora_cfg else ["all"]
         apply_trainable(self.model, trainable if trainable is not None else self.default_trainable(default))
         self._t0 = None
+        self._nonfinite = NonFiniteGuard(max_nonfinite_skips)  # a bad value fails before the model is built
         self._fit_t0 = None
         self._device_peak = None
 
@@ -199,6 +203,7 @@ class VLTModule(L.LightningModule):
         # Throughput from the wall time between consecutive steps: no device synchronisation (which
         # would stall the CUDA queue every step); in steady state this is the true step time.
         now = time.perf_counter()
+        self._nonfinite.record_loss(loss)
         last, self._t0 = self._t0, now
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "stats"):
@@ -225,9 +230,12 @@ class VLTModule(L.LightningModule):
         self._t0 = None  # nor is a validation pass
 
     def on_before_optimizer_step(self, optimizer):
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+        # a non-finite loss or gradient (on any rank) clears the gradients: the optimizer skips this step
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        _, norm = self._nonfinite.check(params, self.global_step)
+        if norm is not None:
+            self.log("train/grad_norm", norm)
+        self.log("train/skipped_nonfinite", float(self._nonfinite.skipped))
 
     def validation_step(self, batch, batch_idx, prefix="val"):
         out = self.model(**batch)
@@ -293,6 +301,8 @@ class VLTModule(L.LightningModule):
 
 def lm_head_weight(model) -> torch.Tensor:
     head = model.lm_head
+        assert_finite_weights(self.model)  # never replace a good checkpoint with a nan one
+        checkpoint["vlt_nonfinite"] = self._nonfinite.state_dict()
     if type(head) is not torch.nn.Linear or head.bias is not None:
         raise ValueError("the fused LM-head loss needs lm_head to be a plain bias-free Linear; leave lm_head out "
                          "of lora.target_modules")
@@ -300,6 +310,7 @@ def lm_head_weight(model) -> torch.Tensor:
 
 
 def answer_accuracy(logits, labels, cu_seqlens=None):
+        self._nonfinite.load_state_dict(checkpoint.get("vlt_nonfinite", {}))
     """Teacher-forced accuracy: a sample is right when every supervised token is the argmax.
 
     Returns (samples right, samples with supervision, tokens right, supervised tokens)."""
