@@ -257,3 +257,38 @@ def test_predict_greedy_loop_matches_full_forward_argmax():
         for _ in range(4):
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
     assert got == seq[15:]
+
+
+# ---- item 8: the smaller ones -------------------------------------------------------------------
+
+def test_inspect_histogram_has_whole_token_bins_without_empty_duplicates():
+    from vlt.data.inspect import _text_histogram
+    rows = _text_histogram([94] * 5 + [95] * 3 + [96])
+    assert [r.split()[:2] for r in rows] == [["94", "5"], ["95", "3"], ["96", "1"]]
+    wide = _text_histogram(list(range(10, 300)))
+    assert len(wide) == 10 and sum(int(r.split()[1]) for r in wide) == 290
+    assert wide[0].split()[0] == "10-38" and wide[-1].split()[0] == "271-299"
+
+
+def test_synth_param_of_the_wrong_kind_and_shard_size(tmp_path, capsys):
+    assert main(["data", "synth", "--task", "ocr", "--out", "o", "--param", "length=abc", "--quiet"]) == 2
+    assert "length='abc' for task 'ocr': expected int" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert main(["data", "synth", "--task", "count", "--out", "c", "--num-train", "3", "--num-val", "0",
+                 "--shard-size", "2", "--param", "max_count=2", "--quiet"]) == 0
+    assert len(list((tmp_path / "c" / "train").glob("*.tar"))) == 2  # --shard-size is samples per shard
+
+
+def test_quickstart_validates_within_a_50_step_run():
+    from vlt.cli import RECIPES
+    trainer = yaml.safe_load((RECIPES / "quickstart.yaml").read_text())["trainer"]
+    assert trainer["val_check_interval"] <= 50 and trainer["max_steps"] % trainer["val_check_interval"] == 0
+
+
+def test_init_from_says_what_it_loaded(tmp_path, caplog):
+    import logging
+    main(["fit", *tiny_args(tmp_path, steps=1)])
+    ckpt = run_dirs(tmp_path)[0] / "checkpoints" / "last.ckpt"
+    with caplog.at_level(logging.INFO):
+        main(["fit", *tiny_args(tmp_path, steps=1), f"--model.init_args.init_from={ckpt}"])
+    assert any(f"init_from: loaded all" in r.getMessage() and str(ckpt) in r.getMessage() for r in caplog.records)

@@ -60,7 +60,13 @@ def merge_lora_(vlm: nn.Module) -> nn.Module:
 
 def save_pretrained_vlt(model: nn.Module, out_dir, tokenizer_dir=None, merge_lora: bool = False,
                         prompt: dict | None = None) -> Path:
-    """``prompt``: how the training data was templated - ``system`` (the system prompt, "" for none),
+    """Write ``model`` (a VLM, or a module holding one) as a self-describing directory ``out_dir``:
+    ``model.safetensors`` (tied weights stored once), ``vlt_config.json`` (model config with the
+    layout and every mixer option, the user modules it needs, dtype, LoRA info) and, from
+    ``tokenizer_dir`` (``"byte"`` or an HF tokenizer folder), the tokenizer/processor files. LoRA
+    adapters go to ``adapter/`` unless ``merge_lora`` folds them into the weights. Returns the path.
+
+    ``prompt``: how the training data was templated - ``system`` (the system prompt, "" for none),
     ``min_pixels`` / ``max_pixels`` (image resize limits) - read back by ``vlt generate`` / ``vlt
     stream`` / ``vlt eval`` as their defaults, so the model is prompted the way it was trained."""
     from safetensors.torch import save_file

@@ -8,6 +8,13 @@ from torch import nn
 
 def apply_lora(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 0.0,
                target_modules: list[str] | None = None, modules_to_save: list[str] | None = None) -> nn.Module:
+    """Inject peft LoRA adapters (rank ``r``, scale ``alpha / r``) into ``model`` in place and return it.
+
+    ``target_modules`` default to the attention projections every mixer names alike
+    (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``), so one list serves every layout; a name that
+    matches no module is a ValueError listing the projection names present. Only the adapters are
+    new parameters; freezing the rest is the caller's (``trainable: [lora]``).
+    """
     from peft import LoraConfig, inject_adapter_in_model
     targets = target_modules or ["q_proj", "k_proj", "v_proj", "o_proj"]
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}

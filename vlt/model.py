@@ -61,6 +61,15 @@ class VLMOutput:
 
 
 class VLM(nn.Module):
+    """Vision tower + projector + decoder of per-layer token mixers, built from a ``VLMConfig``.
+
+    ``forward(input_ids, labels=None, images=None, position_ids=None, cu_seqlens=None, state=None,
+    use_cache=False, ...) -> VLMOutput(logits, loss, state)``: ``images`` are spliced in at the image
+    pad tokens; packed rows take ``cu_seqlens`` (no state crosses a boundary); ``labels`` give the
+    next-token loss at non -100 positions; ``use_cache=True`` returns the decode state, and the same
+    call with one token and that ``state`` is a decode step. ``layout`` lists the mixer per layer.
+    """
+
     def __init__(self, config: VLMConfig):
         super().__init__()
         self.config = config

@@ -10,6 +10,7 @@ import time
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from vlt.checkpoint import describe_mismatch, load_model_state
 from vlt.config import VLMConfig, _deep_update
@@ -17,8 +18,8 @@ from vlt.model import VLM, checkpointed_blocks, shift_labels
 from vlt.training.flops import StepFlops, image_sizes, peak_tflops_for, segment_lengths
 from vlt.training.freezing import apply_trainable, check_new_params_train, trainable_table
 from vlt.training.losses import IMPLS, linear_cross_entropy
-
 from vlt.training.nonfinite import NonFiniteGuard, assert_finite_weights
+
 log = logging.getLogger("vlt")
 
 SCHEDULES = ("cosine", "constant")
@@ -46,7 +47,23 @@ def build_config(model_name: str | None, model: dict | None, tokens: dict | None
         for k in ("image_token_id", "video_token_id", "vision_start_token_id"):
             if tokens.get(k) is not None:
                 base[k] = tokens[k]
-    return VLMConfig.from_dict(base)
+    try:
+        return VLMConfig.from_dict(base)
+    except ValueError as e:  # name the argument the user wrote, not the merged config's key
+        raise ValueError(_argument_key_path(str(e), model, layout, mixers)) from None
+
+
+def _argument_key_path(msg: str, model: dict | None, layout, mixers: dict | None) -> str:
+    """``decoder.mixers.swa.windw: ...`` -> ``mixers.swa.windw: ...`` when ``mixers`` set it, and
+    ``decoder.layout[0]`` -> ``layout[0]`` when ``layout`` did; other model keys are under ``model.``."""
+    for name in mixers or {}:
+        if msg.startswith(f"decoder.mixers.{name}.") or msg.startswith(f"decoder.mixers.{name}:"):
+            return msg[len("decoder."):]
+    if layout is not None and msg.startswith("decoder.layout"):
+        return msg[len("decoder."):]
+    if model is not None and msg.startswith(("decoder.", "vision.", "unknown key")):
+        return f"model.{msg}" if not msg.startswith("unknown key") else msg.replace("['", "['model.")
+    return msg
 
 
 class VLTModule(L.LightningModule):
@@ -72,6 +89,8 @@ class VLTModule(L.LightningModule):
                 fraction of the blocks (0.5: the first half) to trade memory for speed.
             peak_tflops: accelerator peak for ``perf/mfu`` (default: the device's dense bf16 peak from
                 its name, vlt.training.flops.DENSE_BF16_PEAK; none on the CPU).
+            max_nonfinite_skips: a step with a non-finite loss or gradient norm is skipped (weights and
+                optimizer state untouched, counted as ``train/skipped_nonfinite``); this many in a row stop the run.
             fused_adamw: AdamW's fused kernel (default: on when the parameters are on CUDA).
             loss_impl: the fused LM-head losses: ``auto`` (Liger-Kernel on CUDA when installed, else
                 vlt's chunked torch path), ``torch`` or ``liger`` (vlt.training.losses).
@@ -83,14 +102,13 @@ class VLTModule(L.LightningModule):
             raise ValueError(f"loss_impl={loss_impl!r}; allowed: {list(IMPLS)}")
         self._built_at = time.perf_counter()
         self.save_hyperparameters()
+        self._nonfinite = NonFiniteGuard(max_nonfinite_skips)  # a bad value fails before the model is built
         self.model: VLM = self.build_model()
         self.new_params = self.initial_new_params()
         if init_from:
             self.load_init(init_from)
         self.lora_cfg = dict(lora) if lora else None
         if self.lora_cfg:
-            max_nonfinite_skips: a step with a non-finite loss or gradient norm is skipped (weights and
-                optimizer state untouched, counted as ``train/skipped_nonfinite``); this many in a row stop the run.
             from vlt.lora import apply_lora
             opts = {k: v for k, v in self.lora_cfg.items() if k != "adapter_only_checkpoint"}
             apply_lora(self.model, **opts)
@@ -102,7 +120,6 @@ class VLTModule(L.LightningModule):
         default = ["lora"] if self.lora_cfg else ["all"]
         apply_trainable(self.model, trainable if trainable is not None else self.default_trainable(default))
         self._t0 = None
-        self._nonfinite = NonFiniteGuard(max_nonfinite_skips)  # a bad value fails before the model is built
         self._fit_t0 = None
         self._device_peak = None
 
@@ -134,7 +151,7 @@ class VLTModule(L.LightningModule):
         if unexpected or missing:
             raise ValueError(f"init_from {path!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.new_params = []
-        log.info("initialised all %d tensors from %s", len(state), path)
+        rank_zero_info(f"vlt: init_from: loaded all {len(state)} tensors from {path}")  # shown, not only logged
 
     # ---- Lightning ----------------------------------------------------------------------------
     def on_fit_start(self):
@@ -186,6 +203,7 @@ class VLTModule(L.LightningModule):
         for k, v in terms.items():
             self.log(f"train/{k}", v, batch_size=bs, prog_bar=(k == next(iter(terms))))
         self.log("train/loss", loss, batch_size=bs, prog_bar=True)
+        self._nonfinite.record_loss(loss)
         return loss
 
     def on_train_start(self):
@@ -203,11 +221,10 @@ class VLTModule(L.LightningModule):
         # Throughput from the wall time between consecutive steps: no device synchronisation (which
         # would stall the CUDA queue every step); in steady state this is the true step time.
         now = time.perf_counter()
-        self._nonfinite.record_loss(loss)
         last, self._t0 = self._t0, now
         dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "stats"):
-            for reason, n in dm.stats().items():
+        if dm is not None and hasattr(dm, "stats"):  # vlt's data module: data/train/..., data/val/...
+            for reason, n in (dm.logged_stats() if hasattr(dm, "logged_stats") else dm.stats()).items():
                 self.log(f"data/{reason}", float(n))
         if last is None:
             return
@@ -250,12 +267,11 @@ class VLTModule(L.LightningModule):
         self.validation_step(batch, batch_idx, prefix="test")
 
     def predict_step(self, batch, batch_idx):
-        """Teacher-forced predictions at the supervised (answer) positions of each sample."""
-        out = self.model(**batch)
-        target = shift_labels(batch["labels"], batch.get("cu_seqlens"))
-        pred = out.logits.argmax(-1)
-        sup = target != -100
-        return {"sample_ids": batch.get("sample_ids"), "predicted": pred[sup].cpu(), "target": target[sup].cpu()}
+        """The sample's last answer generated greedily from its prompt (token ids; vlt.predict
+        writes them as JSONL text)."""
+        from vlt.predict import predict_sample
+        tok = self.trainer.datamodule.tokenizer
+        return predict_sample(self.model, batch, [tok.im_end_id], getattr(self, "predict_max_new_tokens", 64))
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -285,6 +301,8 @@ class VLTModule(L.LightningModule):
 
     # ---- checkpoints carry the layout; LoRA runs may save adapters only --------------------------
     def on_save_checkpoint(self, checkpoint):
+        assert_finite_weights(self.model)  # never replace a good checkpoint with a nan one
+        checkpoint["vlt_nonfinite"] = self._nonfinite.state_dict()
         checkpoint["vlt_config"] = self.model.config.to_dict()
         checkpoint["vlt_layout"] = self.model.layout
         if self.lora_cfg and self.lora_cfg.get("adapter_only_checkpoint", True):
@@ -292,6 +310,7 @@ class VLTModule(L.LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint):
+        self._nonfinite.load_state_dict(checkpoint.get("vlt_nonfinite", {}))
         saved = checkpoint.get("vlt_config")
         if saved is not None:
             why = describe_mismatch(self.model.config.to_dict(), saved)
@@ -301,8 +320,6 @@ class VLTModule(L.LightningModule):
 
 def lm_head_weight(model) -> torch.Tensor:
     head = model.lm_head
-        assert_finite_weights(self.model)  # never replace a good checkpoint with a nan one
-        checkpoint["vlt_nonfinite"] = self._nonfinite.state_dict()
     if type(head) is not torch.nn.Linear or head.bias is not None:
         raise ValueError("the fused LM-head loss needs lm_head to be a plain bias-free Linear; leave lm_head out "
                          "of lora.target_modules")
@@ -310,7 +327,6 @@ def lm_head_weight(model) -> torch.Tensor:
 
 
 def answer_accuracy(logits, labels, cu_seqlens=None):
-        self._nonfinite.load_state_dict(checkpoint.get("vlt_nonfinite", {}))
     """Teacher-forced accuracy: a sample is right when every supervised token is the argmax.
 
     Returns (samples right, samples with supervision, tokens right, supervised tokens)."""
