@@ -33,15 +33,21 @@ def cmd_pack(args) -> int:
 
     try:
         summary = pack_llava(args.json, args.images, args.out, video_dir=args.video_frames, fps=args.fps,
-                             maxcount=args.max_count, maxsize=args.max_size, progress=not args.quiet)
-    except (FileNotFoundError, json.JSONDecodeError) as e:
-        print(f"vlt data pack: {e}", file=sys.stderr)
+                             maxcount=args.max_count, maxsize=args.max_size, progress=not args.quiet,
+                             max_length=args.max_length or None, max_image_pixels=args.max_image_pixels or None)
+    except (FileNotFoundError, ValueError) as e:  # bad input found before the old shards were replaced
+        print(f"vlt data pack: {e}\nnothing was written; the shards already in {args.out} (if any) are unchanged",
+              file=sys.stderr)
         return 2
     print(f"wrote {summary['written']} samples ({summary['num_tokens']} tokens) in {summary['shards']} shard(s) "
           f"to {summary['out']}")
     if summary["skipped"]:
         print("skipped:")
         for reason, n in sorted(summary["skipped"].items()):
+            print(f"  {reason}: {n}  e.g. {summary['examples'][reason][0]}")
+    if summary.get("warnings"):
+        print("warnings (written anyway):")
+        for reason, n in sorted(summary["warnings"].items()):
             print(f"  {reason}: {n}  e.g. {summary['examples'][reason][0]}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(summary, indent=1))
@@ -88,6 +94,7 @@ def cmd_inspect(args) -> int:
 def add_data_subcommands(subparsers) -> None:
     """Register ``pack``, ``synth`` and ``inspect`` on an argparse ``_SubParsersAction``."""
     from .image import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+    from .pipeline import DEFAULT_MAX_IMAGE_PIXELS
 
     p = subparsers.add_parser("pack", help="LLaVA JSON/JSONL + images (+ video frames) -> WebDataset shards")
     p.add_argument("--json", required=True, help="LLaVA/ShareGPT JSON list or JSONL file")
@@ -98,6 +105,10 @@ def add_data_subcommands(subparsers) -> None:
     p.add_argument("--shard-size", "--max-count", dest="max_count", type=int, default=1000,
                    help="samples per shard (--max-count: the old name)")
     p.add_argument("--max-size", type=float, default=1e9, help="bytes per shard")
+    p.add_argument("--max-length", type=int, default=32768,
+                   help="warn about rows longer than this many tokens (byte tokenizer); 0: no check")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="skip rows with an image above this many pixels (image_too_large); 0: no limit")
     p.add_argument("--json-out", default=None, help="also write the summary as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pack)

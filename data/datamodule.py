@@ -28,7 +28,7 @@ from typing import Optional
 import lightning as L
 
 from .image import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, ImageProcessor
-from .pipeline import BAD_REASONS, OVERLONG, SampleProcessor, SampleStats, VLTLoader, VLTStream
+from .pipeline import BAD_REASONS, DEFAULT_MAX_IMAGE_PIXELS, OVERLONG, SampleProcessor, SampleStats, VLTLoader, VLTStream
 from .shards import read_manifest, resolve_shards, write_synthetic
 from .synthetic import TASKS, check_params
 from .tokenizer import DEFAULT_SYSTEM, load_tokenizer
@@ -100,6 +100,7 @@ class VLTDataModule(L.LightningDataModule):
         samples_per_epoch: Optional[int] = None,
         system_prompt: Optional[str] = DEFAULT_SYSTEM,
         shuffle_buffer: int = 1000,
+        max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         """
         Args:
@@ -126,6 +127,8 @@ class VLTDataModule(L.LightningDataModule):
             samples_per_epoch: samples per epoch over all ranks; None: the manifest's count.
             system_prompt: ChatML system prompt; empty or None omits the system turn.
             shuffle_buffer: samples in the shuffle buffer of each stream.
+            max_image_pixels: images with more pixels are skipped before decoding (``image_too_large``);
+                null: no limit.
         """
         super().__init__()
         if overlong not in OVERLONG:
@@ -136,6 +139,8 @@ class VLTDataModule(L.LightningDataModule):
                 raise ValueError(f"{name}={val} must be >= 1")
         if num_workers < 0:
             raise ValueError(f"num_workers={num_workers} must be >= 0")
+        if max_image_pixels is not None and int(max_image_pixels) < 1:
+            raise ValueError(f"max_image_pixels={max_image_pixels} must be >= 1 (or null for no limit)")
         if train_shards is None and synthetic is None:
             raise ValueError("set train_shards (a shard dir or pattern) or synthetic (e.g. {task: color})")
         if synthetic is not None:
@@ -149,12 +154,16 @@ class VLTDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.overlong, self.samples_per_epoch, self.system_prompt = overlong, samples_per_epoch, system_prompt
         self.shuffle_buffer = shuffle_buffer
+        self.max_image_pixels = max_image_pixels
         self.image_processor = ImageProcessor(patch_size, merge_size, min_pixels, max_pixels)
         self._tokenizer = None
         self._rank_world: Optional[tuple[int, int]] = None
         self._epoch = 0
         self._resume: Optional[dict] = None
+        # train and eval (val/test/predict) counters apart: a bad validation shard must not show up
+        # as training skips, and train counts only cover batches that reached a training step
         self._stats: Counter = Counter()
+        self._val_stats: Counter = Counter()
         self._train_loader: Optional[VLTLoader] = None
         self._train_files: list[str] = []
         self._val_files: list[str] = []
@@ -207,15 +216,22 @@ class VLTDataModule(L.LightningDataModule):
             tdir, vdir = ensure_synthetic(self.synthetic)  # no-op when prepare_data already ran
             train = train or str(tdir)
             val = val if val is not None else (str(vdir) if vdir else None)
-        self._train_files = resolve_shards(train, "train_shards")
-        self._val_files = resolve_shards(val, "val_shards") if val else []
+        empty_train, empty_val = [], []
+        self._train_files = resolve_shards(train, "train_shards", empty_train)
+        self._val_files = resolve_shards(val, "val_shards", empty_val) if val else []
+        # 0-byte files are never read; counted once here so they show in data/*/empty_shard, not only in the log
+        self._stats["empty_shard"] = len(empty_train)
+        self._val_stats["empty_shard"] = len(empty_val)
+        for c in (self._stats, self._val_stats):
+            if not c["empty_shard"]:
+                del c["empty_shard"]
 
     def setup(self, stage: Optional[str] = None) -> None:
         self._resolve()
 
     def _processor(self) -> SampleProcessor:
         return SampleProcessor(self.tokenizer, self.image_processor, self.max_length, self.overlong,
-                               self.system_prompt or None)
+                               self.system_prompt or None, max_image_pixels=self.max_image_pixels)
 
     def _count_samples(self, files: list[str]) -> int:
         man = read_manifest(files)
@@ -225,11 +241,14 @@ class VLTDataModule(L.LightningDataModule):
 
         n = 0
         for f in files:  # no manifest: count .json members (headers only, no decoding)
+            found = 0
             try:
                 with tarfile.open(f) as t:
-                    n += sum(1 for m in t.getmembers() if m.name.endswith(".json"))
+                    for m in t:  # member by member: a truncated tar still counts what precedes the damage
+                        found += m.name.endswith(".json")
             except (tarfile.TarError, OSError, EOFError):
-                log.warning("could not count samples in %s", f)
+                log.warning("%s is damaged: counting the %d sample(s) before the damage", f, found)
+            n += found
         return n
 
     def _mean_tokens(self, files: list[str], n: int = 64) -> float:
@@ -252,15 +271,28 @@ class VLTDataModule(L.LightningDataModule):
         return max(1, n // (world * self.batch_size))
 
     # ------------------------------------------------------------------ loaders
-    def _on_stats(self, delta: dict) -> None:
-        before = dict(self._stats)
-        self._stats.update(delta)
+    def _on_stats(self, delta: dict, split: str = "val") -> None:
+        """Add a loader's counts to the ``split`` counters (``val`` for the eval loaders, which pass no split)."""
+        counts = self._stats if split == "train" else self._val_stats
+        before = dict(counts)
+        counts.update(delta)
         # log when a skip total reaches 1, 2, 4, 8, ...: visible without flooding the log
         crossed = [k for k in delta if k in BAD_REASONS and
-                   (self._stats[k]).bit_length() > int(before.get(k, 0)).bit_length()]
+                   (counts[k]).bit_length() > int(before.get(k, 0)).bit_length()]
         if crossed:
-            log.warning("data: skipped samples so far on this rank: %s",
-                        {k: v for k, v in self._stats.items() if k in BAD_REASONS})
+            log.warning("data: %s samples skipped so far on this rank: %s", split,
+                        {k: v for k, v in counts.items() if k in BAD_REASONS})
+
+    def _on_train_stats(self, delta: dict) -> None:
+        self._on_stats(delta, "train")
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Under a trainer the train loader leaves each batch's counts in the batch (``_stats``) and they
+        are added here, when the batch reaches its training step, so ``train/samples`` never includes
+        the batch Lightning has prefetched."""
+        if isinstance(batch, dict) and "_stats" in batch:
+            self._on_train_stats(batch.pop("_stats"))
+        return batch
 
     def _skip(self, epoch: int) -> int:
         r, self._resume = self._resume, None  # a resume position applies to one iteration only
@@ -278,7 +310,7 @@ class VLTDataModule(L.LightningDataModule):
         log.info("data: train %d shard(s), %d batches/epoch/rank, rank %d/%d, %d worker(s)",
                  len(self._train_files), nb, rank, world, self.num_workers)
         self._train_loader = VLTLoader(ds, self.num_workers, epoch_fn=self.current_epoch, skip_fn=self._skip,
-                                       on_stats=self._on_stats)
+                                       on_stats=self._on_train_stats, defer_stats=self.trainer is not None)
         return self._train_loader
 
     def val_dataloader(self):
@@ -329,10 +361,19 @@ class VLTDataModule(L.LightningDataModule):
         return self._eval_loader(files, 1, False)
 
     # ------------------------------------------------------------------ state / stats
-    def stats(self) -> dict:
+    def stats(self, split: str | None = None) -> dict:
         """Counts aggregated over this rank's workers: ``samples``, ``batches``, ``tokens``,
-        ``overlong_truncated`` and one key per skip reason (``pipeline.BAD_REASONS``)."""
-        return dict(self._stats)
+        ``overlong_truncated`` and one key per skip reason (``pipeline.BAD_REASONS``); ``split``
+        ``"train"`` (batches that reached a training step) or ``"val"`` (every eval loader), None: both summed."""
+        if split not in (None, "train", "val"):
+            raise ValueError(f"split={split!r}; allowed: None, 'train', 'val'")
+        if split is None:
+            return dict(self._stats + self._val_stats)
+        return dict(self._stats if split == "train" else self._val_stats)
+
+    def logged_stats(self) -> dict:
+        """``{"train/samples": n, "val/corrupt_image": m, ...}``, what the training module logs under ``data/``."""
+        return {f"{split}/{k}": v for split in ("train", "val") for k, v in self.stats(split).items()}
 
     def state_dict(self) -> dict:
         consumed = self._train_loader.yielded if self._train_loader else 0
@@ -344,7 +385,7 @@ class VLTDataModule(L.LightningDataModule):
             pass
         rank, world = self.rank_world()
         return {"epoch": epoch, "batches_consumed": consumed, "seed": self.seed, "world_size": world,
-                "num_workers": self.num_workers, "stats": dict(self._stats)}
+                "num_workers": self.num_workers, "stats": dict(self._stats), "val_stats": dict(self._val_stats)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         rank, world = self.rank_world()
@@ -355,3 +396,4 @@ class VLTDataModule(L.LightningDataModule):
         self._resume = dict(state_dict)
         self._epoch = int(state_dict.get("epoch", 0))
         self._stats = Counter(state_dict.get("stats", {}))
+        self._val_stats = Counter(state_dict.get("val_stats", {}))

@@ -66,8 +66,11 @@ class ImageProcessor:
         return (h // self.factor) * (w // self.factor)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = image.convert("RGB")
         h, w = self.target_size(image.height, image.width)
+        if image.format == "JPEG" and image.width >= 2 * w and image.height >= 2 * h:
+            # decode at 1/2, 1/4 or 1/8 scale (still >= the target) instead of the full image
+            image.draft("RGB", (w, h))
+        image = image.convert("RGB")
         if (h, w) != (image.height, image.width):
             image = image.resize((w, h), Image.Resampling.BICUBIC)
         x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)

@@ -47,9 +47,16 @@ log = logging.getLogger(__name__)
 
 _IMG_RE = re.compile(r"img(\d+)\.(jpg|jpeg|png|webp)$")
 _FRM_RE = re.compile(r"frm(\d+)\.(jpg|jpeg|png|webp)$")
-BAD_REASONS = ("tar_error", "missing_json", "bad_json", "missing_image", "corrupt_image", "image_count_mismatch",
-               "overlong_dropped", "no_loss_tokens", "other_error")
+BAD_REASONS = ("tar_error", "empty_shard", "missing_json", "bad_json", "missing_image", "corrupt_image",
+               "image_too_large", "image_count_mismatch", "overlong_dropped", "no_loss_tokens", "other_error")
 OVERLONG = ("truncate", "drop")
+# An image above this many pixels is skipped before decoding (``image_too_large``): a 8000x8000 PNG
+# takes seconds to decode on every pass only to be resized to ~1M pixels. 6144^2 keeps 24-36 MP photos.
+DEFAULT_MAX_IMAGE_PIXELS = 6144 * 6144
+
+
+class ImageTooLarge(ValueError):
+    pass
 
 
 class SampleStats:
@@ -58,6 +65,7 @@ class SampleStats:
     def __init__(self, where: str = "") -> None:
         self.c: Counter = Counter()
         self.where = where
+        self._last_tar_error = None
 
     def bad(self, reason: str, detail: str) -> None:
         self.c[reason] += 1
@@ -66,18 +74,45 @@ class SampleStats:
             log.warning("data%s: skipped sample (%s, %d so far): %s", self.where, reason, n, detail[:300])
 
     def tar_handler(self, exn: Exception) -> bool:
-        """webdataset handler: count, log, continue with the next member or shard."""
+        """webdataset handler: count, log, continue with the next member or shard.
+
+        webdataset reports one read error twice: from the member iterator (``"msg @ stream"``) and
+        again from the shard expander (``(msg, stream, url)``); the second is not counted."""
+        a = exn.args
+        if len(a) > 1:
+            key = (type(exn), str(a[0]), repr(a[1]))
+        else:
+            msg, _, stream = str(a[0] if a else exn).partition(" @ ")
+            key = (type(exn), msg, stream)
+        if key == self._last_tar_error and key[2]:
+            return True
+        self._last_tar_error = key
         self.bad("tar_error", f"{type(exn).__name__}: {exn}")
         return True
+
+    def read_shards(self, urls: list[str]):
+        """Raw samples of ``urls`` in order; a shard that gives no sample and no error (a tar without
+        members) is counted as ``empty_shard`` instead of passing silently."""
+        for url in urls:
+            n, errors = 0, self.c["tar_error"]
+            for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=self.tar_handler)):
+                n += 1
+                self._last_tar_error = None  # a later error is a new one even on a recycled stream id
+                yield sample
+            if n == 0 and self.c["tar_error"] == errors:
+                self.bad("empty_shard", f"{url}: a tar without samples")
 
 
 class SampleProcessor:
     """Raw webdataset sample -> ``{"key", "input_ids", "labels", "images"}`` or None (counted)."""
 
     def __init__(self, tokenizer, image_processor: ImageProcessor, max_length: int, overlong: str = "truncate",
-                 system: str | None = DEFAULT_SYSTEM) -> None:
+                 system: str | None = DEFAULT_SYSTEM, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         if overlong not in OVERLONG:
             raise ValueError(f"overlong={overlong!r} is not one of {list(OVERLONG)}")
+        if max_image_pixels is not None and int(max_image_pixels) < 1:
+            raise ValueError(f"max_image_pixels={max_image_pixels} must be >= 1 (or null for no limit)")
+        self.max_image_pixels = max_image_pixels
         self.tok, self.proc, self.max_length, self.overlong, self.system = (
             tokenizer, image_processor, max_length, overlong, system)
 
@@ -101,26 +136,35 @@ class SampleProcessor:
         except (KeyError, ValueError, TypeError) as e:
             stats.bad("bad_json", f"{key}: {type(e).__name__}: {e}")
             return None
+        # the source row (file:line for `vlt data pack` shards, else the id) makes a skip traceable
+        src = meta.get("source") or meta.get("id") if isinstance(meta, dict) else None
+        where = f"{key} ({src})" if src else key
         imgs = sorted((int(m.group(1)), k) for k in sample if (m := _IMG_RE.match(k)))
         frms = sorted((int(m.group(1)), k) for k in sample if (m := _FRM_RE.match(k)))
         if len(imgs) < int(meta.get("num_images", len(imgs))) or len(frms) < int(meta.get("num_frames", len(frms))):
-            stats.bad("missing_image", f"{key}: json lists {meta.get('num_images')} images/{meta.get('num_frames')}"
+            stats.bad("missing_image", f"{where}: json lists {meta.get('num_images')} images/{meta.get('num_frames')}"
                                        f" frames, shard has {len(imgs)}/{len(frms)}")
             return None
         order = re.findall(r"<image>|<video>", "".join(str(t.get("value", "")) for t in conv))
         if order.count("<image>") != len(imgs) or order.count("<video>") != (1 if frms else 0):
-            stats.bad("image_count_mismatch", f"{key}: placeholders {order} vs {len(imgs)} images, {len(frms)} frames")
+            stats.bad("image_count_mismatch", f"{where}: placeholders {order} vs {len(imgs)} images, {len(frms)} frames")
             return None
 
         def load(k: str) -> torch.Tensor:
-            with Image.open(io.BytesIO(sample[k])) as im:
+            with Image.open(io.BytesIO(sample[k])) as im:  # reads the header only
+                if self.max_image_pixels and im.width * im.height > self.max_image_pixels:
+                    raise ImageTooLarge(f"{k} is {im.width}x{im.height} = {im.width * im.height:,} pixels > "
+                                        f"max_image_pixels={self.max_image_pixels:,}")
                 return self.proc(im)
 
         try:
             stills = [load(k) for _, k in imgs]
             frames = [load(k) for _, k in frms]
+        except ImageTooLarge as e:
+            stats.bad("image_too_large", f"{where}: {e} (raise data.max_image_pixels to keep it)")
+            return None
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for damaged data
-            stats.bad("corrupt_image", f"{key}: {type(e).__name__}: {e}")
+            stats.bad("corrupt_image", f"{where}: {type(e).__name__}: {e}")
             return None
         times = list(meta.get("timestamps") or [float(i) for i in range(len(frames))])
         media, tensors, it = [], [], iter(stills)
@@ -135,16 +179,16 @@ class SampleProcessor:
         try:
             ids, labels = apply_chat_template(self.tok, conv, media, system=self.system)
         except ValueError as e:
-            stats.bad("bad_json", f"{key}: {e}")
+            stats.bad("bad_json", f"{where}: {e}")
             return None
         if len(ids) > self.max_length:
             if self.overlong == "drop":
-                stats.bad("overlong_dropped", f"{key}: {len(ids)} > max_length {self.max_length}")
+                stats.bad("overlong_dropped", f"{where}: {len(ids)} > max_length {self.max_length}")
                 return None
             ids, labels, tensors = self._truncate(ids, labels, tensors)
             stats.c["overlong_truncated"] += 1
         if all(x == IGNORE_INDEX for x in labels):
-            stats.bad("no_loss_tokens", f"{key}: no assistant tokens (after truncation to {self.max_length})")
+            stats.bad("no_loss_tokens", f"{where}: no assistant tokens (after truncation to {self.max_length})")
             return None
         return {"key": key, "input_ids": ids, "labels": labels, "images": tensors}
 
@@ -275,7 +319,7 @@ class VLTStream(IterableDataset):
         W = self.num_workers
         if not self.split_samples:
             urls = urls[self.rank::self.world_size][stream::W]
-        stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=stats.tar_handler)]
+        stages = [lambda: stats.read_shards(urls)]
         if self.split_samples:
             slot, n = self.rank * W + stream, self.world_size * W
             stages.append(wds.select(_EveryNth(slot, n)))
@@ -294,7 +338,6 @@ class VLTStream(IterableDataset):
                 if out is None:
                     continue
                 valid += 1
-                stats.c["samples"] += 1
                 yield out
             if raw == 0:
                 raise RuntimeError(f"data: stream {stream} of rank {self.rank} read no samples from "
@@ -325,6 +368,7 @@ class VLTStream(IterableDataset):
                 sent = Counter(stats.c)  # counts from skipped batches were reported before the resume
                 continue
             stats.c["batches"] += 1
+            stats.c["samples"] += int(batch["num_samples"])  # per batch, not per sample read ahead
             stats.c["tokens"] += int((batch["input_ids"] != self.pad_id).sum())
             delta = Counter(stats.c)
             delta.subtract(sent)
@@ -357,8 +401,11 @@ class VLTLoader:
     iteration, pops the per-batch ``_stats`` into ``on_stats`` and counts yielded batches."""
 
     def __init__(self, dataset: VLTStream, num_workers: int, epoch_fn=None, skip_fn=None, on_stats=None,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, defer_stats: bool = False) -> None:
+        """``defer_stats``: leave each batch's counts in it as ``_stats`` for the consumer (the data
+        module adds them when the batch is trained on); counts after the last batch still go to on_stats."""
         self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
+        self.defer_stats = defer_stats
         self.epoch_fn, self.skip_fn, self.on_stats = epoch_fn, skip_fn, on_stats
         self.yielded = 0
         self.epoch = dataset.epoch
@@ -386,10 +433,13 @@ class VLTLoader:
         dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                         pin_memory=self.pin_memory, persistent_workers=False)
         for batch in dl:
-            stats = batch.pop("_stats", None)
-            if stats and self.on_stats:
-                self.on_stats(stats)
             if batch.get("_stats_only"):
+                if self.on_stats:
+                    self.on_stats(batch["_stats"])
                 continue
+            if not self.defer_stats:
+                stats = batch.pop("_stats", None)
+                if stats and self.on_stats:
+                    self.on_stats(stats)
             self.yielded += 1
             yield batch
