@@ -5,12 +5,15 @@
     vlt fit --config a.yaml --config b.yaml   # merged in order; omegaconf ${...} interpolation
     vlt fit --config quickstart --print_config
     vlt fit ... --ckpt_path last              # resume the newest run's last.ckpt
+    vlt fit --import mypkg.mixers ...         # import user modules first (or `imports:` in a recipe)
     vlt data synth|pack|inspect ...   vlt generate --ckpt DIR ...
     vlt bench mixers|data|train|fit|infer|stream|decode-kernels ...
+    vlt mixers   vlt recipes   vlt --version   vlt --help (every subcommand)
 
 ``--config NAME`` also finds recipes shipped with vlt by name (``quickstart``,
 ``infinitevl/stage2_sft``). The resolved config is saved as ``config.yaml`` in the run directory,
-and ``vlt fit --config that/config.yaml`` re-runs it.
+and ``vlt fit --config that/config.yaml`` re-runs it. A config mistake is one line naming the key
+path and the fix (vlt.cli_errors); ``VLT_DEBUG=1`` shows the traceback.
 """
 from __future__ import annotations
 
@@ -19,8 +22,12 @@ import glob
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
-TOOLS = ("data", "bench", "generate", "export")
+TOOLS = ("data", "bench", "generate", "export", "mixers", "recipes")
+LIGHTNING_SUBCOMMANDS = {"fit": "train a model (the quickstart without --config)",
+                         "validate": "evaluate on the validation split", "test": "evaluate on the test split",
+                         "predict": "generate answers, written as JSONL (id, prompt, prediction, target)"}
 RECIPES = Path(__file__).resolve().parent / "recipes"
 if not RECIPES.is_dir():  # editable install / source checkout: recipes/ sits beside vlt/
     RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -41,11 +48,17 @@ def _rewrite_argv(argv: list[str]) -> list[str]:
     i = 0
     while i < len(argv):
         a = argv[i]
+        if a == "--import" and i + 1 < len(argv):  # one module per flag, appended to `imports:`
+            out.append(f"--imports+={argv[i + 1]}")
+            i += 2
+            continue
         if a in ("--config", "-c") and i + 1 < len(argv):
             out += [a, find_recipe(argv[i + 1])]
             i += 2
             continue
-        if a.startswith("--config="):
+        if a.startswith("--import="):
+            out.append("--imports+=" + a.split("=", 1)[1])
+        elif a.startswith("--config="):
             out.append("--config=" + find_recipe(a.split("=", 1)[1]))
         elif a == "--ckpt_path" and i + 1 < len(argv) and argv[i + 1] in RESUME_KEYWORDS:
             out += find_last_checkpoint(argv, argv[i + 1])
@@ -115,6 +128,11 @@ def lightning_main():
     from lightning.pytorch.cli import LightningCLI
 
     from vlt.checkpoint import AtomicCheckpointIO
+    from vlt.cli_errors import UserConfigError, argument_error_message, debug, instantiation_error_message
+    from vlt.layers.registry import import_user_modules
+    from vlt.layout import check_backends
+    from vlt.predict import PredictionWriter
+    from vlt.run_config import RunConfigCallback
     from vlt.training import VLTModule
     from vlt.training.strategies import register_strategies
     from vlt.data.datamodule import VLTDataModule
@@ -122,9 +140,44 @@ def lightning_main():
     register_strategies()
 
     class VLTCLI(LightningCLI):
+        def init_parser(self, **kwargs):
+            # No prefix matching (`--trainer.max_step` is not `max_steps`), and parse errors raised to
+            # main, which prints one line instead of the 60-line usage.
+            kwargs.setdefault("allow_abbrev", False)
+            kwargs.setdefault("exit_on_error", False)
+            return super().init_parser(**kwargs)
+
+        def parse_arguments(self, parser, args):
+            try:
+                super().parse_arguments(parser, args)
+            except argparse.ArgumentError as e:
+                if debug():
+                    raise
+                sub = next((a for a in sys.argv[1:2] if a in self.subcommands()), None)
+                target = self._subcommand_parsers.get(sub, parser) if sub else parser
+                raise UserConfigError(argument_error_message(e, target, f"vlt {sub or ''}".strip())) from None
+
+        def instantiate_classes(self):
+            cfg = self.config.get(str(self.subcommand), self.config)
+            try:
+                import_user_modules(cfg.get("imports"), "imports")  # before the layout names their mixers
+                super().instantiate_classes()
+                vlm = getattr(self.model, "model", None)
+                if vlm is not None and hasattr(vlm, "config"):  # a backend that cannot run on this device
+                    check_backends(vlm.config.layers(), self.trainer.strategy.root_device)
+            except (ValueError, TypeError, FileNotFoundError) as e:
+                msg = None if debug() else instantiation_error_message(e)
+                if msg is None:
+                    raise
+                raise UserConfigError(msg) from None
+
         def add_arguments_to_parser(self, parser):
+            parser.add_argument("--imports", type=Optional[list[str]], default=None,
+                                help="modules to import before the model is built (your own mixers); "
+                                     "--import MODULE appends one")
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+            parser.add_lightning_class_args(PredictionWriter, "predictions")
             parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 100,
                                  "lr_monitor.logging_interval": "step"})
             # Derived values come from the data module's tokenizer, never typed by hand twice.
@@ -143,12 +196,29 @@ def lightning_main():
     }
     return VLTCLI(VLTModule, VLTDataModule, subclass_mode_model=True, subclass_mode_data=True,
                   parser_kwargs={"parser_mode": "omegaconf"}, save_config_kwargs={"overwrite": True},
+                  save_config_callback=RunConfigCallback,
                   trainer_defaults=trainer_defaults, auto_configure_optimizers=False)
 
 
+def version() -> str:
+    import vlt
+    return vlt.__version__
+
+
 def tool_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vlt", description="vlt tools (training: vlt fit --help)")
-    sub = parser.add_subparsers(dest="tool", required=True)
+    parser = argparse.ArgumentParser(
+        prog="vlt", description="vlt: vision-language models with pluggable token mixers, on PyTorch Lightning. "
+        "`vlt fit` runs the quickstart; `vlt SUBCOMMAND --help` shows each one's options.")
+    parser.add_argument("--version", "-V", action="version", version=f"vlt {version()}")
+    sub = parser.add_subparsers(dest="tool", required=True, metavar="SUBCOMMAND")
+    for name, help_ in LIGHTNING_SUBCOMMANDS.items():  # dispatched to LightningCLI by main(), listed here
+        sub.add_parser(name, help=f"{help_} (LightningCLI: vlt {name} --help)", add_help=False)
+    p = sub.add_parser("mixers", help="list the registered token mixers and their options")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import a module first (your own @register_mixer classes)")
+    p.set_defaults(func=_run_mixers)
+    sub.add_parser("recipes", help="list the recipes shipped with vlt (vlt fit --config NAME)").set_defaults(
+        func=lambda a: __import__("vlt.catalog", fromlist=["print_recipes"]).print_recipes(a))
     data = sub.add_parser("data", help="write, convert and inspect WebDataset shards")
     from vlt.data.cli import add_data_subcommands
     add_data_subcommands(data.add_subparsers(dest="data_cmd", required=True))
@@ -196,14 +266,26 @@ def tool_main(argv: list[str]) -> int:
     return rc if isinstance(rc, int) else 0
 
 
+def _run_mixers(args) -> int:
+    from vlt.catalog import print_mixers
+    from vlt.layers.registry import import_user_modules
+    import_user_modules(args.imports, "--import")
+    return print_mixers(args)
+
+
 def main(argv: list[str] | None = None):
+    from vlt.cli_errors import UserConfigError, report
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in TOOLS:
-        return tool_main(argv)
-    # LightningCLI reads sys.argv, and Lightning's DDP launcher re-runs this command from sys.argv for
-    # ranks > 0, so the rewritten arguments (recipe paths, resolved `last`) go there for both.
-    sys.argv = [sys.argv[0], *_rewrite_argv(argv)]
-    lightning_main()
+    try:
+        if not argv or argv[0] in TOOLS or argv[0].startswith("-"):  # --help / --version list everything
+            return tool_main(argv or ["--help"])
+        # LightningCLI reads sys.argv, and Lightning's DDP launcher re-runs this command from sys.argv for
+        # ranks > 0, so the rewritten arguments (recipe paths, resolved `last`) go there for both.
+        sys.argv = [sys.argv[0], *_rewrite_argv(argv)]
+        lightning_main()
+    except UserConfigError as e:
+        report(str(e))
+        raise SystemExit(2) from None
     return 0
 
 
