@@ -34,8 +34,13 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     """True when ``flag`` is set on at least one rank (MAX all-reduce; no-op without a process group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return flag
-    # gloo reduces CPU tensors, nccl CUDA ones: the gradients' device fits the backend in use
-    dev = device if dist.get_backend() != "gloo" else torch.device("cpu")
+    # gloo reduces CPU tensors, nccl CUDA ones (also when FSDP offloads the gradients to the CPU)
+    if dist.get_backend() == "gloo":
+        dev = torch.device("cpu")
+    elif torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = device
     t = torch.tensor([1.0 if flag else 0.0], device=dev)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
