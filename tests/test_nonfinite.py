@@ -167,3 +167,14 @@ def test_ddp_ranks_skip_together(tmp_path):
     assert all(e["finite"] for e in r0 + r1)
     for e0, e1 in zip(r0, r1):  # DDP replicas stay identical (same all-reduced gradients, same skips)
         assert e0["weights_sum"] == pytest.approx(e1["weights_sum"], rel=0, abs=0)
+
+
+def test_under_a_grad_scaler_an_overflowing_gradient_is_left_to_the_scaler():
+    p = torch.nn.Parameter(torch.ones(2))
+    guard = NonFiniteGuard(3)
+    for _ in range(5):  # fp16 scale calibration overflows several steps in a row: not a reason to stop
+        p.grad = torch.tensor([float("inf"), 1.0])
+        guard.record_loss(torch.tensor(2.0))
+        assert guard.check([p], step=0, grad_scaler=True)[0] is False and p.grad is not None
+    guard.record_loss(torch.tensor(float("nan")))  # a nan loss is still a skipped step
+    assert guard.check([p], step=5, grad_scaler=True)[0] is True and p.grad is None and guard.skipped == 1

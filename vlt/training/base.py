@@ -249,7 +249,8 @@ class VLTModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer):
         # a non-finite loss or gradient (on any rank) clears the gradients: the optimizer skips this step
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        _, norm = self._nonfinite.check(params, self.global_step)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # 16-mixed handles overflow itself
+        _, norm = self._nonfinite.check(params, self.global_step, grad_scaler=scaler is not None)
         if norm is not None:
             self.log("train/grad_norm", norm)
         self.log("train/skipped_nonfinite", float(self._nonfinite.skipped))

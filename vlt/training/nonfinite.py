@@ -64,16 +64,18 @@ class NonFiniteGuard:
     def record_loss(self, loss) -> None:
         self.loss = loss.detach() if isinstance(loss, torch.Tensor) else None
 
-    def check(self, params, step: int) -> tuple[bool, torch.Tensor | None]:
+    def check(self, params, step: int, grad_scaler: bool = False) -> tuple[bool, torch.Tensor | None]:
         """Skip (clear the gradients) when the loss or the gradient norm is non-finite on any rank.
 
+        ``grad_scaler``: a GradScaler (16-mixed) is active; an overflowing gradient with a finite loss
+        is then its business (it skips that step and lowers its scale), not a non-finite step.
         Returns (skipped, total gradient norm of this rank's gradients or None)."""
         params = list(params)
         grads = [_local_value(p.grad) for p in params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else None
         device = grads[0].device if grads else (self.loss.device if self.loss is not None else torch.device("cpu"))
         bad_loss = self.loss is not None and not bool(torch.isfinite(self.loss).all())
-        bad_grad = norm is not None and not bool(torch.isfinite(norm))
+        bad_grad = norm is not None and not grad_scaler and not bool(torch.isfinite(norm))
         self.loss = None
         if not _any_rank(bad_loss or bad_grad, device):
             self.consecutive = 0
