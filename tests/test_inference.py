@@ -207,3 +207,44 @@ def test_video_stream_needs_a_vision_tower():
     model = VLM(VLMConfig.from_name("tiny-hybrid", vision={"kind": "none"}, image_token_id=None)).eval()
     with pytest.raises(ValueError, match="no vision tower"):
         VideoStream(model, load_tokenizer("byte"))
+
+
+def test_chat_turns_continue_the_state_as_one_conversation():
+    """Two turns through ChatSession (the second prefilled from the state the first left) answer as
+    the eager model does on the whole two-turn conversation, built token by token."""
+    from vlt.data.image import ImageProcessor
+    from vlt.data.tokenizer import load_tokenizer
+    from vlt.inference import ChatSession
+    model = tiny("[swa, gdn, full, linear]", mrope=True)
+    tok = load_tokenizer("byte")
+    proc = ImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56)
+    image = _frames(1)[0]
+    chat = ChatSession(model, tok, image_processor=proc, system="", capacity=200)
+    chat.say("What is this?", [image], max_new_tokens=6)
+    first = chat.last_answer_ids
+    chat.say("And now?", max_new_tokens=6)
+    second = chat.last_answer_ids
+    t = tok
+    nl = t.encode("\n")
+    ids = ([t.im_start_id] + t.encode("user\n") + [t.vision_start_id] + [t.image_pad_id] * 4 + [t.vision_end_id]
+           + t.encode("What is this?") + [t.im_end_id] + nl + [t.im_start_id] + t.encode("assistant\n") + first
+           + [t.im_end_id] + nl + [t.im_start_id] + t.encode("user\n") + t.encode("And now?") + [t.im_end_id] + nl
+           + [t.im_start_id] + t.encode("assistant\n"))
+    stop = [t.im_end_id, t.eos_id, t.pad_id]
+    ref = generate_eager(model, torch.tensor([ids]), [proc(image)], max_new_tokens=6, eos_token_id=stop)[0].tolist()
+    if ref[-1] in stop:
+        ref = ref[:-1]
+    assert len(first) == 6 and second == ref
+
+
+def test_chat_cli_streams_answers(tmp_path):
+    import argparse
+    import io
+    from vlt.chat_cli import add_chat_args, run_chat
+    from vlt.export import save_pretrained_vlt
+    out = save_pretrained_vlt(tiny("[swa, gdn]"), tmp_path / "m", tokenizer_dir="byte", prompt={"system": ""})
+    args = add_chat_args(argparse.ArgumentParser()).parse_args(["--ckpt", str(out), "--max-new-tokens", "3",
+                                                                "--device", "cpu"])
+    buf = io.StringIO()
+    assert run_chat(args, stdin=io.StringIO("hello\n/image /nope.png\nagain\n/quit\nignored\n"), stdout=buf) == 0
+    assert buf.getvalue().count("\n") >= 2          # two answers, each ended by a newline

@@ -65,7 +65,7 @@ def test_decode_attention_kernels_compile():
     for pdl, dt, ktok, rope in itertools.product((False, True), ("bf16", "fp32"), (False, True), (False, True)):
         _compile(da._attn_split_kernel,
                  _types(f"q,k_new,v_new,k_cache,v_cache:*{dt} ktok,tok_ptr:*i64 part_o,part_ml,cos_ptr,sin_ptr:*fp32 "
-                        "sqb,sqh,skb,skh,svb,svh,L,chunk,S:i32 scale:fp32"),
+                        "sqb,sqh,skb,skh,svb,svh,tok_stride,cs_stride,L,chunk,S:i32 scale:fp32"),
                  dict(shape, HAS_KTOK=ktok, ROPE=rope, BN=64, PREC="ieee" if dt == "fp32" else None, UPCAST=False,
                       PDL=pdl))
     for pdl in (False, True):

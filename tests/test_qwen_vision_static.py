@@ -108,19 +108,21 @@ def test_grid_mismatch_and_bad_grid_errors(visual):
         static.graphed()
 
 
-@pytest.mark.parametrize("mode", ["static", "eager"])
-def test_bench_stream_vision_modes(tmp_path, mode):
-    import json
-
-    from vlt.bench.stream import main
-    assert main(["--tiny", "--device", "cpu", "--frames", "2", "--eager-frames", "1", "--check-frames", "1",
-                 "--vision-mode", mode, "--out", str(tmp_path)]) == 0
-    rep = json.loads((tmp_path / "stream.json").read_text())
-    assert rep["vision_mode"] == mode and "vision_static_error" not in rep
-    assert len(rep["results"][0]["vision_ms"]) == 2
-    if mode == "static":  # no graph on the CPU; checked against transformers' forward on the frame
-        assert rep["method"].startswith("vision: StaticQwenVision") and rep["vision_graph"] is False
-        assert rep["vision_check_static_vs_hf_rel_err"] < 1e-5
-    else:
-        assert rep["method"].startswith("vision: transformers' forward")
-        assert "vision_check_static_vs_hf_rel_err" not in rep
+def test_video_stream_runs_the_static_tower_as_transformers_does(tmp_path):
+    """vlt stream's path (VideoStream) sends Qwen2.5-VL frames through StaticQwenVision: the features
+    it uses equal transformers' forward on the same frame, and the stream equals the eager model."""
+    import argparse
+    from vlt.bench.common import add_common_args, build_model, setup
+    from vlt.data.image import ImageProcessor
+    from vlt.data.tokenizer import load_tokenizer
+    from vlt.inference import VideoStream
+    a = add_common_args(argparse.ArgumentParser()).parse_args(["--tiny", "--device", "cpu"])
+    dev, dt = setup(a)
+    model = build_model("hybrid", a, dev, dt, vision=True).eval()
+    s = VideoStream(model, load_tokenizer("byte"), image_processor=ImageProcessor(min_pixels=56 * 112, max_pixels=56 * 112),
+                    system="")
+    frame = torch.randn(3, 56, 112)
+    with torch.no_grad():
+        ours, ref = s._features(frame), model.vision([frame])
+    assert len(s._vision) == 1       # the static tower was built for this frame size and used
+    assert float((ours - ref).norm() / ref.norm()) < 1e-5

@@ -21,8 +21,9 @@ for part in "$@"; do
   case $part in
     tests)
       timeout -k 10 ${T_TESTS:-240} python3 -m pytest "$repo/tests/test_inference_gpu.py" "$repo/tests/test_kernels_gpu.py" \
-        -m gpu -rA -p no:cacheprovider -x -q > "$OUT/gpu_tests_engine.log" 2>&1
-      echo "tests rc=$?"; tail -4 "$OUT/gpu_tests_engine.log";;
+        -m gpu -rA -p no:cacheprovider -q --durations=0 -o faulthandler_timeout=${T_HANG:-90} ${TEST_ARGS:-} \
+        > "$OUT/gpu_tests_engine.log" 2>&1
+      echo "tests rc=$?"; grep -E "passed|failed|Timeout|File .*vlt" "$OUT/gpu_tests_engine.log" | head -30;;
     infer)
       timeout -k 10 ${T_INFER:-420} python3 -m vlt.bench.infer --layouts hybrid full --out "$work" ${INFER_ARGS:-} \
         > "$OUT/infer.log" 2>&1

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-TOOLS = ("data", "bench", "generate", "export", "mixers", "recipes")
+TOOLS = ("data", "bench", "generate", "chat", "stream", "export", "mixers", "recipes")
 LIGHTNING_SUBCOMMANDS = {"fit": "train a model (the quickstart without --config)",
                          "validate": "evaluate on the validation split", "test": "evaluate on the test split",
                          "predict": "generate answers, written as JSONL (id, prompt, prediction, target)"}
@@ -257,6 +257,14 @@ def tool_main(argv: list[str]) -> int:
         gen.set_defaults(func=run_generate)
     except ImportError:
         gen.set_defaults(func=lambda a: (print("vlt generate is not available in this build", file=sys.stderr), 1)[1])
+    cht = sub.add_parser("chat", help="interactive multi-turn chat with a saved model (images too)")
+    from vlt.chat_cli import add_chat_args, run_chat
+    add_chat_args(cht)
+    cht.set_defaults(func=run_chat)
+    stm = sub.add_parser("stream", help="stream a video through a saved model and ask about it")
+    from vlt.stream_cli import add_stream_args, run_stream
+    add_stream_args(stm)
+    stm.set_defaults(func=run_stream)
     exp = sub.add_parser("export", help="a .ckpt -> a model directory for vlt generate / init_from")
     from vlt.export_cli import add_export_args, run_export
     add_export_args(exp)
@@ -276,6 +284,9 @@ def _run_mixers(args) -> int:
 def main(argv: list[str] | None = None):
     from vlt.cli_errors import UserConfigError, report
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Triton keeps autotuning results on disk beside its compiled kernels, so a second `vlt generate`
+    # (or fit) does not re-time every tile of every kernel (its own opt-in knob; off by default)
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     try:
         if not argv or argv[0] in TOOLS or argv[0].startswith("-"):  # --help / --version list everything
             return tool_main(argv or ["--help"])

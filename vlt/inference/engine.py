@@ -144,19 +144,23 @@ class InferenceEngine:
 
     # -- prefill ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, images=None, row: int = 0, chunk: int | None = None) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, images=None, row: int = 0, chunk: int | None = None,
+                extend: bool = False) -> torch.Tensor:
         """Run a prompt (ids [T] or [1, T], images for its image tokens) through the model's parallel
         forward (the mixers' chunked kernels) and load its state into ``row``, replacing what the row
-        held. ``chunk``: text-only prompts longer than this run in pieces (bounded activation memory).
-        Returns the last position's logits [V]."""
+        held (``extend``: continuing from it instead - a chat's next turn). ``chunk``: text-only
+        prompts longer than this run in pieces (bounded activation memory). Returns the last
+        position's logits [V]."""
         ids = input_ids.reshape(1, -1).to(self.device)
-        T = ids.shape[1]
+        state = self.export_state(row) if extend and int(self.tok[row]) > 0 else None
+        T = ids.shape[1] + (int(self.tok[row]) if state is not None else 0)
         if self.capacity is not None and T > self.capacity:
             raise ValueError(f"the prompt has {T} tokens but the engine holds {self.capacity} (its capacity); "
                              "give a larger capacity or a shorter prompt")
-        state, out = None, None
-        step = T if (chunk is None or images) else chunk
-        for s in range(0, T, step):
+        out = None
+        n = ids.shape[1]
+        step = n if (chunk is None or images) else chunk
+        for s in range(0, n, step):
             out = self.model(ids[:, s:s + step], images=(images or None) if s == 0 else None, state=state,
                              use_cache=True, logits_to_keep=1)
             state = out.state

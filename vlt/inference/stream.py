@@ -10,7 +10,7 @@ The token layout is the one vlt's data trains video QA on (``vlt.data.tokenizer`
 then ``\\n{question}<|im_end|>\\n<|im_start|>assistant\\n`` and the answer. Each frame is one engine
 step of its tokens (``InferenceEngine.step_embeddings``: SWA ring / GDN states updated in place, a
 CUDA graph per frame size on the GPU); the vision tower runs per frame (graphed for the Qwen2.5-VL
-tower on the GPU, ``vlt.qwen_vision_static``). ``ask`` answers from the state so far and, by
+tower through ``vlt.qwen_vision_static``, in a CUDA graph on the GPU). ``ask`` answers from the state so far and, by
 default, restores the state afterwards, so the stream continues as if the question was not asked
 (``keep=True`` keeps question and answer in the context). Memory is the engine's cache: constant
 for SWA / GDN / linear layouts however many frames arrive (``full`` layers need a ``capacity``).
@@ -61,13 +61,16 @@ class VideoStream:
         dev, dt = self.engine.device, self.engine.dtype
         pixels = pixels.to(dev, dt)
         tower = self.model.vision
-        if self.engine.graphs and type(tower).__name__ == "QwenVisionTower":
+        if type(tower).__name__ == "QwenVisionTower":
+            # the Qwen2.5-VL tower through its fixed-grid, host-sync-free forward (window order, rotary
+            # table and masks built once per frame size), in a CUDA graph when the engine uses graphs
             from vlt.qwen_vision import patchify
             from vlt.qwen_vision_static import StaticQwenVision
             patches, grid = patchify(pixels, tower.patch_size, tower.merge_size, tower.temporal_patch_size)
-            key = tuple(int(g) for g in grid.reshape(-1))
+            key = tuple(int(g) for g in grid)
             if key not in self._vision:
-                self._vision[key] = StaticQwenVision(tower, grid.reshape(-1)).graphed()
+                static = StaticQwenVision(tower, key, compile=self.engine.compile)
+                self._vision[key] = static.graphed() if self.engine.graphs else static.forward
             return self._vision[key](patches)
         return tower([pixels])
 
