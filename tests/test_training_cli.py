@@ -130,6 +130,11 @@ def test_long_lora_saves_adapters_only_and_checks_layout(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, with_adapters(ids).logits, rtol=1e-4, atol=1e-5)
     assert tok is not None and tok.vocab_size == 264
+    # the export records how the run templated its data (the quickstart trains without a system
+    # prompt), which vlt generate / stream / chat then use by default
+    from vlt.generate_cli import prompt_record
+    rec = prompt_record(tmp_path / "merged")
+    assert rec["system"] == "" and rec["max_pixels"] > 0
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:  # a config error: one line on stderr, exit code 2
         fit(tmp_path, f"--model.init_args.init_from={base}", "--model.init_args.layout=[gdn] * 4", steps=1)
