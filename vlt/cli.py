@@ -6,7 +6,7 @@
     vlt fit --config quickstart --print_config
     vlt fit ... --ckpt_path last              # resume the newest run's last.ckpt
     vlt fit --import mypkg.mixers ...         # import user modules first (or `imports:` in a recipe)
-    vlt data synth|pack|inspect ...   vlt generate --ckpt DIR ...
+    vlt data synth|pack|inspect ...   vlt generate --ckpt DIR ...   vlt eval --ckpt DIR --data SHARDS
     vlt bench mixers|data|train|fit|infer|stream|decode-kernels ...
     vlt mixers   vlt recipes   vlt --version   vlt --help (every subcommand)
 
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-TOOLS = ("data", "bench", "generate", "chat", "stream", "export", "mixers", "recipes")
+TOOLS = ("data", "bench", "generate", "chat", "stream", "eval", "export", "mixers", "recipes")
 LIGHTNING_SUBCOMMANDS = {"fit": "train a model (the quickstart without --config)",
                          "validate": "evaluate on the validation split", "test": "evaluate on the test split",
                          "predict": "generate answers, written as JSONL (id, prompt, prediction, target)"}
@@ -265,6 +265,10 @@ def tool_main(argv: list[str]) -> int:
     from vlt.stream_cli import add_stream_args, run_stream
     add_stream_args(stm)
     stm.set_defaults(func=run_stream)
+    evl = sub.add_parser("eval", help="generate answers on shards or a LLaVA JSONL and score them (JSON + MD + PNG)")
+    from vlt.eval_cli import add_eval_args, run_eval
+    add_eval_args(evl)
+    evl.set_defaults(func=run_eval)
     exp = sub.add_parser("export", help="a .ckpt -> a model directory for vlt generate / init_from")
     from vlt.export_cli import add_export_args, run_export
     add_export_args(exp)
