@@ -42,14 +42,15 @@ def check_vocabulary(model, tok, where: str = "the checkpoint") -> None:
     if tok.vocab_size > n:
         raise ValueError(f"{where}: the tokenizer has {tok.vocab_size} ids but the model's vocabulary "
                          f"(decoder.vocab_size) is {n}; the checkpoint was trained with another tokenizer - "
-                         "export it with the tokenizer it was trained with (save_pretrained_vlt tokenizer_dir=...)")
+                         "export it with the tokenizer it was trained with (vlt export / save_pretrained_vlt "
+                         "tokenizer_dir=...)")
     if model.vision is not None:
         for key, tid in (("image_token_id", tok.image_pad_id), ("video_token_id", tok.video_pad_id),
                          ("vision_start_token_id", tok.vision_start_id)):
             want = getattr(cfg, key, None)
             if want is not None and want != tid:
                 raise ValueError(f"{where}: model {key}={want} but its tokenizer's id is {tid}; the checkpoint "
-                                 "and tokenizer come from different vocabularies - export the model with the "
+                                 "and tokenizer come from different vocabularies - export it with the "
                                  "tokenizer it was trained with")
 
 

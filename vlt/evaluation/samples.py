@@ -140,7 +140,8 @@ def read_llava_samples(path: str, image_dir: str | None, skips: Skips, fps: floa
     to ``image_dir`` (default: the file's folder)."""
     jp = Path(path).expanduser()
     if not jp.is_file():
-        raise FileNotFoundError(f"--data {path!r} is neither a shard directory/pattern nor a JSON/JSONL file")
+        raise FileNotFoundError(f"--data {path!r} does not exist; give a LLaVA-format JSON/JSONL file or vlt shards "
+                                "(a directory of .tar, a glob or brace pattern)")
     root = Path(image_dir).expanduser() if image_dir else jp.parent
     if image_dir and not root.is_dir():
         raise FileNotFoundError(f"--images {image_dir!r} is not a directory")
@@ -185,7 +186,7 @@ def read_llava_samples(path: str, image_dir: str | None, skips: Skips, fps: floa
 def read_samples(data: str, image_dir: str | None, skips: Skips, fps: float = 1.0):
     """Shards when ``data`` is a directory of .tar files or a shard pattern, else a JSON/JSONL file."""
     p = Path(data).expanduser()
-    if p.is_file() and p.suffix.lower() in (".json", ".jsonl"):
+    if p.suffix.lower() in (".json", ".jsonl"):  # a missing one is reported as a missing file, not as shards
         return read_llava_samples(data, image_dir, skips, fps)
     if p.is_dir() and not any(p.glob("*.tar")):
         raise FileNotFoundError(f"--data {data!r} is a directory without .tar shards; give vlt shards "

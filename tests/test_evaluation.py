@@ -1,0 +1,229 @@
+"""Evaluation (vlt.evaluation, ``vlt eval``): the scoring functions on hand-computed cases, ``vlt eval``
+end to end on a tiny export over synthetic shards and over a LLaVA JSONL with images written here
+(a random model scores ~0, so the tests check structure, counts and that every prediction is the
+eager reference's greedy output for that prompt), and the bad inputs users hit."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from vlt.config import VLMConfig
+from vlt.evaluation.scoring import (anls, distance_bucket, exact_match, length_bucket, levenshtein, metric_for,
+                                    normalise_answer, numeric_match, parse_number)
+from vlt.model import VLM
+
+WINDOW = 16
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def test_normalisation_and_exact_match():
+    assert normalise_answer("  The shape is   Blue. ") == "shape is blue"
+    assert exact_match("Blue!", "blue") == 1.0
+    assert exact_match("a blue", "Blue") == 1.0           # articles dropped
+    assert exact_match("blue circle", "blue") == 0.0      # an extra word is a different answer
+    assert exact_match("red", ["blue", "red"]) == 1.0     # any acceptable reference
+    with pytest.raises(ValueError, match="empty"):
+        exact_match("x", [])
+
+
+def test_numeric_match():
+    assert parse_number("There are 3 shapes") == 3.0
+    assert parse_number("three") == 3.0 and parse_number("1,000 dots") == 1000.0 and parse_number("3,5") == 3.5
+    assert parse_number("none") is None
+    assert numeric_match("I count 3.", "3") == 1.0
+    assert numeric_match("three", "3") == 1.0
+    assert numeric_match("3.0", "3") == 1.0
+    assert numeric_match("4", "3") == 0.0
+    assert numeric_match("many", "3") == 0.0
+    assert numeric_match("3 or 4", "4") == 0.0            # the first number is the answer
+
+
+def test_anls_hand_computed():
+    assert levenshtein("kitten", "sitting") == 3 and levenshtein("", "abc") == 3
+    assert anls("AB3D", "AB3E") == pytest.approx(0.75, abs=1e-12)     # 1 - 1/4
+    assert anls("ab3d", "AB3D") == 1.0                                 # case-insensitive
+    assert anls("ABCD", "WXYZ") == 0.0                                 # NLD 1 >= 0.5
+    assert anls("AB", "ABCD") == 0.0                                   # NLD exactly 0.5: below threshold only counts
+    assert anls("ABCDEFG", "ABCDEFGH") == pytest.approx(1 - 1 / 8, abs=1e-12)
+    assert anls("HELLO", ["WORLD", "HELL0"]) == pytest.approx(0.8, abs=1e-12)  # best reference
+
+
+def test_metric_choice_and_buckets():
+    assert metric_for("count", "3") == "numeric" and metric_for("ocr", "AB") == "anls"
+    assert metric_for("color", "red") == "exact" and metric_for("needle", "X1") == "anls"
+    assert metric_for("default", "12") == "numeric" and metric_for("default", "a cat") == "exact"
+    assert metric_for("count", "3", "exact") == "exact"
+    with pytest.raises(ValueError, match="metric='bleu'"):
+        metric_for("x", "y", "bleu")
+    assert [length_bucket(n) for n in (1, 128, 129, 4096, 200_000)] == ["<=128", "<=128", "129-256", "2049-4096",
+                                                                         ">131072"]
+    assert [distance_bucket(d, 16) for d in (16, 17, 33, 65)] == ["in window", "1-2x window", "2-4x window",
+                                                                  ">4x window"]
+    assert distance_bucket(5, None) == "no window"
+
+
+# --------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    from vlt.export import save_pretrained_vlt
+    torch.manual_seed(0)
+    model = VLM(VLMConfig.from_name("tiny-hybrid", decoder={"mrope_section": [4, 6, 6], "head_dim": 32,
+                                                              "mixers": {"swa": {"window": WINDOW}}})).eval()
+    with torch.no_grad():  # at init every prompt ends in the same "\n" prediction; larger weights make the
+        for name, p in model.named_parameters():  # output depend on the image and text, so equality has teeth
+            if p.dim() >= 2 and "embed" not in name:
+                p.mul_(3)
+    return save_pretrained_vlt(model, tmp_path_factory.mktemp("eval") / "export", tokenizer_dir="byte",
+                               prompt={"system": "", "min_pixels": 56 * 56, "max_pixels": 56 * 56})
+
+
+def _vlt(*argv):
+    from vlt.cli import main
+    return main(["eval", *[str(a) for a in argv], "--device", "cpu", "--no-progress"])
+
+
+def _eager_tokens(export, data, images=None):
+    """Each evaluable sample's greedy tokens from the eager reference loop, prompt by prompt."""
+    from vlt.evaluation.runner import _media, prepare
+    from vlt.evaluation.samples import Skips, read_samples
+    from vlt.export import load_pretrained_vlt
+    from vlt.generate_cli import _image_processor
+    from vlt.inference import generate_eager
+    model, tok = load_pretrained_vlt(export)
+    proc = _image_processor(export, model, None)
+    out = {}
+    for raw in read_samples(str(data), images, Skips()):
+        p = prepare(raw, tok, proc, "", True, Skips())
+        if p is None:
+            continue
+        new = generate_eager(model, torch.tensor([p.ids]), _media(p, proc, "cpu", torch.float32), max_new_tokens=5,
+                             eos_token_id=[tok.eos_id, tok.pad_id])[0].tolist()
+        cut = next((i for i, t in enumerate(new) if t in (tok.eos_id, tok.pad_id)), len(new))
+        out[raw.id] = (new[:cut], p.ids)
+    return out
+
+
+def test_eval_on_synthetic_shards(export, tmp_path, capsys):
+    from vlt.data.shards import write_synthetic
+    from vlt.data.tokenizer import ByteTokenizer, build_prompt_ids
+    shards = tmp_path / "shards"
+    write_synthetic(str(shards), "mix", 7, seed=0, split="val", weights={"color": 1, "count": 1, "needle": 1},
+                    task_params={"needle": {"num_frames": 3}})
+    out = tmp_path / "out"
+    # batch 3 over 7 prompts of different lengths (stills, 3-frame videos): a last, partial batch too
+    assert _vlt("--ckpt", export, "--data", shards, "--max-new-tokens", 5, "--batch-size", 3, "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].split() == ["task", "metric", "n", "score", "exact"] and "all" in printed
+    report = json.loads((out / "eval.json").read_text())
+    s = report["summary"]
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert s["n"] == len(preds) == 7 and s["skipped"]["total"] == 0
+    assert sum(t["n"] for t in s["tasks"].values()) == 7
+    assert {t: r["metric"] for t, r in s["tasks"].items()} == {t: {"color": "exact", "count": "numeric",
+                                                                   "needle": "anls"}[t] for t in s["tasks"]}
+    assert report["settings"]["window"] == WINDOW and report["settings"]["batch_size"] == 3
+    for name in ("eval.md", "eval.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG" and "| task | metric |" in (out / "eval.md").read_text()
+    # the batched engine's output is the eager loop's greedy output, for every prompt
+    eager = _eager_tokens(export, shards)
+    assert {p["id"]: p["tokens"] for p in preds} == {k: v[0] for k, v in eager.items()}
+    assert len({tuple(p["tokens"]) for p in preds}) >= 3  # the outputs depend on the prompt
+    tok = ByteTokenizer()
+    for p in preds:
+        assert p["prediction"] == tok.decode(p["tokens"]).strip()
+        if p["task"] == "color":  # a 56x56 image is 2x2 merged tokens; system '' as the export records
+            conv = [{"from": "human", "value": "<image>\nWhat colour is the shape?"}]
+            assert p["prompt_tokens"] == len(build_prompt_ids(tok, conv, [4], system=""))
+    # evidence distance of a needle: from frame k's <|vision_start|> to the prompt's end. A frame is
+    # "<t=0.0s>" (8) + start + 4 pads + end = 14 tokens; frame k's block is 6 tokens, then 2 - k frames,
+    # then "\nWhat code appeared?" (20) + <|im_end|> + "\n" + <|im_start|> + "assistant\n" (10) = 33
+    needles = [p for p in preds if p["task"] == "needle"]
+    assert needles and "needle" in s["by_distance"]
+    from vlt.evaluation.samples import Skips, read_samples
+    frame = {r.id: r.meta["needle_frame"] for r in read_samples(str(shards), None, Skips()) if r.task == "needle"}
+    for p in needles:
+        assert p["evidence_distance"] == 6 + 14 * (2 - frame[p["id"]]) + 33
+    assert sum(b["n"] for b in s["by_distance"]["needle"].values()) == len(needles)
+
+
+def _jsonl(tmp_path, rows):
+    img = tmp_path / "img"
+    img.mkdir()
+    Image.new("RGB", (56, 56), (230, 25, 25)).save(img / "red.png")
+    Image.new("RGB", (84, 56), (30, 60, 235)).save(img / "blue.jpg")
+    f = tmp_path / "eval.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return f, img
+
+
+def q(text, answer=None):
+    conv = [{"from": "human", "value": text}]
+    return conv + ([{"from": "gpt", "value": answer}] if answer is not None else [])
+
+
+def test_eval_on_a_llava_jsonl_counts_skips(export, tmp_path, capsys):
+    f, img = _jsonl(tmp_path, [
+        {"id": "a", "image": "red.png", "conversations": q("<image>\nWhat colour?", "red")},
+        {"id": "b", "images": ["blue.jpg"], "task": "count", "conversations": q("<image>\nHow many?", "1")},
+        {"id": "c", "conversations": q("Say hi."), "answer": "hi"},                # top-level answer
+        {"id": "d", "image": "red.png", "conversations": q("<image>\nWhat colour?")},   # no answer
+        {"id": "e", "image": "gone.png", "conversations": q("<image>\nWhat colour?", "red")},  # missing image
+        {"id": "f", "conversations": q("Two words?", "two words")},
+    ])
+    out = tmp_path / "out"
+    assert _vlt("--ckpt", export, "--data", f, "--images", img, "--max-new-tokens", 5, "--batch-size", 2,
+                "--out", out) == 0
+    err = capsys.readouterr().err
+    s = json.loads((out / "eval.json").read_text())["summary"]
+    assert s["n"] == 4 and s["skipped"]["by_reason"] == {"no_answer": 1, "missing_image": 1}
+    assert "skipped 2 rows" in err and "gone.png" in err and "eval.jsonl:4" in err
+    assert s["tasks"]["count"] == {"n": 1, "score": s["tasks"]["count"]["score"], "exact": s["tasks"]["count"]["exact"],
+                                   "metric": "numeric"}
+    assert s["tasks"]["default"]["n"] == 3 and s["tasks"]["default"]["metric"] == "exact"
+    preds = {json.loads(line)["id"]: json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()}
+    assert preds["c"]["reference"] == "hi"
+    eager = _eager_tokens(export, f, str(img))
+    assert {k: p["tokens"] for k, p in preds.items()} == {k: v[0] for k, v in eager.items()}
+    # --tasks and --limit select before generation
+    assert _vlt("--ckpt", export, "--data", f, "--images", img, "--tasks", "default", "--limit", 2,
+                "--max-new-tokens", 2, "--out", out) == 0
+    assert json.loads((out / "eval.json").read_text())["summary"]["n"] == 2
+
+
+def test_bad_inputs_are_clear_errors(export, tmp_path, capsys):
+    f, img = _jsonl(tmp_path, [{"id": "d", "image": "red.png", "conversations": q("<image>\nWhat colour?")},
+                               {"id": "e", "image": "gone.png", "conversations": q("<image>\nWhat?", "red")}])
+    assert _vlt("--ckpt", export, "--data", f, "--out", tmp_path / "o") == 2   # images are in img/, not beside
+    err = capsys.readouterr().err
+    assert "no sample left to evaluate" in err and "missing_image" in err and "no_answer" in err
+    assert _vlt("--ckpt", export, "--data", tmp_path / "nope.jsonl", "--out", tmp_path / "o") == 2
+    assert "nope.jsonl' does not exist; give a LLaVA-format JSON/JSONL file" in capsys.readouterr().err
+    assert _vlt("--ckpt", export, "--data", f, "--images", img, "--tasks", "ocr", "--out", tmp_path / "o") == 2
+    assert "--tasks ['ocr']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # a model whose embedding is smaller than the tokenizer's ids
+    (dict(vision={"kind": "none"}, decoder={"vocab_size": 200}, image_token_id=None, video_token_id=None,
+          vision_start_token_id=None), "the tokenizer has 264 ids but the model's vocabulary"),
+    # same size, but its image token is another id than the tokenizer's <|image_pad|>
+    (dict(image_token_id=250), "image_token_id=250 but its tokenizer's id is 261")])
+def test_a_checkpoint_of_another_vocabulary(tmp_path, capsys, overrides, message):
+    from vlt.export import save_pretrained_vlt
+    torch.manual_seed(0)
+    model = VLM(VLMConfig.from_name("tiny-hybrid", **overrides)).eval()
+    ckpt = save_pretrained_vlt(model, tmp_path / "other", tokenizer_dir="byte")
+    f, img = _jsonl(tmp_path, [{"id": "f", "conversations": q("Two words?", "two words")}])
+    assert _vlt("--ckpt", ckpt, "--data", f, "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert message in err and "export it with the tokenizer it was trained with" in err
+
+
+def test_eval_is_a_registered_subcommand(capsys):
+    from vlt.cli import TOOLS, main
+    assert "eval" in TOOLS
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--help"])
+    assert e.value.code == 0 and "--max-new-tokens" in capsys.readouterr().out
