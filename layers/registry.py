@@ -32,7 +32,9 @@ def register_mixer(name: str):
 
 def list_mixers() -> list[str]:
     _import_builtin()
-    return sorted(_REGISTRY)
+    # fla-backed mixers (layers/fla_mixers.py: kda, mamba2, ..., fla:Class) are listed apart, by
+    # fla_mixers.fla_mixer_names(): most need CUDA, and suites looping over this list run on CPU
+    return sorted(n for n, c in _REGISTRY.items() if c.__module__ != "vlt.layers.fla_mixers")
 
 
 def get_mixer_class(name: str) -> type:
@@ -40,6 +42,9 @@ def get_mixer_class(name: str) -> type:
     _import_builtin()
     if name in _REGISTRY:
         return _REGISTRY[name]
+    from vlt.layers import fla_mixers
+    if name in fla_mixers.SHORT_NAMES or name.startswith("fla:"):
+        return fla_mixers.mixer_class(name)  # imports fla (seconds) only when a layout asks for it
     if "." in name:
         module, _, attr = name.rpartition(".")
         # a module that is not there is a ValueError naming it; an error inside it propagates as it is
@@ -52,7 +57,8 @@ def get_mixer_class(name: str) -> type:
         if not (inspect.isclass(cls) and issubclass(cls, TokenMixer)):
             raise ValueError(f"mixer class path {name!r} is not a vlt.layers.TokenMixer subclass")
         return cls
-    raise ValueError(f"unknown mixer {name!r}; registered mixers: {list_mixers()} "
+    raise ValueError(f"unknown mixer {name!r}; registered mixers: {list_mixers()}; from fla: "
+                     f"{sorted(fla_mixers.SHORT_NAMES)} or 'fla:ClassName' for any fla.layers class "
                      "(or give a 'package.module.Class' path to your own TokenMixer)")
 
 

@@ -1,0 +1,271 @@
+"""flash-linear-attention (fla) layers as vlt mixers.
+
+    layout: "[swa, kda, kda, kda] * 9"                     # a registered short name
+    layout: [swa, {mixer: "fla:Comba", head_dim: 16}]       # any fla.layers class, options passed through
+
+A mixer here *is* the fla layer (a subclass of both ``TokenMixer`` and the fla class), so parameter
+names and state dicts are fla's own (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``b_proj``,
+``g_proj`` ... wherever fla uses them; LoRA targets and freezing patterns match those names) and an
+fla checkpoint of the layer loads as it is. Options are fla's ``__init__`` arguments; they are
+checked before allocation by building the layer on the meta device, so fla's own consistency checks
+come back as a ValueError naming the layer and the allowed options.
+
+vlt's contract on top: ``forward(x [B, T, D], state=, cu_seqlens=, use_cache=) -> (y, state)`` with
+the state in vlt's format (converted to and from fla's per-layer cache each call) and a
+``state_spec``. Each fla layer is built with ``layer_idx=0``: vlt keeps one cache per layer, and
+layers with a cross-layer input (RWKV-7's ``v_first`` value residual) act as their own first layer,
+so no tensor flows between vlt layers.
+
+Where it runs: fla's layers call Triton kernels, so on CUDA the mixer runs fla's forward. On CPU a
+mixer runs only where this module has a torch path built from fla's naive reference for the op
+(``CPU_PATHS``); any other raises a ValueError naming the mixer and listing those that do run.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from vlt.layers.base import TensorSpec, TokenMixer, check_positive_int
+
+#: short name -> fla.layers class name. What each carries in vlt's state is in ``_SPECS``.
+SHORT_NAMES = {
+    "kda": "KimiDeltaAttention",
+    "gdn2": "GatedDeltaNet2",
+    "mamba2": "Mamba2",
+    "deltanet": "DeltaNet",
+    "gla": "GatedLinearAttention",
+    "rwkv7": "RWKV7Attention",
+    "nsa": "NativeSparseAttention",
+    "moba": "MoBA",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _fla_layers():
+    # importing fla costs seconds (Triton autotune tables): only when an fla mixer is asked for
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Triton is not supported on current platform" on CPU hosts
+        import fla.layers
+    return fla.layers
+
+
+def fla_mixer_names() -> list[str]:
+    """The short names (``fla:ClassName`` takes any other fla.layers class)."""
+    return sorted(SHORT_NAMES)
+
+
+def cpu_mixers() -> list[str]:
+    return sorted(CPU_PATHS)
+
+
+# ---- fla's per-layer cache <-> vlt's state ---------------------------------------------------
+
+class _OneLayerCache:
+    """The slice of fla's ``Cache`` a layer touches (``len``, ``[0]``, ``update``,
+    ``get_seq_length``), holding one layer: vlt carries states per layer itself."""
+
+    def __init__(self, layer_state=None, seen=0):
+        self.state, self.seen = layer_state, seen
+
+    def __len__(self):
+        return 0 if self.state is None else 1
+
+    def __getitem__(self, idx):
+        return self.state
+
+    def get_seq_length(self, layer_idx=0):
+        return self.seen
+
+    def update(self, recurrent_state=None, attn_state=None, conv_state=None, ffn_state=None, layer_idx=0,
+               offset=1, cache_kwargs=None, **_):
+        st = self.state = dict(self.state or {"recurrent_state": None, "attn_state": None,
+                                              "conv_state": None, "ffn_state": None})
+        for key, val in (("recurrent_state", recurrent_state), ("conv_state", conv_state), ("ffn_state", ffn_state)):
+            if val is not None:
+                st[key] = val
+        if attn_state is not None:  # attention layers hand over the new keys/values only: append
+            old = st["attn_state"]
+            st["attn_state"] = tuple(attn_state) if old is None else tuple(
+                torch.cat([o, n], 1) for o, n in zip(old, attn_state))
+            window = (cache_kwargs or {}).get("window_size")
+            if window is not None:
+                st["attn_state"] = tuple(s[:, -window:] for s in st["attn_state"])
+        self.seen += offset or 1
+        return st
+
+
+def _conv_to_fla(c):
+    # vlt keeps the W-1 inputs a causal conv still needs; fla's cache holds W (its oldest is rolled out)
+    return None if c is None else F.pad(c, (1, 0))
+
+
+def _conv_from_fla(c):
+    return None if c is None else c[..., 1:].contiguous()
+
+
+class FlaMixer(TokenMixer):
+    """Base of every fla-backed mixer; concrete classes are made by ``mixer_class``."""
+    fla_class: type = None
+    kind: str = "generic"          # key into _SPECS / CPU_PATHS
+
+    @classmethod
+    def validate_options(cls, where="", **options):
+        name = cls.mixer_name
+        check_positive_int(options.get("hidden_size"), "hidden_size", where)
+        # the registry hands every option, defaults filled in: keep only those the user set, so the
+        # check builds exactly what __init__ will (head_dim derived from the width when unset)
+        params = _fla_options(cls.fla_class)
+        opts = _with_defaults(cls.fla_class, {k: v for k, v in options.items()
+                                              if k in params and v is not params[k].default})
+        try:
+            with torch.device("meta"):  # fla's own checks run in __init__; meta allocates nothing
+                cls.fla_class(**opts)
+        except (ValueError, AssertionError, TypeError, ZeroDivisionError) as e:
+            raise ValueError(f"{where}mixer {name!r} (fla.layers.{cls.fla_class.__name__}) rejects its options: "
+                             f"{e or type(e).__name__}; "
+                             f"allowed options: {sorted(_fla_options(cls.fla_class))}") from None
+
+    # ---- vlt's forward ----------------------------------------------------------------------
+    def forward(self, x, *, state=None, cu_seqlens=None, position_ids=None, use_cache=False):
+        if x.device.type != "cuda":
+            path = CPU_PATHS.get(self.kind)
+            if path is None:
+                raise ValueError(f"mixer {self.mixer_name!r} (fla.layers.{self.fla_class.__name__}) runs fla's "
+                                 f"Triton kernels only, so it needs a CUDA device; mixers from fla that run on "
+                                 f"CPU: {cpu_mixers()}")
+            return path(self, x, state, cu_seqlens, use_cache)
+        return self.fla_forward(x, state, cu_seqlens, use_cache)
+
+    def fla_forward(self, x, state, cu_seqlens, use_cache):
+        """fla's own forward, the state converted to fla's layer cache and back."""
+        seen = 0 if state is None else state["seen"]
+        cache = _OneLayerCache(None if state is None else _to_fla(self, state), seen)
+        out = self.fla_class.forward(self, x, past_key_values=cache if (use_cache or state is not None) else None,
+                                     use_cache=use_cache, cu_seqlens=cu_seqlens)
+        y = out[0]
+        if not use_cache:
+            return y, None
+        new = _from_fla(self, cache.state)
+        new["seen"] = seen + x.shape[1]
+        return y, new
+
+    def state_spec(self, batch_size, capacity, dtype=torch.bfloat16):
+        spec = _SPECS.get(self.kind)
+        if spec is None:
+            return super().state_spec(batch_size, capacity, dtype)
+        return spec(self, batch_size, capacity, dtype)
+
+
+def _fla_options(fla_cls) -> dict:
+    params = inspect.signature(fla_cls.__init__).parameters
+    return {k: p for k, p in params.items() if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def _with_defaults(fla_cls, options):
+    """vlt's conventions over fla's defaults: head_dim = hidden_size // num_heads (fla defaults to a
+    fixed 64/128 whatever the width), and layer_idx 0 (see the module docstring)."""
+    opts = {k: v for k, v in options.items() if v is not None}
+    allowed = _fla_options(fla_cls)
+    if "head_dim" in allowed and "head_dim" not in opts and "num_heads" in opts and "hidden_size" in opts:
+        opts["head_dim"] = opts["hidden_size"] // opts["num_heads"]
+    if "layer_idx" in allowed:
+        opts["layer_idx"] = 0
+    if "num_hidden_layers" in allowed and opts.get("num_hidden_layers") is None:
+        opts["num_hidden_layers"] = 2   # RWKV-7's init reads layer_idx / (num_hidden_layers - 1)
+    return opts
+
+
+def _init(self, **options):
+    self.vlt_layer_idx = options.get("layer_idx")
+    self.fla_class.__init__(self, **_with_defaults(self.fla_class, options))
+
+
+@functools.lru_cache(maxsize=None)
+def mixer_class(name: str) -> type:
+    """The vlt mixer class for a short name or ``fla:ClassName``, made (and registered) on first use."""
+    from vlt.layers.registry import register_mixer
+    fla = _fla_layers()
+    cls_name = SHORT_NAMES.get(name) or (name[4:] if name.startswith("fla:") else None)
+    fla_cls = getattr(fla, cls_name or "", None)
+    if not (inspect.isclass(fla_cls) and issubclass(fla_cls, torch.nn.Module)):
+        names = sorted(n for n in dir(fla) if inspect.isclass(getattr(fla, n)) and issubclass(getattr(fla, n), torch.nn.Module))
+        raise ValueError(f"unknown fla mixer {name!r}: fla.layers has no layer class {cls_name!r}; "
+                         f"fla layer classes: {names}; short names: {sorted(SHORT_NAMES)}")
+    kind = name if name in SHORT_NAMES else next((k for k, v in SHORT_NAMES.items() if v == cls_name), "generic")
+    def init(self, **options):  # a fresh function per class: each carries its own fla signature
+        _init(self, **options)
+    init.__doc__ = fla_cls.__init__.__doc__
+    init.__signature__ = inspect.signature(fla_cls.__init__)  # the registry validates against fla's options
+    cls = type(f"Fla{fla_cls.__name__}", (FlaMixer, fla_cls),
+               {"__init__": init, "fla_class": fla_cls, "kind": kind, "__module__": __name__,
+                "state_grows": kind in ("nsa", "moba"),
+                "__doc__": f"fla.layers.{fla_cls.__name__} as a vlt mixer ({name!r})."})
+    return register_mixer(name)(cls)
+
+
+# ---- state declarations and conversions, per kind ---------------------------------------------
+
+def _delta_spec(self, B, capacity, dtype):
+    """q/k/v short-conv inputs [B, C, W-1] and the recurrent state [B, HV, K, V] in fp32."""
+    hv = getattr(self, "num_v_heads", self.num_heads)
+    W = self.conv_size - 1
+    spec = {"ssm": TensorSpec((B, hv, self.head_k_dim, self.head_v_dim), torch.float32)}
+    if self.use_short_conv:
+        spec["conv"] = tuple(TensorSpec((B, c, W), dtype) for c in (self.key_dim, self.key_dim, self.value_dim))
+    return spec
+
+
+def _mamba2_spec(self, B, capacity, dtype):
+    conv_dim = self.intermediate_size + 2 * self.n_groups * self.ssm_state_size
+    return {"conv": TensorSpec((B, conv_dim, self.conv_kernel_size - 1), dtype),
+            "ssm": TensorSpec((B, self.num_heads, self.head_dim, self.ssm_state_size), torch.float32)}
+
+
+def _kv_spec(self, B, capacity, dtype):
+    width = self.num_kv_heads * self.head_dim
+    return {"k": TensorSpec((B, capacity, width), dtype), "v": TensorSpec((B, capacity, width), dtype)}
+
+
+_SPECS = {"kda": _delta_spec, "gdn2": _delta_spec, "deltanet": _delta_spec, "gla": _delta_spec,
+          "mamba2": _mamba2_spec, "nsa": _kv_spec, "moba": _kv_spec}
+# fla's KDA and GLA layers keep their recurrent state [B, HV, V, K] (state_v_first=True); vlt's is
+# [B, HV, K, V] like every other delta/linear mixer, so CPU and CUDA states are interchangeable.
+_V_FIRST = {"kda", "gla"}
+
+
+def _to_fla(self, state):
+    k = self.kind
+    if k in ("kda", "gdn2", "deltanet", "gla"):
+        ssm = state["ssm"].transpose(-1, -2) if k in _V_FIRST else state["ssm"]
+        conv = tuple(_conv_to_fla(c) for c in state["conv"]) if "conv" in state else None
+        return {"recurrent_state": ssm, "conv_state": conv, "attn_state": None, "ffn_state": None}
+    if k == "mamba2":
+        return {"recurrent_state": state["ssm"], "conv_state": _conv_to_fla(state["conv"]),
+                "attn_state": None, "ffn_state": None}
+    if k in ("nsa", "moba"):
+        return {"recurrent_state": None, "conv_state": None, "attn_state": (state["k"], state["v"]), "ffn_state": None}
+    return {key: v for key, v in state.items() if key != "seen"}   # generic: fla's own layer dict
+
+
+def _from_fla(self, st):
+    k = self.kind
+    if k in ("kda", "gdn2", "deltanet", "gla"):
+        ssm = st["recurrent_state"]
+        out = {"ssm": (ssm.transpose(-1, -2) if k in _V_FIRST else ssm).float().contiguous()}
+        if st.get("conv_state") is not None:
+            out["conv"] = tuple(_conv_from_fla(c) for c in st["conv_state"])
+        return out
+    if k == "mamba2":
+        return {"conv": _conv_from_fla(st["conv_state"]), "ssm": st["recurrent_state"].float()}
+    if k in ("nsa", "moba"):
+        return {"k": st["attn_state"][0], "v": st["attn_state"][1]}
+    return dict(st)
+
+
+# ---- CPU paths (fla's naive references) -------------------------------------------------------
+
+from vlt.layers.fla_cpu import CPU_PATHS  # noqa: E402  (the torch paths read the classes above)
