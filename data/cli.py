@@ -74,14 +74,42 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def data_settings(config_path) -> dict:
+    """The data module's init args from a recipe or a run's saved config.yaml (``data:`` with or
+    without ``class_path`` / ``init_args``)."""
+    import yaml
+    p = Path(config_path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"--config {str(p)!r} does not exist (a recipe YAML or a run's config.yaml)")
+    cfg = yaml.safe_load(p.read_text()) or {}
+    data = cfg.get("data") or {}
+    return dict(data.get("init_args") or {}) if "class_path" in data or "init_args" in data else dict(data)
+
+
 def cmd_inspect(args) -> int:
-    from .image import ImageProcessor
+    from .image import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, ImageProcessor
     from .inspect import format_report, inspect_shards
+    from .tokenizer import DEFAULT_SYSTEM
 
     try:
-        proc = ImageProcessor(args.patch_size, args.merge_size, args.min_pixels, args.max_pixels)
-        report = inspect_shards(args.shards, out_png=args.png, num_render=args.num_render, tokenizer=args.tokenizer,
-                                max_samples=args.max_samples, processor=proc)
+        cfg = data_settings(args.config) if args.config else {}
+
+        def pick(flag, key, default):
+            return flag if flag is not None else cfg.get(key) if cfg.get(key) is not None else default
+        if args.system is not None:
+            system = args.system
+        else:  # the data module's (quickstart: none); DEFAULT_SYSTEM where the config says nothing
+            system = (cfg["system_prompt"] or "") if "system_prompt" in cfg else DEFAULT_SYSTEM
+        settings = dict(system=system, tokenizer=pick(args.tokenizer, "tokenizer", "byte"),
+                        patch_size=pick(args.patch_size, "patch_size", 14), merge_size=pick(args.merge_size, "merge_size", 2),
+                        min_pixels=pick(args.min_pixels, "min_pixels", DEFAULT_MIN_PIXELS),
+                        max_pixels=pick(args.max_pixels, "max_pixels", DEFAULT_MAX_PIXELS))
+        proc = ImageProcessor(settings["patch_size"], settings["merge_size"], settings["min_pixels"],
+                              settings["max_pixels"])
+        report = inspect_shards(args.shards, out_png=args.png, num_render=args.num_render,
+                                tokenizer=settings["tokenizer"], max_samples=args.max_samples, processor=proc,
+                                system=settings["system"] or None)
+        report["settings"] = settings
     except (FileNotFoundError, ValueError) as e:
         print(f"vlt data inspect: {e}", file=sys.stderr)
         return 2
@@ -132,11 +160,15 @@ def add_data_subcommands(subparsers) -> None:
     i.add_argument("--png", default="inspect.png", help="where to render samples ('' for none)")
     i.add_argument("--num-render", type=int, default=6)
     i.add_argument("--max-samples", type=int, default=2000)
-    i.add_argument("--tokenizer", default="byte", help="'byte' or a local HF tokenizer folder")
-    i.add_argument("--patch-size", type=int, default=14)
-    i.add_argument("--merge-size", type=int, default=2)
-    i.add_argument("--min-pixels", type=int, default=DEFAULT_MIN_PIXELS)
-    i.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    i.add_argument("--config", default=None, metavar="YAML",
+                   help="a recipe or a run's config.yaml: render with its data settings (system prompt, "
+                        "tokenizer, image limits), as training sees the samples; flags below override it")
+    i.add_argument("--system", default=None, help="system prompt (default: the config's, else Qwen's default)")
+    i.add_argument("--tokenizer", default=None, help="'byte' or a local HF tokenizer folder (default: byte)")
+    i.add_argument("--patch-size", type=int, default=None, help="default 14")
+    i.add_argument("--merge-size", type=int, default=None, help="default 2")
+    i.add_argument("--min-pixels", type=int, default=None, help=f"default {DEFAULT_MIN_PIXELS}")
+    i.add_argument("--max-pixels", type=int, default=None, help=f"default {DEFAULT_MAX_PIXELS}")
     i.add_argument("--json-out", default=None)
     i.set_defaults(func=cmd_inspect)
 

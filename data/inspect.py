@@ -14,7 +14,7 @@ import numpy as np
 from .image import ImageProcessor
 from .pipeline import SampleProcessor, SampleStats, VLTStream
 from .shards import read_manifest, resolve_shards
-from .tokenizer import load_tokenizer
+from .tokenizer import DEFAULT_SYSTEM, load_tokenizer
 
 
 def _text_histogram(lengths: list[int], bins: int = 10) -> list[str]:
@@ -34,13 +34,14 @@ def _text_histogram(lengths: list[int], bins: int = 10) -> list[str]:
 
 
 def inspect_shards(shards: str, out_png: str | None = None, num_render: int = 6, tokenizer: str = "byte",
-                   max_samples: int = 2000, processor: ImageProcessor | None = None) -> dict:
+                   max_samples: int = 2000, processor: ImageProcessor | None = None,
+                   system: str | None = DEFAULT_SYSTEM) -> dict:
     """Read up to ``max_samples`` samples; return counts, length stats and skip reasons; render
     ``num_render`` samples (image + conversation) and the histogram to ``out_png``."""
     files = resolve_shards(shards, "shards")
     tok = load_tokenizer(tokenizer)
     proc = processor or ImageProcessor()
-    sp = SampleProcessor(tok, proc, max_length=10**9)
+    sp = SampleProcessor(tok, proc, max_length=10**9, system=system)
     stream = VLTStream(files, sp, 1, 10**9, False, tok.pad_id, shuffle=False)
     stats = SampleStats()
     lengths, image_tokens, rendered = [], [], []

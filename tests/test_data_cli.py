@@ -78,6 +78,15 @@ def test_synth_then_inspect_writes_png(tmp_path):
     assert report["samples_read"] == 6 and report["manifest_samples"] == 6 and report["length_max"] > 0
     missing = parse(["inspect", str(tmp_path / "nothing")])
     assert missing.func(missing) == 2
+    # with the training recipe's settings (the quickstart trains without a system prompt) the
+    # rendered samples are what the data module feeds: shorter by the default system turn
+    from vlt.cli import find_recipe
+    args = parse(["inspect", str(out / "train"), "--png", "", "--config", find_recipe("quickstart"), "--json-out",
+                  str(tmp_path / "q.json")])
+    assert args.func(args) == 0
+    q = json.loads((tmp_path / "q.json").read_text())
+    assert q["settings"]["system"] == "" and report["settings"]["system"] == "You are a helpful assistant."
+    assert q["length_max"] < report["length_max"]
 
 
 def test_bench_data_small(tmp_path):

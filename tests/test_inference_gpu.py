@@ -5,7 +5,9 @@ the eager loop."""
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
+# a per-test limit: a case that hangs on the GPU is a failure with its stack, not a stuck run (the first
+# runs of this file on an H200 did not finish its second case; see the issue 20 note)
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(240),
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 from vlt.config import VLMConfig  # noqa: E402
@@ -29,8 +31,8 @@ def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("dtype,batch", [(torch.float32, 1), (torch.bfloat16, 1), (torch.float32, 3),
+                                         (torch.bfloat16, 3)], ids=["fp32-b1", "bf16-b1", "fp32-b3", "bf16-b3"])
 def test_graphed_engine_decode_matches_eager(dtype, batch):
     model = tiny(dtype=dtype)
     prompts = [torch.randint(0, 250, (n,), device="cuda") for n in (25, 7, 40)[:batch]]

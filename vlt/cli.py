@@ -185,6 +185,11 @@ def lightning_main():
 
         def instantiate_trainer(self, **kwargs):
             trainer = super().instantiate_trainer(**kwargs)
+            from vlt.training.progress import steps_bar
+            for i, cb in enumerate(trainer.callbacks):   # Lightning's default bar -> counted in optimizer steps
+                bar = steps_bar(cb)
+                if bar is not None:
+                    trainer.callbacks[i] = bar
             if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # sharded FSDP keeps its own
                 trainer.strategy.checkpoint_io = AtomicCheckpointIO()
             return trainer
