@@ -227,3 +227,33 @@ def test_eval_is_a_registered_subcommand(capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", "--help"])
     assert e.value.code == 0 and "--max-new-tokens" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------- validation during training
+def test_generation_eval_callback_logs_per_task_keys_and_leaves_training_alone(tmp_path, monkeypatch):
+    """vlt fit with the callback every 2 steps: val/<task>/acc and val/gen/acc land in metrics.csv at
+    steps 2 and 4, and the loss curve is the one of the same run without the callback."""
+    import csv
+    from test_training_cli import common  # the CLI tests' tiny fit arguments
+    from vlt.cli import main
+    from vlt.data.shards import write_synthetic
+    monkeypatch.chdir(tmp_path)
+    held_out = tmp_path / "held_out"
+    write_synthetic(str(held_out), "mix", 4, seed=1, split="val", image_size=28, weights={"color": 1, "count": 1})
+    tiny = '{"decoder": {"hidden_size": 64, "intermediate_size": 128, "num_heads": 4, "num_kv_heads": 2}}'
+    cb = json.dumps([{"class_path": "vlt.training.generation_eval.GenerationEval",
+                      "init_args": {"data": str(held_out), "every_n_steps": 2, "limit": 4, "max_new_tokens": 3}}])
+
+    def run(root, *extra):
+        main(["fit", "--config", "quickstart", f"--model.init_args.model={tiny}", *common(tmp_path, 4),
+              f"--trainer.default_root_dir={root}", "--trainer.logger.init_args.save_dir=" + str(root), *extra])
+        return list(csv.DictReader(open(next((tmp_path / root).glob("lightning_logs/version_*/metrics.csv")))))
+
+    with_cb, without = run("a", f"--trainer.callbacks={cb}"), run("b")
+    keys = {"val/color/acc", "val/count/acc", "val/gen/acc"}
+    logged = [r for r in with_cb if r.get("val/gen/acc")]
+    assert keys <= set(with_cb[0]) and [int(r["step"]) for r in logged] == [2, 4]
+    for r in logged:
+        assert all(0.0 <= float(r[k]) <= 1.0 for k in keys if r[k])
+    loss = lambda rows: {r["step"]: r["train/loss"] for r in rows if r.get("train/loss")}  # noqa: E731
+    assert loss(with_cb) == loss(without) and len(loss(without)) == 4
