@@ -298,7 +298,6 @@ def state_bytes_per_token(model, context: int, batch: int = 1) -> tuple[int, int
     """(bytes of state read, bytes written) by one decode step at ``context`` tokens of history, from
     each mixer's declared state (``state_spec``): a cache whose size depends on its capacity (K/V) is
     read whole and written one token; a fixed-size state (GDN, linear) is read and written whole."""
-    import torch
     from vlt.layers import spec_nbytes
     dt = next(model.parameters()).dtype
     read = write = 0

@@ -294,7 +294,7 @@ def print_table(rep):
                 cells.append("OOM" if "OOM" in str(r.get("error", "")) else "err" if r else "-")
         print(f"{L:>8} " + " ".join(f"{c:>16}" for c in cells))
     print("(x.xxf = ms over the bandwidth floor)")
-    print(f"\nprefill ms (tokens/s, peak GiB)")
+    print("\nprefill ms (tokens/s, peak GiB)")
     for r in rep["prefill"]:
         print(f"  {r['layout']:7} T={r['T']:>7}  " + (f"{r['ms']:.1f} ms  {r['tokens_per_s']:.0f} tok/s  "
                                                     f"{r['peak_gib']} GiB" if "ms" in r else r.get("error", "")[:80]))

@@ -30,7 +30,7 @@ from vlt.kernels import gdn_decode, pdl
 from vlt.kernels import gemv as gemv_kernel
 from vlt.layers import pack_linears
 from vlt.layers.rotary import rope_cos_sin
-from vlt.inference.steps import StepContext, head, mixer_out, step_for
+from vlt.inference.steps import StepContext, head, mixer_out, step_for, tensors
 
 
 class InferenceEngine:
@@ -84,8 +84,8 @@ class InferenceEngine:
     # -- state ------------------------------------------------------------------------------------------
     def reset(self):
         """Empty every row (as before any token)."""
-        for t in _tensors(self.caches):
-            t.fill_(-1 if t.dtype == torch.long else 0)
+        for blk, cache in zip(self.model.layers, self.caches):
+            step_for(blk.mixer).reset(blk.mixer, cache)
         self.tok.zero_()
         self.next_pos.zero_()
 
@@ -94,7 +94,7 @@ class InferenceEngine:
         return sum(self.layer_state_nbytes())
 
     def layer_state_nbytes(self) -> list[int]:
-        return [sum(t.numel() * t.element_size() for t in _tensors(c) if t.dtype != torch.long) for c in self.caches]
+        return [step_for(b.mixer).state_nbytes(b.mixer, c) for b, c in zip(self.model.layers, self.caches)]
 
     def load_state(self, state: dict, row: int = 0, seen: int | None = None):
         """Put a model state (``model(..., use_cache=True).state``, batch 1) into row ``row``."""
@@ -118,9 +118,10 @@ class InferenceEngine:
     @torch.no_grad()
     def fill_random(self, context: int, seed: int = 0):
         """Every row as after ``context`` tokens of random content (K/V, conv and SSM states), for
-        benchmarks of long contexts without a prefill of that length."""
+        benchmarks of long contexts without a prefill of that length. Integer tensors are taken for
+        slot indices (attention's ``ktok``), floating ones for contents."""
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        for t in _tensors(self.caches):
+        for t in tensors(self.caches):
             if t.dtype == torch.long:   # ktok [B, L]: slot s holds the latest token t < context, t % L == s
                 L = t.shape[-1]
                 s = torch.arange(L, device=self.device)
@@ -133,11 +134,11 @@ class InferenceEngine:
         self.next_pos.fill_(context)
 
     def snapshot(self):
-        return [t.clone() for t in _tensors(self.caches)], self.tok.clone(), self.next_pos.clone()
+        return [t.clone() for t in tensors(self.caches)], self.tok.clone(), self.next_pos.clone()
 
     def restore(self, snap):
-        tensors, tok, nxt = snap
-        for dst, src in zip(_tensors(self.caches), tensors):
+        saved, tok, nxt = snap
+        for dst, src in zip(tensors(self.caches), saved):
             dst.copy_(src)
         self.tok.copy_(tok)
         self.next_pos.copy_(nxt)
@@ -263,17 +264,6 @@ def _seen(tree) -> int:
         if n >= 0:
             return n
     return -1
-
-
-def _tensors(tree):
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from _tensors(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _tensors(v)
 
 
 def pack_projections(model) -> int:

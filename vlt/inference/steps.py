@@ -100,6 +100,18 @@ def _copy_tree(dst, src, row, where):
         _copy_tree(d, s, row, f"{where}[{i}]")
 
 
+def tensors(tree):
+    """The tensors of a (nested) cache, in a fixed order."""
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from tensors(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from tensors(v)
+
+
 def _rows(tree, row):
     if isinstance(tree, torch.Tensor):
         return tree[row:row + 1].clone()
@@ -126,6 +138,15 @@ class MixerStep:
 
     def allocate(self, mixer, batch: int, capacity: int, dtype, device):
         return allocate_spec(mixer.state_spec(batch, capacity, dtype), device)
+
+    def reset(self, mixer, cache):
+        """Empty (as before any token): every declared tensor zero."""
+        for t in tensors(cache):
+            t.zero_()
+
+    def state_nbytes(self, mixer, cache) -> int:
+        """Bytes of the declared state in ``cache`` (not the step's own bookkeeping)."""
+        return sum(t.numel() * t.element_size() for t in tensors(cache))
 
     def load(self, mixer, cache, state, row: int, seen: int):
         _copy_tree(cache, state, row, type(mixer).__name__)
@@ -224,6 +245,14 @@ class AttentionStep(MixerStep):
         cache = super().allocate(mixer, batch, capacity, dtype, device)
         cache["ktok"] = torch.full(cache["k"].shape[:2], -1, dtype=torch.long, device=device)
         return cache
+
+    def reset(self, mixer, cache):
+        cache["k"].zero_()
+        cache["v"].zero_()
+        cache["ktok"].fill_(-1)
+
+    def state_nbytes(self, mixer, cache) -> int:
+        return sum(cache[k].numel() * cache[k].element_size() for k in ("k", "v"))
 
     def load(self, mixer, cache, state, row, seen):
         L = cache["k"].shape[1]
@@ -326,6 +355,13 @@ class HybridStep(MixerStep):
 
     def allocate(self, mixer, batch, capacity, dtype, device):
         return [step_for(b).allocate(b, batch, capacity, dtype, device) for b in mixer.branches]
+
+    def reset(self, mixer, cache):
+        for b, c in zip(mixer.branches, cache):
+            step_for(b).reset(b, c)
+
+    def state_nbytes(self, mixer, cache) -> int:
+        return sum(step_for(b).state_nbytes(b, c) for b, c in zip(mixer.branches, cache))
 
     def load(self, mixer, cache, state, row, seen):
         for b, c, s in zip(mixer.branches, cache, state):
