@@ -55,6 +55,7 @@ def test_unknown_mixer_lists_registered():
     ("[full] * 2 + [gdn] * 3", ["full"] * 2 + ["gdn"] * 3),
     ("gdn * 3", ["gdn"] * 3),
     ("3 * [swa, linear]", ["swa", "linear"] * 3),
+    ("[swa, fla:Comba] * 2", ["swa", "fla:Comba"] * 2),     # any fla layer by class name
 ])
 def test_pattern_parsing(pattern, expected):
     assert parse_pattern(pattern) == expected

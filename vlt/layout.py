@@ -20,7 +20,7 @@ import ast
 import difflib
 import re
 
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:]*")  # ":" for fla:ClassName
 
 
 def parse_pattern(pattern: str) -> list:
