@@ -17,6 +17,8 @@ for SWA / GDN / linear layouts however many frames arrive (``full`` layers need 
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from vlt.inference.engine import InferenceEngine
@@ -40,7 +42,7 @@ class VideoStream:
         self.engine = engine or InferenceEngine(model, capacity=capacity, graphs=graphs, compile=compile)
         self.frames = 0
         self.events = None         # a list to collect (start, vision done, frame done) CUDA events per frame
-        self._vision = {}          # grid -> graphed static tower (Qwen2.5-VL tower on CUDA)
+        self._vision = {}          # frame grid -> the static Qwen2.5-VL tower's forward (graphed on CUDA)
         self._image_ids = model.image_token_ids
         self.video_pad = model.config.video_token_id or model.config.image_token_id
         system = DEFAULT_SYSTEM if system is None else system
@@ -61,7 +63,8 @@ class VideoStream:
         dev, dt = self.engine.device, self.engine.dtype
         pixels = pixels.to(dev, dt)
         tower = self.model.vision
-        if type(tower).__name__ == "QwenVisionTower":
+        qwen = sys.modules.get("vlt.qwen_vision")   # loaded whenever a model holds its tower
+        if qwen is not None and isinstance(tower, qwen.QwenVisionTower):
             # the Qwen2.5-VL tower through its fixed-grid, host-sync-free forward (window order, rotary
             # table and masks built once per frame size), in a CUDA graph when the engine uses graphs
             from vlt.qwen_vision import patchify
