@@ -140,6 +140,13 @@ class VLMConfig:
     def load(cls, path: str | Path) -> "VLMConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
 
+    def with_overrides(self, **overrides) -> "VLMConfig":
+        """A new config: this one with ``overrides`` merged the way ``from_name`` merges them
+        (nested dicts update key by key, ``mixers`` is replaced whole); ``self`` is unchanged."""
+        d = self.to_dict()
+        _deep_update(d, copy.deepcopy(overrides))
+        return type(self).from_dict(d)
+
     @classmethod
     def from_name(cls, name: str, **overrides) -> "VLMConfig":
         if name not in NAMED_CONFIGS:
