@@ -20,6 +20,7 @@ PUBLIC = {
 def test_all_is_pinned():
     assert set(vlt.__all__) == PUBLIC
     assert len(vlt.__all__) == len(PUBLIC)  # no duplicates
+    assert set(vlt.__all__) == {"__version__", *vlt._LAZY, *vlt._DEFINED}  # every listed name is served
 
 
 @pytest.mark.parametrize("name", sorted(PUBLIC))
@@ -30,9 +31,10 @@ def test_every_public_name_resolves_and_is_listed_by_dir(name):
 
 def test_lazy_names_are_the_implementations():
     # the same objects as the modules', so isinstance checks and registries are shared
+    from vlt.layers import TokenMixer, register_mixer
+
     from vlt.config import VLMConfig
     from vlt.inference import InferenceEngine, generate
-    from vlt.layers import TokenMixer, register_mixer
     from vlt.model import VLM
     assert vlt.VLMConfig is VLMConfig and vlt.VLM is VLM and vlt.TokenMixer is TokenMixer
     assert vlt.register_mixer is register_mixer and vlt.InferenceEngine is InferenceEngine

@@ -14,7 +14,8 @@ and only then imports torch / transformers.
 from __future__ import annotations
 
 from importlib import import_module as _import_module
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("vlt")
@@ -40,7 +41,10 @@ _LAZY = {
 # defined in this file, but importing torch only when called
 _DEFINED = ["create_model", "save_pretrained", "load_pretrained"]
 
-__all__ = sorted([*_LAZY, *_DEFINED, "__version__"])
+# a literal list so linters and IDEs read it; tests/test_public_api.py checks it matches the tables
+__all__ = ["__version__", "VLMConfig", "NAMED_CONFIGS", "VLM", "TokenMixer", "register_mixer", "create_mixer",
+           "list_mixers", "convert_to_student", "import_qwen2_5_vl", "InferenceEngine", "generate", "VideoStream",
+           "ChatSession", "create_model", "save_pretrained", "load_pretrained"]
 
 
 def create_model(name_or_config="tiny-hybrid", **overrides):

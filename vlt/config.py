@@ -140,7 +140,7 @@ class VLMConfig:
     def load(cls, path: str | Path) -> "VLMConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
 
-    def with_overrides(self, **overrides) -> "VLMConfig":
+    def with_overrides(self, **overrides) -> VLMConfig:
         """A new config: this one with ``overrides`` merged the way ``from_name`` merges them
         (nested dicts update key by key, ``mixers`` is replaced whole); ``self`` is unchanged."""
         d = self.to_dict()
