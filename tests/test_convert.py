@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlt.convert import (check_teacher_dir, convert_to_student, load_teacher, make_tiny_teacher, teacher_forward,
+from vlt.convert import (check_teacher_dir, convert_to_student, load_teacher, teacher_forward,
                          vlm_from_teacher_config)
 from vlt.positions import mrope_positions
 from vlt.qwen_vision import pixel_inputs
@@ -20,11 +20,6 @@ from vlt.qwen_vision import pixel_inputs
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
 IMG, VID, VS, VE = 261, 262, 259, 260
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return make_tiny_teacher(tmp_path_factory.mktemp("qwen") / "tiny", num_layers=4)
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,11 @@ import json
 import pytest
 import torch
 
-from vlt.convert import convert_to_student, load_teacher, make_tiny_teacher
+from vlt.convert import convert_to_student, load_teacher
 from vlt.export import load_pretrained_vlt, save_pretrained_vlt
 
 IMG, VS, VE = 261, 259, 260
 LAYOUT = [{"mixer": "swa", "window": 6}, "gdn", {"mixer": "gdn", "expand_v": 1.0}, "full"]
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return make_tiny_teacher(tmp_path_factory.mktemp("qwen") / "tiny", num_layers=4)
 
 
 @pytest.fixture()

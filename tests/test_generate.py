@@ -7,17 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from vlt.convert import convert_to_student, load_teacher, make_tiny_teacher
+from vlt.convert import convert_to_student, load_teacher
 from vlt.inference import generate_eager as generate, sample_next
 from vlt.layers import state_nbytes
 
 IMG, VS, VE = 261, 259, 260
 WINDOW = 8
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return make_tiny_teacher(tmp_path_factory.mktemp("qwen") / "tiny", num_layers=4)
 
 
 @pytest.fixture(scope="module")
