@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -255,29 +256,21 @@ def tool_main(argv: list[str]) -> int:
         p = bsub.add_parser(name, help=help_)
         add(p)
         p.set_defaults(func=run)
-    gen = sub.add_parser("generate", help="chat with a saved vlt model")
-    try:
-        from vlt.generate_cli import add_generate_args, run_generate
-        add_generate_args(gen)
-        gen.set_defaults(func=run_generate)
-    except ImportError:
-        gen.set_defaults(func=lambda a: (print("vlt generate is not available in this build", file=sys.stderr), 1)[1])
-    cht = sub.add_parser("chat", help="interactive multi-turn chat with a saved model (images too)")
-    from vlt.chat_cli import add_chat_args, run_chat
-    add_chat_args(cht)
-    cht.set_defaults(func=run_chat)
-    stm = sub.add_parser("stream", help="stream a video through a saved model and ask about it")
-    from vlt.stream_cli import add_stream_args, run_stream
-    add_stream_args(stm)
-    stm.set_defaults(func=run_stream)
-    evl = sub.add_parser("eval", help="generate answers on shards or a LLaVA JSONL and score them (JSON + MD + PNG)")
-    from vlt.eval_cli import add_eval_args, run_eval
-    add_eval_args(evl)
-    evl.set_defaults(func=run_eval)
-    exp = sub.add_parser("export", help="a .ckpt -> a model directory for vlt generate / init_from")
-    from vlt.export_cli import add_export_args, run_export
-    add_export_args(exp)
-    exp.set_defaults(func=run_export)
+    # the model tools: (name, module, its add-args and run functions, help); modules import lazily
+    for name, module, add, run, help_ in (
+            ("generate", "vlt.generate_cli", "add_generate_args", "run_generate", "one answer from a saved model"),
+            ("chat", "vlt.chat_cli", "add_chat_args", "run_chat",
+             "interactive multi-turn chat with a saved model (images too)"),
+            ("stream", "vlt.stream_cli", "add_stream_args", "run_stream",
+             "stream a video through a saved model and ask about it"),
+            ("eval", "vlt.eval_cli", "add_eval_args", "run_eval",
+             "generate answers on shards or a LLaVA JSONL and score them (JSON + MD + PNG)"),
+            ("export", "vlt.export_cli", "add_export_args", "run_export",
+             "a .ckpt -> a model directory for vlt generate / init_from")):
+        p = sub.add_parser(name, help=help_)
+        mod = importlib.import_module(module)
+        getattr(mod, add)(p)
+        p.set_defaults(func=getattr(mod, run))
     args = parser.parse_args(argv)
     rc = args.func(args)
     return rc if isinstance(rc, int) else 0
