@@ -28,7 +28,7 @@ work=/tmp/gpuwork; mkdir -p $work; cd $work
 
 gpu_tests() {  # $1: seconds
   VLT_GPU_ERRLOG=$OUT/gpu_errors.log timeout -k 10 "$1" python3 -m pytest "$repo/tests/test_kernels_gpu.py" \
-    "$repo/tests/test_static_gpu.py" -n "${NPROC:-6}" -rA -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+    "$repo/tests/test_inference_gpu.py" -n "${NPROC:-6}" -rA -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
   echo "gpu tests rc=$?" | tee -a "$OUT/gpu_tests.log"; grep -E "passed|failed" "$OUT/gpu_tests.log" | tail -2
 }
 
