@@ -40,15 +40,14 @@ import argparse, dataclasses, torch
 from PIL import Image
 import numpy as np
 from vlt.bench.common import add_common_args, model_config, setup
-from vlt.export import _default_dtype, save_pretrained_vlt
-from vlt.model import VLM
+from vlt.export import save_pretrained_vlt
+from vlt.model import build_vlm
 a = add_common_args(argparse.ArgumentParser()).parse_args(["--device", "cuda"])
 dev, dt = setup(a)
 # the byte tokenizer's vision ids (the export's tokenizer), InfiniteVL-4B shapes otherwise
 cfg = dataclasses.replace(model_config("hybrid", a, vision=True), image_token_id=261, video_token_id=262,
                           vision_start_token_id=259)
-with torch.device(dev), _default_dtype(dt):
-    m = VLM(cfg)
+m = build_vlm(cfg, dev, dt)
 save_pretrained_vlt(m, "/tmp/export4b", tokenizer_dir="byte", prompt={"system": "", "max_pixels": 448 * 448, "min_pixels": 448 * 448})
 Image.fromarray(np.random.default_rng(0).integers(0, 255, (448, 448, 3), dtype=np.uint8)).save("/tmp/frame.png")
 print("export written")

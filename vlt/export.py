@@ -21,7 +21,6 @@ builds the model itself.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -164,14 +163,12 @@ def read_state(path) -> tuple[dict, dict]:
 def load_pretrained_vlt(path, dtype=None, device=None, load_adapter: bool = True):
     """(VLM in eval mode, tokenizer or None) from a directory written by ``save_pretrained_vlt``."""
     from vlt.config import VLMConfig
-    from vlt.model import VLM
+    from vlt.model import build_vlm
     p = Path(path).expanduser()
     meta, state = read_state(p)
     target = _DTYPES.get(str(dtype).removeprefix("torch."), None) if dtype is not None else _DTYPES.get(meta.get("dtype"))
-    # built where it will run, in its dtype: a 4B model's random init on the CPU in fp32 (then moved)
-    # took most of a generate command's start-up; every parameter is overwritten below anyway
-    with torch.device(device or "cpu"), _default_dtype(target or torch.float32):
-        model = VLM(VLMConfig.from_dict(meta["model"]))
+    # built where it will run, in its dtype; every parameter is overwritten below anyway
+    model = build_vlm(VLMConfig.from_dict(meta["model"]), device, target or torch.float32)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -188,15 +185,6 @@ def load_pretrained_vlt(path, dtype=None, device=None, load_adapter: bool = True
     model.to(device=device, dtype=target)
     return model.eval(), load_tokenizer_from(p, meta)
 
-
-@contextlib.contextmanager
-def _default_dtype(dtype):
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
 
 
 def _attach_adapter(model, adir: Path):

@@ -193,3 +193,17 @@ def checkpointed_blocks(setting, num_blocks: int) -> int:
         return math.ceil(setting * num_blocks)
     raise ValueError(f"activation_checkpointing={setting!r}; allowed: true, false, or a fraction of the "
                      "blocks in [0, 1] (e.g. 0.5 recomputes the first half)")
+
+
+def build_vlm(config: VLMConfig, device=None, dtype=None) -> "VLM":
+    """A VLM built directly on ``device`` in ``dtype`` (its parameters initialised there): a 4B
+    model initialised on the CPU in fp32 and then moved took most of a generate command's start-up."""
+    dtype = dtype or torch.get_default_dtype()
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device or "cpu"):
+            model = VLM(config)
+    finally:
+        torch.set_default_dtype(before)
+    return model.to(dtype)

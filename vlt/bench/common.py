@@ -98,12 +98,9 @@ def build_model(layout: str, args, device, dtype, seed: int = 0, vision: bool = 
     """Random-weight model at InfiniteVL-4B shapes (``vision``: with the Qwen2.5-VL-3B tower, else
     the decoder alone), built directly on ``device`` in ``dtype``."""
     import torch
-    from vlt.export import _default_dtype
-    from vlt.model import VLM
+    from vlt.model import build_vlm
     torch.manual_seed(seed)
-    with torch.device(device), _default_dtype(dtype):
-        model = VLM(model_config(layout, args, vision))
-    return model.to(dtype)
+    return build_vlm(model_config(layout, args, vision), device, dtype)
 
 
 def long_swa_backend(model, T: int, limit: int = 65536) -> str | None:
