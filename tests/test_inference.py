@@ -247,4 +247,10 @@ def test_chat_cli_streams_answers(tmp_path):
                                                                 "--device", "cpu"])
     buf = io.StringIO()
     assert run_chat(args, stdin=io.StringIO("hello\n/image /nope.png\nagain\n/quit\nignored\n"), stdout=buf) == 0
-    assert buf.getvalue().count("\n") >= 2          # two answers, each ended by a newline
+    # exactly the two turns' answers (the missing image is skipped, nothing after /quit), as the API gives them
+    from vlt.export import load_pretrained_vlt
+    from vlt.inference import ChatSession
+    model, tok = load_pretrained_vlt(out)
+    chat = ChatSession(model, tok, system="")
+    expected = [chat.say(text, max_new_tokens=3) for text in ("hello", "again")]
+    assert all(expected) and buf.getvalue() == "".join(a + "\n" for a in expected)
