@@ -26,7 +26,10 @@ Tiles: Triton's autotuner times each tile once per shape, one kernel at a time; 
 where each kernel overlaps its neighbours (programmatic dependent launch) and the weights come from
 HBM. ``vlt bench decode-kernels --tune-gemv`` times every tile in that setting (a CUDA graph over
 36 layers' weights) and writes a table; tables in ``kernels/gemv_configs/<GPU name>.json`` are used
-for the shapes they list on that GPU (``VLT_GEMV_TUNED=0``: autotune everything).
+for the shapes they list on that GPU (``VLT_GEMV_TUNED=0`` ignores them). A shape no table lists
+takes ``default_tile``, one compile: autotuning it would compile all 27 tiles per shape and dtype,
+minutes before the first token of a model with other shapes (a tiny test model has 7 launch shapes).
+``VLT_GEMV_AUTOTUNE=1`` hands those shapes to Triton's autotuner instead.
 
 ``linear`` / ``norm_linear`` / ``swiglu_linear`` / ``norm_swiglu`` take this path for one row on CUDA (a
 ``torch.library`` custom op, so it runs inside torch.compile'd code and CUDA graphs) and the torch
@@ -79,6 +82,18 @@ def tuned_config(device_name: str, key: str) -> dict | None:
             with open(path) as f:
                 _tuned[device_name] = json.load(f)["configs"]
     return _tuned[device_name].get(key)
+
+
+def default_tile(N: int, K: int) -> dict:
+    """The tile for a shape no table lists: within ~12% of the best measured tile for each of the
+    4B decoder's launches on an H200 (kernels/gemv_configs/NVIDIA_H200.json's timings): 1024-wide K
+    tiles (2048 for rows of 4096+, where more bytes in flight per program pay), 4 rows per program, 8
+    rows for very tall matrices (the LM head), fewer K lanes for short rows."""
+    k_lanes = triton.next_power_of_2(K)
+    if N >= 65536:
+        return dict(BN=8, BK=min(512, k_lanes), ACC1D=False, num_warps=4)
+    bk = min(2048 if K >= 4096 else 1024, k_lanes)
+    return dict(BN=4, BK=bk, ACC1D=False, num_warps=8 if bk == 2048 else 4)
 
 
 def _one_row(x, weight):
@@ -166,6 +181,8 @@ def gemv_into(y, x, weight, bias=None, *, x2=None, norm_weight=None, residual=No
     if config is None and x.is_cuda:
         config = tuned_config(torch.cuda.get_device_name(x.device), tuned_key(N, K, prologue, bias is not None, residual is not None,
                                                    weight2 is not None))
+    if config is None and os.environ.get("VLT_GEMV_AUTOTUNE", "0") != "1":
+        config = default_tile(N, K)
     if config is None:
         _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BN"]),)](*args, **flags, launch_pdl=use_pdl)
     else:

@@ -195,3 +195,20 @@ def test_gemv_tile_tables_are_valid(monkeypatch):
             monkeypatch.setenv("VLT_GEMV_TUNED", "0")
             assert gemv.tuned_config(table["device"], key) is None
             monkeypatch.delenv("VLT_GEMV_TUNED")
+
+
+def test_gemv_default_tile_is_near_the_measured_best():
+    """A shape no table lists takes ``default_tile`` (one compile, no autotuning): for each launch a
+    committed table timed every tile of, the default is a tile it timed and is within 1.15x of the
+    best one measured."""
+    import glob
+    import json
+    import os
+    import re
+    from vlt.kernels import gemv
+    for path in glob.glob(os.path.join(gemv._TUNED_DIR, "*.json")):
+        for key, row in json.load(open(path))["timings"].items():
+            n, k = map(int, re.match(r"N=(\d+) K=(\d+)", key).groups())
+            tile = gemv.default_tile(n, k)
+            got = row["us_per_tile"][str(tile)]
+            assert got <= 1.15 * row["best_us"], (path, key, tile, got, row["best_us"])
