@@ -254,3 +254,27 @@ def test_chat_cli_streams_answers(tmp_path):
     chat = ChatSession(model, tok, system="")
     expected = [chat.say(text, max_new_tokens=3) for text in ("hello", "again")]
     assert all(expected) and buf.getvalue() == "".join(a + "\n" for a in expected)
+
+
+@pytest.mark.parametrize("layout", ["[swa, gdn, linear, full]", "[swa_gdn, gdn]"])
+def test_compiled_steps_match_eager(layout):
+    """The pieces the engine compiles on CUDA (generic mixer steps, attention over T new tokens, the
+    MLP half, RoPE tables) traced by dynamo (backend "eager": the same graphs, no code generation):
+    frames of several tokens and single-token decode steps give the uncompiled engine's logits and
+    states. The first use of a step size runs uncompiled, its later uses compiled."""
+    from vlt.positions import text_positions
+    model = tiny(layout)
+    ref, got = InferenceEngine(model, capacity=64), InferenceEngine(model, capacity=64, compile="eager")
+    for eng in (ref, got):
+        eng.prefill(torch.arange(5, 14))
+    for i in range(4):          # two sizes of T > 1 and decode, each used twice or more
+        T = (3, 4)[i % 2]
+        x = model.embed_tokens(torch.randint(0, 200, (1, T)))
+        pos = text_positions(torch.zeros(1, T, dtype=torch.long), None, ref.next_pos[:1])
+        a, b = ref.step_embeddings(x, pos), got.step_embeddings(x, pos)
+        assert rel(b, a) < 1e-5, (i, rel(b, a))
+        tok = a.argmax(-1)
+        assert rel(got.decode(tok), ref.decode(tok)) < 1e-5
+    assert got._compiled and not ref._compiled
+    for x, y in zip(_leaves(got.export_state()["layers"]), _leaves(ref.export_state()["layers"])):
+        assert rel(x, y) < 1e-5

@@ -62,17 +62,33 @@ def test_compiled_block_matches_hf_forward(visual, grid):
     assert _rel_err(out, ref) < 1e-5
 
 
-def test_padded_mlp_keeps_the_output(visual):
+def test_aligned_mlp_keeps_the_output_and_the_parameters(visual):
+    """The static tower runs each block MLP from padded, stacked buffers (aligned GEMMs); the module's
+    parameters become views of them: same names, shapes and values, and HF's forward unchanged."""
     import copy
-    from vlt.qwen_vision_static import pad_mlp_hidden
-    padded = copy.deepcopy(visual)
-    width = padded.blocks[0].mlp.gate_proj.out_features
-    assert pad_mlp_hidden(padded, 48) == width + (-width % 48) > width   # 64 -> 96
+    from vlt.qwen_vision_static import aligned_mlp
     pixels = torch.randn(64, PATCH_DIM)
     with torch.no_grad():
         ref = visual(pixels, grid_thw=torch.tensor([(1, 8, 8)])).pooler_output
-        assert _rel_err(padded(pixels, grid_thw=torch.tensor([(1, 8, 8)])).pooler_output, ref) < 1e-6
-        assert _rel_err(StaticQwenVision(padded, (1, 8, 8))(pixels), ref) < 1e-5
+    model = copy.deepcopy(visual)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mlp = model.blocks[0].mlp
+    width = mlp.gate_proj.out_features
+    w_gu, b_gu, w_down, _ = aligned_mlp(mlp, 48)
+    P = width + (-width % 48)
+    assert P > width and w_gu.shape == (2 * P, mlp.gate_proj.in_features) and w_down.shape[1] == P
+    assert mlp.gate_proj.weight.data_ptr() == w_gu.data_ptr() and mlp.down_proj.weight.shape[1] == width
+    assert aligned_mlp(mlp, 48)[0] is w_gu                  # built once per module
+    assert float(w_gu[width:P].abs().sum() + w_down[:, width:].abs().sum()) == 0.0
+    static = StaticQwenVision(model, (1, 8, 8))
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        assert _rel_err(model(pixels, grid_thw=torch.tensor([(1, 8, 8)])).pooler_output, ref) < 1e-6
+        assert _rel_err(static(pixels), ref) < 1e-5
+    with torch.no_grad():   # an in-place update of a parameter reaches the static tower's buffers
+        mlp.up_proj.weight.mul_(2.0)
+    assert torch.equal(w_gu[P:P + width], mlp.up_proj.weight)
 
 
 def test_window_order_matches_hf(visual):

@@ -30,10 +30,11 @@ for part in "$@"; do
       echo "infer rc=$?"; grep -A40 "SUMMARY" "$OUT/infer.log" | head -60
       cp "$work/infer.json" "$OUT/infer_h200.json" 2>/dev/null; cp "$work/infer.png" "$OUT/infer_h200.png" 2>/dev/null;;
     stream)
-      timeout -k 10 ${T_STREAM:-240} python3 -m vlt.bench.stream --layouts hybrid --frames ${FRAMES:-1000} --out "$work" \
+      timeout -k 10 ${T_STREAM:-240} python3 -m vlt.bench.stream --layouts hybrid --frames ${FRAMES:-1000} --out "$work" ${STREAM_ARGS:-} \
         > "$OUT/stream.log" 2>&1
       echo "stream rc=$?"; grep -A12 "SUMMARY" "$OUT/stream.log"
-      cp "$work/stream.json" "$OUT/stream_h200.json" 2>/dev/null; cp "$work/stream.png" "$OUT/stream_h200.png" 2>/dev/null;;
+      cp "$work/stream.json" "$OUT/stream_h200.json" 2>/dev/null; cp "$work/stream.png" "$OUT/stream_h200.png" 2>/dev/null
+      cp "$work"/profile_stream_*.txt "$OUT/" 2>/dev/null;;
     generate)
       python3 - <<'PY' > "$OUT/generate.log" 2>&1
 import argparse, dataclasses, torch

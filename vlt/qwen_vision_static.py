@@ -31,9 +31,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _block(blk, x, cos, sin, mask, seqs: int, seq_len: int):
+def _block(blk, x, cos, sin, mask, seqs: int, seq_len: int, mlp=None):
     """One vision block on x [frames, tokens, dim] (window order); attention over ``seqs`` sequences
-    of ``seq_len`` tokens (windows or whole frames), ``mask`` for unequal windows."""
+    of ``seq_len`` tokens (windows or whole frames), ``mask`` for unequal windows. ``mlp``: the
+    block MLP's aligned weights (``aligned_mlp``), or None to run the module."""
     t, n, d = x.shape
     attn = blk.attn
     heads = attn.num_heads
@@ -43,32 +44,47 @@ def _block(blk, x, cos, sin, mask, seqs: int, seq_len: int):
     q, k, v = (z.reshape(seqs, seq_len, heads, -1).transpose(1, 2) for z in (q, k, v))
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
     x = x + attn.proj(o.transpose(1, 2).reshape(t, n, d))
-    return x + blk.mlp(blk.norm2(x))
+    h = blk.norm2(x)
+    if mlp is None:
+        return x + blk.mlp(h)
+    w_gate_up, b_gate_up, w_down, b_down = mlp
+    gate, up = F.linear(h, w_gate_up, b_gate_up).chunk(2, dim=-1)
+    return x + F.linear(blk.mlp.act_fn(gate) * up, w_down, b_down)
 
 
-def pad_mlp_hidden(visual, multiple: int = 64) -> int:
-    """Zero-pad every block MLP's hidden size up to a multiple of ``multiple``, in place. Returns it.
+def aligned_mlp(mlp, multiple: int = 64):
+    """The MLP's weights in buffers padded to a hidden width that is a multiple of ``multiple``, gate
+    and up stacked: (w_gate_up [2P, D], b_gate_up [2P], w_down [D, P], b_down [D]); None when the
+    projections are not plain Linears with biases (LoRA-wrapped: the module runs as it is).
 
-    Qwen2.5-VL's vision MLP is 3420 wide: rows of 3420 bf16 values are only 8-byte aligned, and cuBLAS
-    falls back to slow sm80 kernels for those GEMMs (two thirds of the tower's time on an H100). Zero
-    gate/up rows (bias 0) give act(0) * 0 = 0 in the padded channels and zero down_proj columns read
-    nothing from them, so the output is unchanged (transformers' forward included)."""
-    width = None
-    for blk in visual.blocks:
-        mlp = blk.mlp
-        width = mlp.gate_proj.out_features
-        pad = -width % multiple
-        if not pad:
-            continue
-        for lin in (mlp.gate_proj, mlp.up_proj):
-            lin.weight = torch.nn.Parameter(F.pad(lin.weight.detach(), (0, 0, 0, pad)))
-            if lin.bias is not None:
-                lin.bias = torch.nn.Parameter(F.pad(lin.bias.detach(), (0, pad)))
-            lin.out_features += pad
-        mlp.down_proj.weight = torch.nn.Parameter(F.pad(mlp.down_proj.weight.detach(), (0, pad)))
-        mlp.down_proj.in_features += pad
-        width += pad
-    return width
+    Qwen2.5-VL's vision MLP is 3420 wide: rows of 3420 bf16 values are only 8-byte aligned and cuBLAS
+    takes slow sm80 kernels for those GEMMs (two thirds of the tower's time per frame on an H200,
+    benchmarks/profiles/profile_stream_vision.txt). The module's own parameters are re-pointed at
+    views of these buffers (same shapes, names and values; the down projection's view is strided), so
+    no weight is held twice and later in-place updates reach both. Zero pad rows give act(0) * 0 = 0
+    and zero pad columns read nothing: the output is unchanged."""
+    lins = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    if not all(type(lin) is torch.nn.Linear and lin.bias is not None for lin in lins):
+        return None
+    gate, up, down = lins
+    cached = getattr(mlp, "_vlt_aligned", None)
+    if cached is not None and cached[0].data_ptr() == gate.weight.data_ptr():
+        return cached        # built before, and the parameters still live in its buffers
+    width, dim = gate.out_features, gate.in_features
+    P = width + (-width % multiple)
+    w_gu = gate.weight.new_zeros(2 * P, dim)
+    b_gu = gate.bias.new_zeros(2 * P)
+    w_down = down.weight.new_zeros(down.out_features, P)
+    with torch.no_grad():
+        for half, lin in enumerate((gate, up)):
+            w_gu[half * P:half * P + width] = lin.weight
+            b_gu[half * P:half * P + width] = lin.bias
+            lin.weight.data = w_gu[half * P:half * P + width]
+            lin.bias.data = b_gu[half * P:half * P + width]
+        w_down[:, :width] = down.weight
+        down.weight.data = w_down[:, :width]
+    mlp._vlt_aligned = (w_gu, b_gu, w_down, down.bias)
+    return mlp._vlt_aligned
 
 
 class StaticQwenVision:
@@ -101,6 +117,7 @@ class StaticQwenVision:
         self.unit = m * m                              # patches per merged token
         self.patch_dim = proj.weight[0].numel()        # C * T * P * P
         self.full_layers = {int(i) for i in visual.fullatt_block_indexes}
+        self.mlps = [aligned_mlp(blk.mlp) for blk in visual.blocks]
 
         # Window order of the merged units: sort by (window row, window col, unit index) - the unit
         # index is raster order, which is also raster order inside a window.
@@ -159,7 +176,7 @@ class StaticQwenVision:
         x = x.view(t, n // u, u, d)[:, self.unit_order].reshape(t, n, d)
         for idx, blk in enumerate(self.visual.blocks):
             seqs, seq_len, mask = self._attention_layout(windowed=idx not in self.full_layers)
-            x = self.block(blk, x, self.cos, self.sin, mask, seqs, seq_len)
+            x = self.block(blk, x, self.cos, self.sin, mask, seqs, seq_len, self.mlps[idx])
         merged = self.visual.merger(x.reshape(t * n, d))
         return merged.view(t, n // u, -1)[:, self.unit_inverse].reshape(t * n // u, -1)
 

@@ -22,8 +22,8 @@ import statistics
 import sys
 import time
 
-from vlt.bench.common import (add_common_args, add_compile_arg, build_model, err, header, plt, reset_peak, save_json,
-                              setup, step_compile_backend)
+from vlt.bench.common import (add_common_args, add_compile_arg, build_model, err, header, kernel_profile, plt, reset_peak,
+                              save_json, setup, step_compile_backend)
 
 
 def add_bench_stream_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -34,6 +34,8 @@ def add_bench_stream_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--eager-frames", type=int, default=30, help="frames through the eager path (0: none)")
     p.add_argument("--check-frames", type=int, default=8, help="frames after which engine and eager logits are compared")
     p.add_argument("--no-graph", action="store_true", help="no CUDA graphs (decoder step and vision tower)")
+    p.add_argument("--profile", action="store_true", help="kernel profiles of a frame (add_frame) and of its vision "
+                   "tower alone after the stream: profile_stream_{frame,vision}_<layout>.txt")
     add_compile_arg(p)
     return p
 
@@ -122,6 +124,13 @@ def _layout(model, res, args, device, dtype, frames):
         res["vision_ms_median"] = round(statistics.median(vis_ms[lo:]), 3)
     m = mem[lo:]
     res["mem_change_steady"] = round((max(m) - min(m)) / max(min(m), 1), 6)
+    if args.profile and cuda:   # where a frame's time goes (the stream's state moves on: it is done)
+        frame = frames[0]
+        res["profile_frame"] = kernel_profile(lambda: stream.add_frame(frame),
+                                              f"{args.out}/profile_stream_frame_{res['layout']}.txt", reps=3)
+        pixels = stream._pixels(frame)
+        res["profile_vision"] = kernel_profile(lambda: stream._features(pixels),
+                                               f"{args.out}/profile_stream_vision_{res['layout']}.txt", reps=3)
     if cuda:
         res["goal_70fps"] = res["fps_median_steady"] >= 70
         res["goal_mem_const_1pct"] = res["mem_change_steady"] <= 0.01

@@ -54,15 +54,14 @@ class InferenceEngine:
         if compile == "auto":
             compile = "inductor" if cuda else None
         self.compile = compile
-        self._rope_tables, self._mixer_out = rope_cos_sin, mixer_out
+        self._compiled: dict = {}        # fn -> its torch.compile'd copy (one per function, shared by layers)
+        self._plain = False               # this run: no compile (a step size's first use)
         if compile:
             from torch import _dynamo
             cfg = _dynamo.config  # one compile per kind of block and step size: room for all
             for name in ("recompile_limit", "cache_size_limit"):
                 if hasattr(cfg, name):
                     setattr(cfg, name, max(getattr(cfg, name), 64))
-            self._rope_tables = torch.compile(rope_cos_sin, backend=compile, dynamic=False)
-            self._mixer_out = torch.compile(mixer_out, backend=compile, dynamic=False)
         if pack if pack is not None else self.fused:
             pack_projections(model)
         needs_capacity = [i for i, b in enumerate(model.layers) if getattr(b.mixer, "state_grows", False)]
@@ -79,6 +78,7 @@ class InferenceEngine:
         self.ids = torch.zeros(batch_size, dtype=torch.long, device=self.device)   # decode input
         self._frame_in: dict[int, tuple] = {}                                    # T -> (x, pos) buffers
         self._graphs: dict[tuple, tuple] = {}                                    # key -> (replay, out)
+        self._used: set = set()                                                  # keys run once already
         self.mrope = model.config.decoder.mrope_section is not None
 
     # -- state ------------------------------------------------------------------------------------------
@@ -169,12 +169,19 @@ class InferenceEngine:
         return out.logits[0, -1]
 
     # -- the step ---------------------------------------------------------------------------------------
+    def _jit(self, fn):
+        if fn not in self._compiled:
+            self._compiled[fn] = torch.compile(fn, backend=self.compile, dynamic=False)
+        return self._compiled[fn]
+
     def _context(self, T: int, pos) -> StepContext:
         B = self.batch_size
         fast = self.fused and B == 1 and gemv_kernel.triton is not None
-        return StepContext(tok=self.tok, pos=pos, T=T, fast=fast, fused_gdn=self.fused and T == 1,
-                           decode_attention=self.fused and T == 1 and attn_kernel.triton is not None,
-                           rope_tables=self._rope_tables)
+        ctx = StepContext(tok=self.tok, pos=pos, T=T, fast=fast, fused_gdn=self.fused and T == 1,
+                          decode_attention=self.fused and T == 1 and attn_kernel.triton is not None,
+                          compiled=self._jit if self.compile and not self._plain else None)
+        ctx.rope_tables = ctx.jit(rope_cos_sin)
+        return ctx
 
     def _blocks(self, x, pos):
         """The decoder on embeddings x [B, T, D] at positions pos: caches updated, counters advanced;
@@ -184,7 +191,7 @@ class InferenceEngine:
         with pdl.disabled(not self.pdl):
             for blk, cache in zip(self.model.layers, self.caches):
                 y, o_proj = step_for(blk.mixer)(blk.mixer, cache, ctx, x, blk.input_layernorm)
-                x = self._mixer_out(blk, x, o_proj, y, ctx.fast)
+                x = ctx.jit(mixer_out)(blk, x, o_proj, y, ctx.fast)
             logits = head(self.model, x[:, -1:], ctx.fast)[:, 0]
         self.tok += T
         return logits
@@ -229,6 +236,16 @@ class InferenceEngine:
         return self._run(("frame", T), lambda: self._frame_impl(T))
 
     def _run(self, key, fn):
+        """``fn`` for step ``key`` (decode, or a frame size): from its second use compiled and replayed
+        from a CUDA graph; its first use runs as is, so a one-off size (a question's tokens, a new
+        timestamp's width) costs neither a compile nor a capture."""
+        if key not in self._used:
+            self._used.add(key)
+            self._plain = True
+            try:
+                return fn()
+            finally:
+                self._plain = False
         if not self.graphs:
             return fn()
         if key not in self._graphs:

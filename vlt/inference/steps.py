@@ -67,6 +67,10 @@ class StepContext:
     decode_attention: bool = False    # the split decode attention kernel (T == 1)
     rope: dict = field(default_factory=dict)   # (head_dim, theta, sections) -> (cos, sin), shared by layers
     rope_tables: object = None        # fn(pos, head_dim, theta, sections) -> (cos, sin)
+    compiled: object = None           # fn -> the engine's torch.compile'd fn (None: run as is)
+
+    def jit(self, fn):
+        return fn if self.compiled is None else self.compiled(fn)
 
 
 def allocate_spec(spec, device):
@@ -165,10 +169,17 @@ class GenericStep(MixerStep):
     recurrent mixer); attention layers have their own step below."""
 
     def __call__(self, mixer, cache, ctx, x, norm):
-        h = norm(x) if norm is not None else x
-        y, new = mixer(h, state=_with_seen(cache, ctx.tok), position_ids=ctx.pos, use_cache=True)
-        _copy_tree(cache, _strip_seen(new), None, type(mixer).__name__)
-        return y, None
+        # compiled (engine on CUDA), the norms, gates and activations around the mixer's kernels fuse
+        # (fla's launchers stay outside the compiled graphs: vlt.kernels mark them so)
+        return ctx.jit(generic_forward)(mixer, norm, x, cache, ctx.tok, ctx.pos), None
+
+
+def generic_forward(mixer, norm, x, cache, tok, pos):
+    """``mixer(norm(x))`` on the cached state, the new state copied into the cache in place."""
+    h = norm(x) if norm is not None else x
+    y, new = mixer(h, state=_with_seen(cache, tok), position_ids=pos, use_cache=True)
+    _copy_tree(cache, _strip_seen(new), None, type(mixer).__name__)
+    return y
 
 
 def _strip_seen(tree):
@@ -275,42 +286,56 @@ class AttentionStep(MixerStep):
 
     def __call__(self, m, cache, ctx, x, norm):
         B, T, _ = x.shape
-        q, k, v = norm_project(x, norm, ctx.fast, m.q_proj, m.k_proj, m.v_proj)
-        q = q.view(B, T, m.num_heads, m.head_dim)
-        k = k.view(B, T, m.num_kv_heads, m.head_dim)
-        v = v.view(B, T, m.num_kv_heads, m.head_dim)
         cos = sin = None
         if m.use_rope:
             key = (m.head_dim, m.rope_theta, tuple(m.mrope_section or ()))
             if key not in ctx.rope:  # every attention layer of a model shares its RoPE tables
                 ctx.rope[key] = ctx.rope_tables(ctx.pos, m.head_dim, m.rope_theta, m.mrope_section)
             cos, sin = ctx.rope[key]                                            # [B, T, D]
-        if T == 1:
-            args = (q[:, 0], k[:, 0], v[:, 0], cache["k"], cache["v"], ctx.tok, cache["ktok"])
-            rope = {} if cos is None else {"cos": cos[:, 0].float().contiguous(), "sin": sin[:, 0].float().contiguous()}
-            if ctx.decode_attention:
-                y = attn_kernel.decode_attention(*args, **rope)
-            else:
-                y = attn_kernel.decode_attention_reference(*args, **rope)
-            return y[:, None], m.o_proj
-        if cos is not None:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        L = cache["k"].shape[1]
-        qtok = ctx.tok[:, None] + torch.arange(T, device=x.device)               # [B, T]
-        keys, vals = torch.cat([cache["k"], k], 1), torch.cat([cache["v"], v], 1)
-        ktok = torch.cat([cache["ktok"], qtok], 1)                             # [B, L + T]
-        vis = (ktok[:, None, :] <= qtok[:, :, None]) & (ktok[:, None, :] >= 0)
-        if m.window is not None:
-            vis &= ktok[:, None, :] > qtok[:, :, None] - m.window
-        y = gqa_sdpa(q, keys, vals, vis)
-        rows = torch.arange(B, device=x.device)[:, None]
-        slots = qtok % L
-        # with T > L only the last L new tokens stay; the others' slots are rewritten by later ones
-        keep = slice(max(0, T - L), T)
-        cache["k"][rows, slots[:, keep]] = k[:, keep]
-        cache["v"][rows, slots[:, keep]] = v[:, keep]
-        cache["ktok"][rows, slots[:, keep]] = qtok[:, keep]
-        return y, m.o_proj
+        if T > 1:
+            return ctx.jit(attend_tokens)(m, cache, x, norm, ctx.tok, cos, sin), m.o_proj
+        q, k, v = qkv_heads(m, x, norm, ctx.fast)
+        args = (q[:, 0], k[:, 0], v[:, 0], cache["k"], cache["v"], ctx.tok, cache["ktok"])
+        rope = {} if cos is None else {"cos": cos[:, 0].float().contiguous(), "sin": sin[:, 0].float().contiguous()}
+        if ctx.decode_attention:
+            y = attn_kernel.decode_attention(*args, **rope)
+        else:
+            y = attn_kernel.decode_attention_reference(*args, **rope)
+        return y[:, None], m.o_proj
+
+
+def qkv_heads(m, x, norm, fast):
+    """norm(x)'s q, k, v projections as [B, T, heads, head_dim]."""
+    B, T, _ = x.shape
+    q, k, v = norm_project(x, norm, fast, m.q_proj, m.k_proj, m.v_proj)
+    return (q.view(B, T, m.num_heads, m.head_dim), k.view(B, T, m.num_kv_heads, m.head_dim),
+            v.view(B, T, m.num_kv_heads, m.head_dim))
+
+
+def attend_tokens(m, cache, x, norm, tok, cos, sin):
+    """T > 1 new tokens (a frame, a prompt chunk) against the cached ring plus themselves: projections,
+    RoPE, a mask by token index (causal, the window, empty slots), SDPA, then the new K/V written to
+    their slots."""
+    q, k, v = qkv_heads(m, x, norm, False)
+    B, T = q.shape[:2]
+    if cos is not None:
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    L = cache["k"].shape[1]
+    qtok = tok[:, None] + torch.arange(T, device=q.device)                    # [B, T]
+    keys, vals = torch.cat([cache["k"], k], 1), torch.cat([cache["v"], v], 1)
+    ktok = torch.cat([cache["ktok"], qtok], 1)                                 # [B, L + T]
+    vis = (ktok[:, None, :] <= qtok[:, :, None]) & (ktok[:, None, :] >= 0)
+    if m.window is not None:
+        vis &= ktok[:, None, :] > qtok[:, :, None] - m.window
+    y = gqa_sdpa(q, keys, vals, vis)
+    rows = torch.arange(B, device=q.device)[:, None]
+    slots = qtok % L
+    # with T > L only the last L new tokens stay; the others' slots are rewritten by later ones
+    keep = slice(max(0, T - L), T)
+    cache["k"][rows, slots[:, keep]] = k[:, keep]
+    cache["v"][rows, slots[:, keep]] = v[:, keep]
+    cache["ktok"][rows, slots[:, keep]] = qtok[:, keep]
+    return y
 
 
 def gqa_sdpa(q, k, v, mask):
