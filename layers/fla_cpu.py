@@ -26,9 +26,11 @@ def _conv(conv, x, state, use_cache):
 
 
 def _gated_rms_norm(norm, o, g):
-    """fla's FusedRMSNormGated: rmsnorm(o) * weight * act(g), in fp32."""
+    """fla's FusedRMSNormGated: rmsnorm(o) * weight * act(g), in fp32 (weight None without affine)."""
     of = o.float()
-    y = of * torch.rsqrt(of.square().mean(-1, keepdim=True) + norm.eps) * norm.weight.float()
+    y = of * torch.rsqrt(of.square().mean(-1, keepdim=True) + norm.eps)
+    if norm.weight is not None:
+        y = y * norm.weight.float()
     act = torch.sigmoid if norm.activation == "sigmoid" else F.silu
     return (y * act(g.float())).to(o.dtype)
 
@@ -144,7 +146,123 @@ def deltanet_cpu(m, x, state, cu_seqlens, use_cache):
     return _finish(m, x, m.o_proj(o.reshape(B, T, m.value_dim)), conv, ssm, state, use_cache)
 
 
+def gdn2_cpu(m, x, state, cu_seqlens, use_cache):
+    """fla.layers.GatedDeltaNet2 through fla.ops.gdn2.naive.naive_recurrent_gdn2."""
+    from fla.ops.gdn2.naive import naive_recurrent_gdn2
+    if cu_seqlens is not None:
+        return _packed(gdn2_cpu, m, x, state, cu_seqlens, use_cache)
+    B, T, _ = x.shape
+    H, HV, K, V = m.num_heads, m.num_v_heads, m.head_k_dim, m.head_v_dim
+    q, k, v, conv = _qkv(m, x, state, use_cache)
+    q = F.normalize(q.view(B, T, H, K).float(), dim=-1)   # use_qk_l2norm_in_kernel
+    k = F.normalize(k.view(B, T, H, K).float(), dim=-1)
+    g = -m.A_log.float().exp()[:, None] * F.softplus(m.f_proj(x).float() + m.dt_bias).view(B, T, H, K)
+    b = m.b_proj(x).float().sigmoid().view(B, T, H, K) * (2.0 if m.allow_neg_eigval else 1.0)
+    w = m.w_proj(x).float().sigmoid().view(B, T, HV, V)
+    # GVA: the q/k-side tensors broadcast to the value heads (value head j reads q/k head j // (HV // H))
+    q, k, g, b = (t.repeat_interleave(HV // H, 2) for t in (q, k, g, b))
+    o, ssm = naive_recurrent_gdn2(q, k, v.view(B, T, HV, V).float(), g, b, w,
+                                  initial_state=None if state is None else state["ssm"], output_final_state=True)
+    o = _gated_rms_norm(m.o_norm, o.to(x.dtype), m.g_proj(x).view(B, T, HV, V))
+    return _finish(m, x, m.o_proj(o.reshape(B, T, m.value_dim)), conv, ssm, state, use_cache)
+
+
+_GATE_FNS = {"swish": F.silu, "silu": F.silu, "sigmoid": torch.sigmoid}
+
+
+def gla_cpu(m, x, state, cu_seqlens, use_cache):
+    """fla.layers.GatedLinearAttention through fla.ops.gla.naive.naive_recurrent_gla."""
+    from fla.ops.gla.naive import naive_recurrent_gla
+    if m.feature_map_fn is not None:
+        raise ValueError(f"mixer {m.mixer_name!r}: feature_map has no CPU path (fla's activations are Triton "
+                         "kernels); leave it None on CPU")
+    if cu_seqlens is not None:
+        return _packed(gla_cpu, m, x, state, cu_seqlens, use_cache)
+    B, T, _ = x.shape
+    H, K, V, G = m.num_heads, m.head_k_dim, m.head_v_dim, m.num_kv_groups
+    if m.use_short_conv:
+        conv = (None, None, None) if state is None else state["conv"]
+        (q, cq), (k, ck), (v, cv) = (_conv(c, t, s, use_cache) for c, t, s in zip(
+            (m.q_conv1d, m.k_conv1d, m.v_conv1d), (m.q_proj(x), m.k_proj(x), m.v_proj(x)), conv))
+        conv = (cq, ck, cv)
+    else:   # GLA applies no activation without the convs (unlike the delta-rule layers)
+        q, k, v, conv = m.q_proj(x), m.k_proj(x), m.v_proj(x), None
+    gk = m.gk_proj(x)
+    # MQA-style groups: each k/v head serves num_kv_groups consecutive query heads
+    q = q.view(B, T, H, K)
+    k, gk = (t.view(B, T, H // G, K).repeat_interleave(G, 2) for t in (k, gk))
+    v = v.view(B, T, H // G, V).repeat_interleave(G, 2)
+    gk = F.logsigmoid(gk.float()) / m.gate_logit_normalizer
+    if m.clamp_min is not None:
+        gk = gk.clamp_min(m.clamp_min)
+    o, ssm = naive_recurrent_gla(q.float(), k.float(), v.float(), gk,
+                                 initial_state=None if state is None else state["ssm"], output_final_state=True)
+    o = o.to(x.dtype)
+    if m.use_output_gate and m.fuse_norm_and_gate:
+        o = _gated_rms_norm(m.g_norm_swish_gate, o, m.g_proj(x).view(B, T, H, V)).reshape(B, T, -1)
+    else:
+        o = _rms_norm(m.g_norm, o).reshape(B, T, -1)
+        if m.use_output_gate:
+            o = o * _gate_fn(m)(m.g_proj(x))
+    return _finish(m, x, m.o_proj(o), conv, ssm, state, use_cache)
+
+
+def _gate_fn(m):
+    # fla builds gate_fn from its ACT2FN table (Triton activations on CUDA); the name is read back
+    from fla.modules.activations import ACT2FN
+    name = next((n for n, f in ACT2FN.items() if f is m.gate_fn), None)
+    if name not in _GATE_FNS:
+        raise ValueError(f"mixer {m.mixer_name!r}: gate_fn {name!r} has no CPU path; allowed: {sorted(_GATE_FNS)}")
+    return _GATE_FNS[name]
+
+
+def mamba2_path(m, x, state, cu_seqlens, use_cache):
+    """fla.layers.Mamba2 on vlt's kernels, on every device.
+
+    Mamba-2's SSD is decayed linear attention with a scalar decay per head: with dt = softplus(dt_raw
+    + dt_bias), h_t = exp(dt_t A) h_{t-1} + B_t (dt_t x_t)^T and y_t = C_t^T h_t + D x_t, i.e. q = C,
+    k = B, v = dt x, g = dt A, scale 1 - ``vlt.kernels.linear_attention`` (fla's simple-GLA kernels on
+    CUDA, the chunked torch path elsewhere) with the causal conv on ``vlt.kernels.short_conv``. fla's
+    own Mamba2 forward is not used on CUDA either: without mamba_ssm it ignores ``cu_seqlens``
+    (packed samples would leak into each other) and refuses a prefill that continues a state, both of
+    which vlt's contract needs. fla's parameters and their names are kept. Head h reads B/C group
+    h // (num_heads // n_groups), as mamba_ssm's kernels do.
+    """
+    from vlt.kernels import linear_attention, short_conv
+    if m.activation not in ("silu", "swish"):
+        raise ValueError(f"mixer {m.mixer_name!r}: hidden_act={m.activation!r} is not supported; allowed: silu, swish")
+    B, T, _ = x.shape
+    H, P, N, G, inner = m.num_heads, m.head_dim, m.ssm_state_size, m.n_groups, m.intermediate_size
+    gate, xbc, dt = m.in_proj(x).split([inner, m.conv_dim, H], dim=-1)
+    xbc, conv = short_conv(xbc, m.conv1d.weight[:, 0], m.conv1d.bias, activation="silu",
+                           conv_state=None if state is None else state["conv"], output_final_state=use_cache,
+                           cu_seqlens=cu_seqlens)
+    xs, Bm, Cm = xbc.split([inner, G * N, G * N], dim=-1)
+    dt = F.softplus(dt.float() + m.dt_bias.float()).clamp(*m.dt_limit)          # [B, T, H]
+    xs = xs.view(B, T, H, P)
+    Bm, Cm = (t.view(B, T, G, N).repeat_interleave(H // G, 2) for t in (Bm, Cm))
+    h0 = None if state is None else state["ssm"].transpose(-1, -2)              # vlt/fla [H, P, N] -> [H, N, P]
+    o, S = linear_attention(Cm, Bm, xs * dt[..., None].to(xs.dtype), dt * -m.A_log.float().exp(), scale=1.0,
+                            initial_state=h0, output_final_state=use_cache, cu_seqlens=cu_seqlens)
+    y = (o + xs * m._get_D(expand_to_head_dim=True).to(xs.dtype)).reshape(B, T, inner)
+    if not m.rmsnorm:
+        y = y * F.silu(gate)
+    elif x.device.type == "cuda":
+        y = m.norm(y, gate)
+    else:
+        from fla.modules.norm.layernorm_gated import rms_norm_ref
+        y = rms_norm_ref(y, m.norm.weight, None, z=gate, eps=m.norm.eps, group_size=m.norm.group_size,
+                         norm_before_gate=m.norm.norm_before_gate)
+    out = m.out_proj(y.to(x.dtype))
+    if not use_cache:
+        return out, None
+    return out, {"conv": conv, "ssm": S.transpose(-1, -2).float().contiguous(),
+                 "seen": (0 if state is None else state["seen"]) + T}
+
+
 #: kind (layers/fla_mixers.SHORT_NAMES) -> CPU path
-CPU_PATHS = {"kda": kda_cpu, "deltanet": deltanet_cpu}
-# Not here: mamba2 (fla's torch_forward still calls its Triton swish), gdn2, gla, rwkv7, nsa, moba and
-# any fla:Class: they raise the ValueError in FlaMixer.forward on CPU.
+CPU_PATHS = {"kda": kda_cpu, "deltanet": deltanet_cpu, "gdn2": gdn2_cpu, "gla": gla_cpu, "mamba2": mamba2_path}
+#: kinds whose path here also runs on CUDA instead of fla's forward (see mamba2_path)
+EVERY_DEVICE = {"mamba2"}
+# Not here: rwkv7 (fla 0.6.0 has no naive reference for its op), nsa, moba and any fla:Class: they
+# raise the ValueError in FlaMixer.forward on CPU.

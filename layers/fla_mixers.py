@@ -13,17 +13,29 @@ come back as a ValueError naming the layer and the allowed options.
 vlt's contract on top: ``forward(x [B, T, D], state=, cu_seqlens=, use_cache=) -> (y, state)`` with
 the state in vlt's format (converted to and from fla's per-layer cache each call) and a
 ``state_spec``. Each fla layer is built with ``layer_idx=0``: vlt keeps one cache per layer, and
-layers with a cross-layer input (RWKV-7's ``v_first`` value residual) act as their own first layer,
-so no tensor flows between vlt layers.
+layers with a cross-layer input act as their own first layer, so no tensor flows between vlt
+layers. For RWKV-7 that means its value residual is off: every ``rwkv7`` layer is built as RWKV-7's
+layer 0 (``v_first`` = its own ``v``, no ``v_lora``), unlike an RWKV-7 model proper, where layers
+1.. mix in layer 0's values; threading ``v_first`` from block to block would need the decoder and
+the inference engine to carry it (not done).
 
 Where it runs: fla's layers call Triton kernels, so on CUDA the mixer runs fla's forward. On CPU a
-mixer runs only where this module has a torch path built from fla's naive reference for the op
-(``CPU_PATHS``); any other raises a ValueError naming the mixer and listing those that do run.
+mixer runs only where layers/fla_cpu.py has a torch path built from fla's naive reference for the
+op (``CPU_PATHS``: kda, deltanet, gdn2, gla) or vlt's own kernels (mamba2, which takes that path on
+CUDA too: ``EVERY_DEVICE``); any other raises a ValueError naming the mixer and listing those that
+do run.
+
+Decode of the sparse-attention layers (nsa, moba) runs fla's forward on a key/value cache that
+grows by the new tokens each call; MoBA's decode attends to every cached key densely (fla's
+choice: its top-k block selection is for prefill) and needs flash-attn; without it a decode call
+is a ValueError saying so.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +134,7 @@ class FlaMixer(TokenMixer):
         opts = _with_defaults(cls.fla_class, {k: v for k, v in options.items()
                                               if k in params and v is not params[k].default})
         try:
-            with torch.device("meta"):  # fla's own checks run in __init__; meta allocates nothing
+            with torch.device("meta"), _quiet(cls.kind):  # fla's own checks run in __init__; meta allocates nothing
                 cls.fla_class(**opts)
         except (ValueError, AssertionError, TypeError, ZeroDivisionError) as e:
             raise ValueError(f"{where}mixer {name!r} (fla.layers.{cls.fla_class.__name__}) rejects its options: "
@@ -131,6 +143,8 @@ class FlaMixer(TokenMixer):
 
     # ---- vlt's forward ----------------------------------------------------------------------
     def forward(self, x, *, state=None, cu_seqlens=None, position_ids=None, use_cache=False):
+        if self.kind in EVERY_DEVICE:
+            return CPU_PATHS[self.kind](self, x, state, cu_seqlens, use_cache)
         if x.device.type != "cuda":
             path = CPU_PATHS.get(self.kind)
             if path is None:
@@ -143,6 +157,12 @@ class FlaMixer(TokenMixer):
     def fla_forward(self, x, state, cu_seqlens, use_cache):
         """fla's own forward, the state converted to fla's layer cache and back."""
         seen = 0 if state is None else state["seen"]
+        if self.kind == "moba" and state is not None:
+            import fla.layers.moba as fla_moba
+            if fla_moba.flash_attn_func is None:
+                raise ValueError(f"mixer {self.mixer_name!r}: fla's MoBA decodes (a call with a cached state) "
+                                 "through flash_attn_func, and flash-attn is not installed; install flash-attn, "
+                                 "or use nsa / swa / full for layers that must decode")
         cache = _OneLayerCache(None if state is None else _to_fla(self, state), seen)
         out = self.fla_class.forward(self, x, past_key_values=cache if (use_cache or state is not None) else None,
                                      use_cache=use_cache, cu_seqlens=cu_seqlens)
@@ -170,6 +190,14 @@ def _with_defaults(fla_cls, options):
     fixed 64/128 whatever the width), and layer_idx 0 (see the module docstring)."""
     opts = {k: v for k, v in options.items() if v is not None}
     allowed = _fla_options(fla_cls)
+    if fla_cls.__name__ == "Mamba2" and "hidden_size" in opts:
+        # Mamba-2 splits its inner width (expand * hidden_size) into heads: the decoder's num_heads
+        # sets head_dim, unless head_dim is given, which then sets the heads
+        inner = int(opts.get("expand", allowed["expand"].default) * opts["hidden_size"])
+        if "head_dim" in opts:
+            opts.pop("num_heads", None)
+        elif opts.get("num_heads"):
+            opts["head_dim"] = inner // opts["num_heads"]
     if "head_dim" in allowed and "head_dim" not in opts and "num_heads" in opts and "hidden_size" in opts:
         opts["head_dim"] = opts["hidden_size"] // opts["num_heads"]
     if "layer_idx" in allowed:
@@ -181,7 +209,22 @@ def _with_defaults(fla_cls, options):
 
 def _init(self, **options):
     self.vlt_layer_idx = options.get("layer_idx")
-    self.fla_class.__init__(self, **_with_defaults(self.fla_class, options))
+    with _quiet(self.kind):
+        self.fla_class.__init__(self, **_with_defaults(self.fla_class, options))
+
+
+@contextlib.contextmanager
+def _quiet(kind):
+    """fla's Mamba2 warns at every construction about mamba_ssm / causal_conv1d / its Triton conv;
+    vlt runs Mamba-2 on its own kernels (fla_cpu.mamba2_path) and uses none of them."""
+    log = logging.getLogger("fla.layers.mamba2")
+    level = log.level
+    if kind == "mamba2":
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 @functools.lru_cache(maxsize=None)
@@ -200,10 +243,12 @@ def mixer_class(name: str) -> type:
         _init(self, **options)
     init.__doc__ = fla_cls.__init__.__doc__
     init.__signature__ = inspect.signature(fla_cls.__init__)  # the registry validates against fla's options
-    cls = type(f"Fla{fla_cls.__name__}", (FlaMixer, fla_cls),
-               {"__init__": init, "fla_class": fla_cls, "kind": kind, "__module__": __name__,
-                "state_grows": kind in ("nsa", "moba"),
-                "__doc__": f"fla.layers.{fla_cls.__name__} as a vlt mixer ({name!r})."})
+    body = {"__init__": init, "fla_class": fla_cls, "kind": kind, "__module__": __name__,
+            "state_grows": kind in ("nsa", "moba"),
+            "__doc__": f"fla.layers.{fla_cls.__name__} as a vlt mixer ({name!r})."}
+    if kind in _MIMIC:  # conversion from attention (vlt/student.py) calls it before copying q/k/v/o
+        body["mimic_init"] = _MIMIC[kind]
+    cls = type(f"Fla{fla_cls.__name__}", (FlaMixer, fla_cls), body)
     return register_mixer(name)(cls)
 
 
@@ -215,8 +260,16 @@ def _delta_spec(self, B, capacity, dtype):
     W = self.conv_size - 1
     spec = {"ssm": TensorSpec((B, hv, self.head_k_dim, self.head_v_dim), torch.float32)}
     if self.use_short_conv:
-        spec["conv"] = tuple(TensorSpec((B, c, W), dtype) for c in (self.key_dim, self.key_dim, self.value_dim))
+        # GLA's k/v convs run on the k/v heads before they are repeated to the query heads
+        kc, vc = (self.key_dim_per_group, self.value_dim_per_group) if self.kind == "gla" else (self.key_dim, self.value_dim)
+        spec["conv"] = tuple(TensorSpec((B, c, W), dtype) for c in (self.key_dim, kc, vc))
     return spec
+
+
+def _rwkv7_spec(self, B, capacity, dtype):
+    """Token shift (the previous token's input [B, D]) and the recurrent state [B, H, K, V] in fp32."""
+    return {"shift": TensorSpec((B, self.hidden_size), dtype),
+            "ssm": TensorSpec((B, self.num_heads, self.head_dim, self.head_v_dim), torch.float32)}
 
 
 def _mamba2_spec(self, B, capacity, dtype):
@@ -231,7 +284,7 @@ def _kv_spec(self, B, capacity, dtype):
 
 
 _SPECS = {"kda": _delta_spec, "gdn2": _delta_spec, "deltanet": _delta_spec, "gla": _delta_spec,
-          "mamba2": _mamba2_spec, "nsa": _kv_spec, "moba": _kv_spec}
+          "mamba2": _mamba2_spec, "rwkv7": _rwkv7_spec, "nsa": _kv_spec, "moba": _kv_spec}
 # fla's KDA and GLA layers keep their recurrent state [B, HV, V, K] (state_v_first=True); vlt's is
 # [B, HV, K, V] like every other delta/linear mixer, so CPU and CUDA states are interchangeable.
 _V_FIRST = {"kda", "gla"}
@@ -246,6 +299,8 @@ def _to_fla(self, state):
     if k == "mamba2":
         return {"recurrent_state": state["ssm"], "conv_state": _conv_to_fla(state["conv"]),
                 "attn_state": None, "ffn_state": None}
+    if k == "rwkv7":
+        return {"recurrent_state": state["ssm"], "conv_state": state["shift"], "attn_state": None, "ffn_state": None}
     if k in ("nsa", "moba"):
         return {"recurrent_state": None, "conv_state": None, "attn_state": (state["k"], state["v"]), "ffn_state": None}
     return {key: v for key, v in state.items() if key != "seen"}   # generic: fla's own layer dict
@@ -261,11 +316,52 @@ def _from_fla(self, st):
         return out
     if k == "mamba2":
         return {"conv": _conv_from_fla(st["conv_state"]), "ssm": st["recurrent_state"].float()}
+    if k == "rwkv7":
+        return {"shift": st["conv_state"], "ssm": st["recurrent_state"].float()}
     if k in ("nsa", "moba"):
         return {"k": st["attn_state"][0], "v": st["attn_state"][1]}
     return dict(st)
 
 
+# ---- conversion from attention: InfiniteVL's mimic init ------------------------------------------
+
+def _inv_softplus(y: float) -> float:
+    t = torch.tensor(y)
+    return float(t + torch.log(-torch.expm1(-t)))
+
+
+def _identity_convs(m):
+    if getattr(m, "use_short_conv", False):
+        for conv in (m.q_conv1d, m.k_conv1d, m.v_conv1d):
+            conv.weight.zero_()
+            conv.weight[:, 0, -1] = 1.0   # the current token's tap: the conv passes its input through
+            if conv.bias is not None:
+                conv.bias.zero_()
+
+
+@torch.no_grad()
+def _mimic_gated_delta(self):
+    """As vlt's GDN (layers/gdn.py): write/erase gates 0.5 (their projections zero), decay ~0.999
+    (A_log 0, the gate projection's last layer zero, dt_bias = softplus^-1(1e-3)), identity convs."""
+    self.b_proj.weight.zero_()
+    if hasattr(self, "w_proj"):        # GDN-2's channel-wise write gate
+        self.w_proj.weight.zero_()
+    self.f_proj[-1].weight.zero_()
+    self.A_log.zero_()
+    self.dt_bias.fill_(_inv_softplus(1e-3))
+    _identity_convs(self)
+
+
+@torch.no_grad()
+def _mimic_deltanet(self):
+    if self.use_beta:
+        self.b_proj.weight.zero_()
+    _identity_convs(self)
+
+
+_MIMIC = {"kda": _mimic_gated_delta, "gdn2": _mimic_gated_delta, "deltanet": _mimic_deltanet}
+
+
 # ---- CPU paths (fla's naive references) -------------------------------------------------------
 
-from vlt.layers.fla_cpu import CPU_PATHS  # noqa: E402  (the torch paths read the classes above)
+from vlt.layers.fla_cpu import CPU_PATHS, EVERY_DEVICE  # noqa: E402  (the torch paths read the classes above)

@@ -12,15 +12,18 @@ from vlt.layers import create_mixer
 
 warnings.filterwarnings("ignore", message=".*Triton.*")
 D, H = 32, 4
-CASES = {"kda": dict(num_v_heads=8), "deltanet": dict(use_gate=True)}
+CASES = {"kda": dict(num_v_heads=8), "deltanet": dict(use_gate=True), "gdn2": dict(num_v_heads=8),
+         "gla": dict(num_kv_heads=2, use_short_conv=True), "mamba2": dict(state_size=8, n_groups=2)}
 TOL = dict(rtol=1e-5, atol=1e-5)   # the naive references compute in fp32 whatever the input dtype
 
 
-def make(name, seed=0):
+def make(name, seed=0, **opts):
     torch.manual_seed(seed)
-    m = create_mixer(name, hidden_size=D, num_heads=H, **CASES[name])
+    m = create_mixer(name, hidden_size=D, num_heads=H, **{**CASES[name], **opts})
     with torch.no_grad():  # non-trivial gates so decay and beta both matter
-        m.b_proj.weight.normal_(std=0.5)
+        for gate in ("b_proj", "w_proj", "gk_proj.1"):
+            if hasattr(m, gate.split(".")[0]):
+                m.get_submodule(gate).weight.normal_(std=0.5)
     return m.double()
 
 
@@ -78,20 +81,27 @@ def test_delta_rule_recurrence_the_deltanet_cpu_path_runs_matches_fla_chunkwise(
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_engine_decode_equals_eager(name):
+    """InferenceEngine (GenericStep on the preallocated cache) == the model's eager decode, for a
+    batch of two prompts of different lengths (per-row states and counters), after a layout with
+    the fla mixer in both layers' positions."""
     from vlt.config import VLMConfig
     from vlt.inference import InferenceEngine, generate, generate_eager
     from vlt.model import VLM
     torch.manual_seed(0)
-    model = VLM(VLMConfig.from_name("tiny-hybrid", decoder={"layout": f"[{name}, swa]",
+    model = VLM(VLMConfig.from_name("tiny-hybrid", decoder={"layout": f"[{name}, swa, {name}]",
                                                              "mixers": {name: CASES[name], "swa": {"window": 6}}})).eval()
-    ids = torch.tensor([3, 4, 5, 6, 7, 8])
-    ref = generate_eager(model, ids[None], max_new_tokens=8)
-    assert torch.equal(generate(InferenceEngine(model, capacity=32), [(ids, None)], max_new_tokens=8), ref)
+    prompts = [torch.tensor([3, 4, 5, 6, 7, 8, 9, 10, 11]), torch.tensor([12, 13, 14, 15])]
+    refs = [generate_eager(model, ids[None], max_new_tokens=8) for ids in prompts]
+    engine = InferenceEngine(model, batch_size=2, capacity=32)
+    out = generate(engine, [(ids, None) for ids in prompts], max_new_tokens=8)
+    assert torch.equal(out, torch.cat(refs))
+    assert len(set(map(tuple, out.tolist()))) == 2   # the two rows differ: a row mix-up would show
 
 
 def test_gpu_only_mixers_say_so_on_cpu():
-    m = create_mixer("gdn2", hidden_size=D, num_heads=H)
-    with pytest.raises(ValueError, match=r"mixer 'gdn2'.*needs a CUDA device.*run on CPU: \['deltanet', 'kda'\]"):
+    m = create_mixer("rwkv7", hidden_size=D, num_heads=H)
+    with pytest.raises(ValueError, match=r"mixer 'rwkv7'.*needs a CUDA device.*run on CPU: "
+                                         r"\['deltanet', 'gdn2', 'gla', 'kda', 'mamba2'\]"):
         m(torch.randn(1, 3, D))
 
 

@@ -19,12 +19,13 @@ CASES = {
     "swa_gdn": dict(num_kv_heads=2, window=6),
 }
 # fla layers with a CPU path (layers/fla_mixers.py; not in list_mixers) keep the same contract
-FLA_CASES = {"kda": dict(num_v_heads=8), "deltanet": dict(use_gate=True)}
+FLA_CASES = {"kda": dict(num_v_heads=8), "deltanet": dict(use_gate=True), "gdn2": dict(num_v_heads=8),
+             "gla": dict(num_kv_heads=2, use_short_conv=True), "mamba2": dict(state_size=8, n_groups=2)}
 CASES.update(FLA_CASES)
 
 
 def tol(name):
-    # fla's naive references compute in fp32 whatever the input dtype
+    # fla's naive references (and mamba2's chunked torch kernel) compute in fp32 whatever the input dtype
     return dict(rtol=1e-5, atol=1e-5) if name in FLA_CASES else dict(rtol=1e-5, atol=1e-6)
 
 
@@ -33,7 +34,9 @@ def make(name, seed=0):
     m = create_mixer(name, hidden_size=D, num_heads=H, **CASES[name])
     if name in FLA_CASES:
         with torch.no_grad():  # non-trivial gates so decay and beta both matter
-            m.b_proj.weight.normal_(std=0.5)
+            for gate in ("b_proj", "w_proj", "gk_proj.1"):
+                if hasattr(m, gate.split(".")[0]):
+                    m.get_submodule(gate).weight.normal_(std=0.5)
     return m.double()
 
 
