@@ -79,6 +79,164 @@ def test_delta_rule_recurrence_the_deltanet_cpu_path_runs_matches_fla_chunkwise(
     torch.testing.assert_close(rec, ref, rtol=1e-4, atol=1e-5)
 
 
+def _convs(m, x):
+    from vlt.kernels import short_conv
+    return [short_conv(proj(x), c.weight[:, 0], backend="torch")[0]
+            for proj, c in ((m.q_proj, m.q_conv1d), (m.k_proj, m.k_conv1d), (m.v_proj, m.v_conv1d))]
+
+
+def test_gdn2_cpu_path_matches_fla_naive_chunk():
+    """GDN-2's recurrence against fla's chunked (WY) naive form, fed the layer's own inputs."""
+    from fla.ops.gdn2.naive import naive_chunk_gdn2
+    m = make("gdn2", expand_v=2.0).float()
+    B, T, G = 2, 20, m.num_v_heads // H
+    x = torch.randn(B, T, D)
+    with torch.no_grad():
+        y, _ = m(x)
+        q, k, v = _convs(m, x)
+        q, k = (F.normalize(t.view(B, T, H, -1), dim=-1).repeat_interleave(G, 2) for t in (q, k))
+        g = -m.A_log.exp()[:, None] * F.softplus(m.f_proj(x) + m.dt_bias).view(B, T, H, -1)
+        b = m.b_proj(x).sigmoid().view(B, T, H, -1).repeat_interleave(G, 2)
+        w = m.w_proj(x).sigmoid().view(B, T, m.num_v_heads, -1)
+        o, _ = naive_chunk_gdn2(q, k, v.view(B, T, m.num_v_heads, -1), g.repeat_interleave(G, 2), b, w, chunk_size=4)
+        gate = m.g_proj(x).view(B, T, m.num_v_heads, -1)
+        o = F.rms_norm(o, (o.shape[-1],), m.o_norm.weight, m.o_norm.eps) * gate.sigmoid()
+        ref = m.o_proj(o.reshape(B, T, -1))
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_gla_cpu_path_matches_quadratic_form():
+    """GLA's recurrence against its closed (attention-like) form, O(T^2), written out here:
+    o_t = sum_{s<=t} (q_t * exp(G_t - G_s) . k_s) v_s / sqrt(K), G the cumulative log-gates."""
+    m = make("gla").float()
+    B, T, Gr = 2, 15, m.num_kv_groups
+    x = torch.randn(B, T, D)
+    with torch.no_grad():
+        y, _ = m(x)
+        q, k, v = _convs(m, x)
+        q = q.view(B, T, H, -1)
+        k = k.view(B, T, H // Gr, -1).repeat_interleave(Gr, 2)
+        v = v.view(B, T, H // Gr, -1).repeat_interleave(Gr, 2)
+        gk = F.logsigmoid(m.gk_proj(x).view(B, T, H // Gr, -1).repeat_interleave(Gr, 2)) / m.gate_logit_normalizer
+        Gc = gk.cumsum(1)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        diff = (Gc[:, :, None] - Gc[:, None, :]).masked_fill(~causal[None, :, :, None, None], -torch.inf)
+        A = torch.einsum("bthk,bshk,btshk->bhts", q, k, diff.exp()) * q.shape[-1] ** -0.5
+        o = torch.einsum("bhts,bshv->bthv", A, v)
+        gate = m.g_proj(x).view(B, T, H, -1)
+        o = F.rms_norm(o, (o.shape[-1],), m.g_norm_swish_gate.weight, m.g_norm_swish_gate.eps) * F.silu(gate)
+        ref = m.o_proj(o.reshape(B, T, -1))
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_mamba2_path_matches_fla_torch_forward():
+    """mamba2 (SSD on vlt's chunked linear-attention kernel) against fla's own Mamba2.torch_forward:
+    its naive segment-sum SSD for the prefill and its single-token recurrence for decode. fla's
+    Triton activation and gated norm are swapped for their torch forms (fla's rms_norm_ref) so it
+    runs on CPU. One B/C group: fla's torch prefill tiles groups over heads where its decode and
+    mamba_ssm's kernels (and vlt) give head h group h // (heads / groups)."""
+    from fla.modules.norm.layernorm_gated import rms_norm_ref
+    m = make("mamba2", n_groups=1, chunk_size=8)
+    with torch.no_grad():
+        m.D.normal_()
+    x, xn = torch.randn(2, 21, D, dtype=torch.float64), torch.randn(2, 1, D, dtype=torch.float64)
+    with torch.no_grad():
+        y, state = m(x, use_cache=True)
+        y1, state1 = m.step(xn, state)
+        norm = m.norm
+
+        class RefNorm(torch.nn.Module):
+            def forward(self, y, z):
+                return rms_norm_ref(y, norm.weight, None, z=z, eps=norm.eps, group_size=norm.group_size,
+                                    norm_before_gate=norm.norm_before_gate)
+        m.act, m._modules["norm"] = F.silu, RefNorm()
+        fla_forward = type(m).fla_class.torch_forward
+        ref, conv, ssm = fla_forward(m, x, None, use_cache=True)
+        ref1, _, ssm1 = fla_forward(m, xn, {"conv_state": conv.clone(), "recurrent_state": ssm.clone()}, use_cache=True)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state["ssm"], ssm.float(), rtol=1e-5, atol=1e-6)   # fp32, same [B, H, head_dim, N] layout
+    torch.testing.assert_close(state["conv"], conv[..., 1:])              # fla keeps one more (unread) input
+    torch.testing.assert_close(y1, ref1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state1["ssm"], ssm1.float(), rtol=1e-5, atol=1e-6)
+
+
+def _teacher():
+    from vlt.config import VLMConfig
+    from vlt.model import VLM
+    torch.manual_seed(0)
+    return VLM(VLMConfig.from_name("tiny-hybrid", decoder={"hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
+                                                           "num_kv_heads": 2, "layout": "[full] * 3"}))
+
+
+def test_transfer_from_attention_into_kda_and_gdn2():
+    """Stage I conversion: q/k/v/o copied from the teacher's attention (KV heads repeated over the
+    query heads; GDN-2 with expand_v 2 gets each teacher head in the first head_dim channels of its
+    value head and silent o_proj columns for the rest), the gates at the mimic init."""
+    from vlt.student import convert
+    teacher = _teacher()
+    student, new = convert(teacher, "[kda, gdn2, full]", mixers={"gdn2": {"expand_v": 2.0}}, init="transfer")
+    Hq, Hkv, d, Dm = 4, 2, 8, 32
+    for i in (0, 1):
+        t, s = teacher.layers[i].mixer, student.layers[i].mixer
+        assert torch.equal(s.q_proj.weight, t.q_proj.weight)
+        k_rep = t.k_proj.weight.view(Hkv, d, Dm).repeat_interleave(Hq // Hkv, 0).reshape(Hq * d, Dm)
+        assert torch.equal(s.k_proj.weight, k_rep)
+        assert f"layers.{i}.mixer.q_proj.weight" not in new and f"layers.{i}.mixer.f_proj.1.weight" in new
+    kda, gdn2 = student.layers[0].mixer, student.layers[1].mixer
+    v_rep = teacher.layers[0].mixer.v_proj.weight.view(Hkv, d, Dm).repeat_interleave(Hq // Hkv, 0)
+    assert torch.equal(kda.v_proj.weight, v_rep.reshape(Hq * d, Dm))
+    assert torch.equal(kda.o_proj.weight, teacher.layers[0].mixer.o_proj.weight)
+    v = gdn2.v_proj.weight.view(Hq, 2 * d, Dm)
+    assert torch.equal(v[:, :d], teacher.layers[1].mixer.v_proj.weight.view(Hkv, d, Dm).repeat_interleave(2, 0))
+    o = gdn2.o_proj.weight.view(Dm, Hq, 2 * d)
+    assert torch.equal(o[:, :, :d], teacher.layers[1].mixer.o_proj.weight.view(Dm, Hq, d))
+    assert torch.count_nonzero(o[:, :, d:]) == 0
+    assert "layers.1.mixer.v_proj.weight" in new   # only partly from the teacher: it must train
+
+
+@pytest.mark.parametrize("init", ["mimic", "transfer"])
+def test_converted_kda_gdn2_student_runs_with_mimic_gates(init):
+    from fla.ops.kda.gate import naive_kda_gate
+    from vlt.student import convert
+    student, new = convert(_teacher(), "[kda, gdn2, full]", init=init)
+    x = torch.randn(1, 6, 32)
+    for m in (student.layers[0].mixer, student.layers[1].mixer):
+        # beta (and GDN-2's write gate) 0.5, decay exp(-1e-3) per channel, identity convs
+        assert torch.count_nonzero(m.b_proj.weight) == 0 and torch.count_nonzero(m.A_log) == 0
+        assert torch.equal(m.q_conv1d.weight[:, 0, -1], torch.ones(m.key_dim))
+        assert torch.count_nonzero(m.q_conv1d.weight[:, 0, :-1]) == 0
+        g = naive_kda_gate(m.f_proj(x).view(1, 6, -1, m.head_k_dim), m.A_log, m.dt_bias)
+        torch.testing.assert_close(g, torch.full_like(g, -1e-3), rtol=1e-4, atol=0)
+    assert torch.count_nonzero(student.layers[1].mixer.w_proj.weight) == 0
+    assert (init == "mimic") == ("layers.0.mixer.q_proj.weight" in new)
+    ids = torch.randint(0, 200, (2, 12))
+    out = student(ids, labels=ids)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    params = dict(student.named_parameters())
+    assert all(params[n].grad is not None for n in new)
+    assert params["layers.0.mixer.o_proj.weight"].grad.abs().sum() > 0
+
+
+def test_rwkv7_layers_are_each_their_own_first_layer():
+    """The documented limitation (layers/fla_mixers.py): no value residual across vlt layers -
+    each rwkv7 mixer is built as RWKV-7's layer 0, so it has no v_lora and needs no v_first."""
+    m = create_mixer("rwkv7", hidden_size=D, num_heads=H, layer_idx=5)
+    assert m.layer_idx == 0 and m.vlt_layer_idx == 5 and not hasattr(m, "v_lora")
+    spec = m.state_spec(2, 10, torch.bfloat16)
+    assert spec["shift"].shape == (2, D) and spec["ssm"].shape == (2, H, D // H, D // H)
+
+
+def test_moba_decode_without_flash_attn_is_a_clear_error():
+    import fla.layers.moba as fla_moba
+    if fla_moba.flash_attn_func is not None:
+        pytest.skip("flash-attn is installed")
+    m = create_mixer("moba", hidden_size=D, num_heads=H)
+    state = {"k": torch.zeros(1, 3, D), "v": torch.zeros(1, 3, D), "seen": 3}
+    with pytest.raises(ValueError, match=r"mixer 'moba'.*flash_attn_func.*flash-attn is not installed"):
+        m.fla_forward(torch.randn(1, 1, D), state, None, True)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_engine_decode_equals_eager(name):
     """InferenceEngine (GenericStep on the preallocated cache) == the model's eager decode, for a
