@@ -1,4 +1,5 @@
-"""Embedded synthetic tasks with real signal: colour, count, OCR, long-context needle, and a mix.
+"""Embedded synthetic tasks with real signal: colour, count, OCR, long-context needle, dense OCR,
+multi-image comparison, and a mix.
 
 Every generator takes a ``random.Random`` and keyword parameters and returns a LLaVA-style
 conversation plus PIL images; answers are short and exact (a colour word, a digit, a string), so
@@ -7,7 +8,19 @@ parameters, so CPU smoke runs (56x56, a few frames) and GPU layout studies (hund
 far beyond an SWA window) use the same code.
 
 ``needle`` produces a video: frames at ``fps`` with one frame showing ``CODE:`` and a code, the
-question at the end. Its frames come back in ``SyntheticRecord.frames`` with timestamps.
+question at the end. Its frames come back in ``SyntheticRecord.frames`` with timestamps. With
+``distances`` (a list of token counts) the code frame is placed so that its vision block starts at
+least that many tokens before the end of the prompt (counted with the byte tokenizer and default
+image settings, as the shard manifest counts; ``meta.planned_distance``), one distance drawn per
+sample, and the video keeps ``num_frames`` frames, so only the evidence moves; ``vlt eval`` measures
+the distance again with the model's own tokenizer and reports scores per distance from the SWA window.
+
+``dense_ocr``: ``num_strings`` lines ``K: CODE`` in one image (distinct key letters, codes of
+``alphabet``), the question names one key. ``multi_image``: ``num_images`` images of one shape each;
+"which image shows the red shape?" (``mode=which``, answer 1..n), "do both shapes have the same
+colour?" (``same``, yes/no, two images) or "which image has more shapes?" (``more``, answer 1..n);
+``meta.evidence_image`` names the image that holds the answer, from which ``vlt eval`` measures the
+evidence distance.
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-TASKS = ("color", "count", "ocr", "needle", "mix")
+TASKS = ("color", "count", "ocr", "needle", "dense_ocr", "multi_image", "mix")
 
 # Saturated, well separated colours on a mid-grey background (so white and black stay distinct).
 COLORS = {
@@ -134,31 +147,141 @@ def gen_ocr(rng: random.Random, image_size: int = 56, length: int = 4, width: in
     return SyntheticRecord(_conv("What does the text say?", text), [img], meta={"task": "ocr", "answer": text})
 
 
+def _frame_distances(num_frames: int, fps: float, frame_tokens: int, question: str) -> list[int]:
+    """Per frame, the tokens from its vision block's start to the prompt's end (byte tokenizer,
+    ``frame_tokens`` per frame, as ``build_prompt_ids`` lays a video out)."""
+    from .tokenizer import ByteTokenizer
+    tok = ByteTokenizer()
+    # after the video: "\n" + question + <|im_end|> "\n" <|im_start|> "assistant\n" (build_prompt_ids)
+    tail = len(tok.encode("\n" + question)) + 3 + len(tok.encode("assistant\n"))
+    dist, suffix = [0] * num_frames, tail
+    for i in reversed(range(num_frames)):
+        dist[i] = suffix + frame_tokens + 2  # from <|vision_start|>: the frame's own timestamp comes before it
+        suffix = dist[i] + len(tok.encode(f"<t={i / fps:.1f}s>"))
+    return dist
+
+
 def gen_needle(rng: random.Random, image_size: int = 56, num_frames: int = 16, code_length: int = 4,
-               fps: float = 1.0, distractors: bool = True, **_) -> SyntheticRecord:
+               fps: float = 1.0, distractors: bool = True, distances: list | None = None,
+               alphabet: str = CODE_ALPHABET, code_kind: str = "text", **_) -> SyntheticRecord:
+    """``code_kind="text"``: the code frame shows ``CODE:`` and ``code_length`` characters of
+    ``alphabet`` (distractor frames show unlabelled strings). ``"color"``: the one frame with a
+    shape on it (the others are noise), the answer its colour: the same recall over distance without
+    reading text, which tiny models learn in far fewer steps."""
     if num_frames < 1:
         raise ValueError(f"needle.num_frames must be >= 1 (got {num_frames})")
-    code = "".join(rng.choice(CODE_ALPHABET) for _ in range(code_length))
-    k = rng.randrange(num_frames)
+    if code_kind not in ("text", "color"):
+        raise ValueError(f"needle.code_kind={code_kind!r} is not one of ['text', 'color']")
+    question = "What code appeared?" if code_kind == "text" else "What colour was the shape?"
+    planned = None
+    if distances:
+        from .image import ImageProcessor
+        if not all(isinstance(d, int) and d > 0 for d in distances):
+            raise ValueError(f"needle.distances must be positive token counts (got {distances!r})")
+        dist = _frame_distances(num_frames, fps, ImageProcessor().tokens_for_size(image_size, image_size), question)
+        target = rng.choice(list(distances))
+        if target > dist[0]:
+            raise ValueError(f"needle.distances: {target} tokens needs more than needle.num_frames={num_frames} "
+                             f"frames (the whole video spans {dist[0]} tokens here); raise num_frames")
+        k = max(i for i in range(num_frames) if dist[i] >= target)  # the latest frame at least that far back
+        planned = dist[k]
+    else:
+        k = rng.randrange(num_frames)
+    if code_kind == "color":
+        code = rng.choice(sorted(COLORS))
+        needle = Image.new("RGB", (image_size, image_size), BACKGROUND)
+        r = 0.25 * image_size
+        _draw_shape(ImageDraw.Draw(needle), rng.choice(SHAPES), rng.uniform(r, image_size - r),
+                    rng.uniform(r, image_size - r), r, COLORS[code])
+    else:
+        code = "".join(rng.choice(alphabet) for _ in range(code_length))
+        needle = _render_text(code, image_size, image_size, rng, lines=["CODE:", code])
     nprng = np.random.default_rng(rng.getrandbits(63))
     frames = []
     for i in range(num_frames):
         if i == k:
-            frames.append(_render_text(code, image_size, image_size, rng, lines=["CODE:", code]))
-        elif distractors and rng.random() < 0.5:
+            frames.append(needle)
+        elif distractors and code_kind == "text" and rng.random() < 0.5:
             # a distractor string without the CODE: label, so the model must find the labelled frame
-            fake = "".join(rng.choice(CODE_ALPHABET) for _ in range(code_length))
+            fake = "".join(rng.choice(alphabet) for _ in range(code_length))
             bg = tuple(int(c) for c in nprng.integers(60, 200, 3))
             frames.append(_render_text(fake, image_size, image_size, rng, bg=bg))
         else:
             noise = nprng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
             frames.append(Image.fromarray(noise))
     ts = [round(i / fps, 3) for i in range(num_frames)]
-    conv = _conv("What code appeared?", code, placeholder="<video>")
-    return SyntheticRecord(conv, frames=frames, timestamps=ts, meta={"task": "needle", "answer": code, "needle_frame": k})
+    conv = _conv(question, code, placeholder="<video>")
+    meta = {"task": "needle", "answer": code, "needle_frame": k}
+    if planned is not None:
+        meta["planned_distance"] = planned
+    return SyntheticRecord(conv, frames=frames, timestamps=ts, meta=meta)
 
 
-_GENERATORS = {"color": gen_color, "count": gen_count, "ocr": gen_ocr, "needle": gen_needle}
+def gen_dense_ocr(rng: random.Random, image_size: int = 112, width: int | None = None, num_strings: int = 6,
+                  length: int = 3, alphabet: str = string.digits, **_) -> SyntheticRecord:
+    """Many labelled strings in one image; recall of the one the question names (information-dense)."""
+    if not 1 <= num_strings <= 26:
+        raise ValueError(f"dense_ocr.num_strings must be in 1..26 (got {num_strings})")
+    if length < 1:
+        raise ValueError(f"dense_ocr.length must be >= 1 (got {length})")
+    keys = rng.sample(string.ascii_uppercase, num_strings)
+    codes = ["".join(rng.choice(alphabet) for _ in range(length)) for _ in keys]
+    j = rng.randrange(num_strings)
+    img = _render_text("", width or image_size, image_size, rng, lines=[f"{k}: {c}" for k, c in zip(keys, codes)])
+    return SyntheticRecord(_conv(f"What is written after {keys[j]}?", codes[j]), [img],
+                           meta={"task": "dense_ocr", "answer": codes[j], "line": j, "num_strings": num_strings})
+
+
+_MI_MODES = ("which", "same", "more")
+
+
+def gen_multi_image(rng: random.Random, image_size: int = 56, num_images: int = 2, mode: str = "random",
+                    max_count: int = 4, **_) -> SyntheticRecord:
+    """Questions that need several images at once; answers are an image number or yes/no."""
+    if mode not in (*_MI_MODES, "random"):
+        raise ValueError(f"multi_image.mode={mode!r} is not one of {[*_MI_MODES, 'random']}")
+    if not 2 <= num_images <= len(COLORS):
+        raise ValueError(f"multi_image.num_images must be in 2..{len(COLORS)} (got {num_images})")
+    mode = rng.choice(_MI_MODES) if mode == "random" else mode
+    n = 2 if mode == "same" else num_images
+    if mode == "more" and max_count < n:
+        raise ValueError(f"multi_image.max_count={max_count} must be >= num_images={n} for mode 'more' "
+                         "(every image gets a different count)")
+    names = sorted(COLORS)
+    if mode == "which":
+        colours, counts = rng.sample(names, n), [1] * n
+        j = rng.randrange(n)
+        question, answer = f"Which image shows the {colours[j]} shape?", str(j + 1)
+    elif mode == "same":
+        c0 = rng.choice(names)
+        colours = [c0, c0] if rng.random() < 0.5 else [c0, rng.choice([c for c in names if c != c0])]
+        counts, j = [1, 1], None
+        question, answer = "Do the two shapes have the same colour?", "yes" if colours[0] == colours[1] else "no"
+    else:
+        counts = rng.sample(range(1, max_count + 1), n)
+        colours = [rng.choice(names) for _ in range(n)]
+        j = counts.index(max(counts))
+        question, answer = "Which image has more shapes?", str(j + 1)
+    images = []
+    for colour, count in zip(colours, counts):
+        img = Image.new("RGB", (image_size, image_size), BACKGROUND)
+        draw = ImageDraw.Draw(img)
+        r = (0.25 if count == 1 else 0.09) * image_size
+        cells = rng.sample(range(9), count)  # a 3x3 grid of cells: shapes never touch
+        for c in cells:
+            cx, cy = (c % 3 + 0.5) * image_size / 3, (c // 3 + 0.5) * image_size / 3
+            _draw_shape(draw, rng.choice(SHAPES), cx, cy, min(r, image_size / 6 - 1), COLORS[colour])
+        images.append(img)
+    text = "\n".join(f"Image {i + 1}: <image>" for i in range(n)) + "\n" + question
+    conv = [{"from": "human", "value": text}, {"from": "gpt", "value": answer}]
+    meta = {"task": "multi_image", "answer": answer, "mode": mode}
+    if j is not None:
+        meta["evidence_image"] = j
+    return SyntheticRecord(conv, images, meta=meta)
+
+
+_GENERATORS = {"color": gen_color, "count": gen_count, "ocr": gen_ocr, "needle": gen_needle,
+               "dense_ocr": gen_dense_ocr, "multi_image": gen_multi_image}
 
 
 def generate_record(task: str, rng: random.Random, **params) -> SyntheticRecord:

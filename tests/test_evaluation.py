@@ -148,6 +148,92 @@ def test_eval_on_synthetic_shards(export, tmp_path, capsys):
     assert sum(b["n"] for b in s["by_distance"]["needle"].values()) == len(needles)
 
 
+def test_eval_on_the_layout_tasks_measures_each_evidence_distance(export, tmp_path):
+    """needle at planned token distances, dense OCR, multi-image: vlt eval's measured distance of a needle
+    is the distance the generator planned (both count the byte tokenizer's tokens, 4 per 56x56 frame),
+    and a multi-image question's is counted from the named image's block."""
+    from vlt.data.shards import write_synthetic
+    from vlt.evaluation.samples import Skips, read_samples
+    shards = tmp_path / "shards"
+    write_synthetic(str(shards), "mix", 12, seed=0, split="val", weights={"needle": 2, "dense_ocr": 1, "multi_image": 1},
+                    task_params={"needle": {"num_frames": 8, "distances": [20, 40, 100]},
+                                 "multi_image": {"mode": "which", "num_images": 3}})
+    out = tmp_path / "out"
+    assert _vlt("--ckpt", export, "--data", shards, "--max-new-tokens", 4, "--batch-size", 4, "--out", out) == 0
+    s = json.loads((out / "eval.json").read_text())["summary"]
+    preds = {p["id"]: p for p in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
+    raws = {r.id: r for r in read_samples(str(shards), None, Skips())}
+    assert {p["task"] for p in preds.values()} == {"needle", "dense_ocr", "multi_image"}
+    assert s["tasks"]["dense_ocr"]["metric"] == "anls" and s["tasks"]["multi_image"]["metric"] == "exact"
+    tail = len("\nWhich image shows the red shape?") + 3 + len("assistant\n")  # no colour name is longer than 7
+    for k, p in preds.items():
+        meta = raws[k].meta
+        if p["task"] == "needle":
+            assert p["evidence_distance"] == meta["planned_distance"]
+        elif p["task"] == "multi_image":
+            # image j's block (6 tokens), then "\nImage i: " (10) + block (6) for each image after it, the question
+            q = raws[k].conversations[0]["value"].rsplit("\n", 1)[1]
+            after = 2 - meta["evidence_image"]
+            assert p["evidence_distance"] == 6 + 16 * after + tail - len("Which image shows the red shape?") + len(q)
+        else:
+            assert p["evidence_distance"] is None
+    assert {"needle", "multi_image"} <= set(s["by_distance"])
+    assert sum(b["n"] for b in s["by_distance"]["needle"].values()) == sum(p["task"] == "needle" for p in preds.values())
+    # window 16: 20 and 40 tokens are 1-4x the window, 100 beyond 4x
+    assert set(s["by_distance"]["needle"]) <= {"1-2x window", "2-4x window", ">4x window"}
+
+
+def test_layout_task_generators_are_exact_and_checked():
+    """Answers follow from what is drawn, distances are where they were asked for, bad parameters name
+    the parameter."""
+    from vlt.data.synthetic import COLORS, check_params, generate_record, sample_rng
+    for i in range(6):
+        r = generate_record("dense_ocr", sample_rng(0, "t", i), num_strings=5, length=3)
+        key = r.conversations[0]["value"].split("after ")[1].rstrip("?")
+        assert len(r.conversations[1]["value"]) == 3 and r.conversations[1]["value"].isdigit() and len(key) == 1
+        r = generate_record("multi_image", sample_rng(0, "t", i), mode="which", num_images=3)
+        colour = r.conversations[0]["value"].split("the ")[-1].split(" shape")[0]
+        j = int(r.conversations[1]["value"]) - 1
+        has = [COLORS[colour] in set(im.getdata()) for im in r.images]
+        assert has == [k == j for k in range(3)] and r.meta["evidence_image"] == j
+        r = generate_record("multi_image", sample_rng(0, "t", i), mode="same")
+        colours = [{c for c in im.getdata() if c != (128, 128, 128)} for im in r.images]
+        assert r.conversations[1]["value"] == ("yes" if colours[0] == colours[1] else "no")
+        r = generate_record("needle", sample_rng(0, "t", i), num_frames=10, code_kind="color", distances=[60, 120])
+        assert r.conversations[1]["value"] in COLORS and r.meta["planned_distance"] >= 60
+        shape = r.frames[r.meta["needle_frame"]]
+        assert COLORS[r.conversations[1]["value"]] in set(shape.getdata())
+    # the latest frame at least the asked distance back: one frame later would be nearer than asked
+    r = generate_record("needle", sample_rng(0, "t", 0), num_frames=10, distances=[100])
+    assert 100 <= r.meta["planned_distance"] < 100 + 15
+    with pytest.raises(ValueError, match="needle.num_frames=4"):
+        generate_record("needle", sample_rng(0, "t", 0), num_frames=4, distances=[500])
+    with pytest.raises(ValueError, match=r"multi_image.mode='pick'.*'which'"):
+        generate_record("multi_image", sample_rng(0, "t", 0), mode="pick")
+    with pytest.raises(ValueError, match="code_kind"):
+        generate_record("needle", sample_rng(0, "t", 0), code_kind="audio")
+    with pytest.raises(ValueError, match="num_string"):
+        check_params("dense_ocr", {"num_string": 3})
+    check_params("needle", {"distances": [10], "code_kind": "color"})
+
+
+def test_layout_tasks_from_vlt_data_and_recipes(tmp_path):
+    from vlt.data.cli import main as data_main
+    from vlt.data.datamodule import VLTDataModule
+    for task in ("dense_ocr", "multi_image"):
+        assert data_main(["synth", "--task", task, "--out", str(tmp_path / task), "--num-train", "3", "--num-val", "0",
+                          "--quiet"]) == 0
+        assert json.loads((tmp_path / task / "train" / "manifest.json").read_text())["num_samples"] == 3
+    assert data_main(["synth", "--task", "needle", "--out", str(tmp_path / "n"), "--num-train", "2", "--num-val", "0",
+                      "--param", "num_frames=6", "--param", "distances=[30]", "--quiet"]) == 0
+    dm = VLTDataModule(synthetic={"task": "multi_image", "num_train": 4, "num_val": 0, "mode": "more",
+                                  "cache_dir": str(tmp_path / "c")}, batch_size=2, num_workers=0, max_length=256)
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] >= 1 and len(batch["images"]) >= 2
+
+
 def _jsonl(tmp_path, rows):
     img = tmp_path / "img"
     img.mkdir()

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-TOOLS = ("data", "bench", "generate", "chat", "stream", "eval", "export", "mixers", "recipes")
+TOOLS = ("data", "bench", "generate", "chat", "stream", "eval", "compare", "export", "mixers", "recipes")
 LIGHTNING_SUBCOMMANDS = {"fit": "train a model (the quickstart without --config)",
                          "validate": "evaluate on the validation split", "test": "evaluate on the test split",
                          "predict": "generate answers, written as JSONL (id, prompt, prediction, target)"}
@@ -265,6 +265,8 @@ def tool_main(argv: list[str]) -> int:
              "stream a video through a saved model and ask about it"),
             ("eval", "vlt.eval_cli", "add_eval_args", "run_eval",
              "generate answers on shards or a LLaVA JSONL and score them (JSON + MD + PNG)"),
+            ("compare", "vlt.compare_cli", "add_compare_args", "run_compare",
+             "train layouts at an equal parameter budget, evaluate each, table + plot with intervals"),
             ("export", "vlt.export_cli", "add_export_args", "run_export",
              "a .ckpt -> a model directory for vlt generate / init_from")):
         p = sub.add_parser(name, help=help_)

@@ -47,8 +47,34 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: the dtype the model was saved in")
+    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an InferenceEngine option (graphs, fused, compile, pack, pdl), e.g. graphs=false "
+                        "compile=none: the eager torch path, no capture or compile time for small models")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+_ENGINE_BOOLS = ("graphs", "fused", "pack", "pdl")
+
+
+def engine_options(items) -> dict:
+    """``["graphs=false", "compile=none"]`` -> ``{"graphs": False, "compile": None}``: booleans take
+    true/false (graphs, fused, pack also none: the engine's choice), compile takes none or a backend."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        v = value.strip().lower()
+        if not sep or key not in (*_ENGINE_BOOLS, "compile"):
+            raise ValueError(f"--engine-option {item!r}: expected KEY=VALUE, KEY one of {[*_ENGINE_BOOLS, 'compile']}")
+        if key == "compile":
+            out[key] = None if v == "none" else value.strip()
+        elif v in ("true", "false"):
+            out[key] = v == "true"
+        elif v == "none" and key != "pdl":
+            out[key] = None
+        else:
+            raise ValueError(f"--engine-option {item!r}: {key} takes true or false" + (" or none" if key != "pdl" else ""))
+    return out
 
 
 def run_eval(args) -> int:
@@ -68,6 +94,7 @@ def _run(args) -> int:
     from vlt.generate_cli import _image_processor, load_for_inference, prompt_record, system_prompt
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1 (got {args.limit})")
+    engine_kwargs = engine_options(args.engine_option)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     ckpt = Path(args.ckpt).expanduser()
     model, tok = load_for_inference(args.ckpt, device, args.dtype)
@@ -78,13 +105,14 @@ def _run(args) -> int:
     samples = read_samples(args.data, args.images, skips, fps=args.fps)
     results, skips = evaluate(model, tok, samples, image_processor=proc, system=system, batch_size=args.batch_size,
                               max_new_tokens=args.max_new_tokens, metric=args.metric, tasks=args.tasks,
-                              limit=args.limit, progress=not args.no_progress, skips=skips)
+                              limit=args.limit, progress=not args.no_progress, skips=skips,
+                              engine_kwargs=engine_kwargs)
     window = swa_window(model)
     summary = summarise(results, skips, window)
     settings = {"ckpt": str(ckpt), "data": args.data, "images": args.images, "tasks": args.tasks,
                 "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "limit": args.limit,
                 "metric": args.metric, "system": system, "device": device, "layout": getattr(model, "layout", None),
-                "window": window, "decoding": "greedy"}
+                "window": window, "decoding": "greedy", "engine_options": engine_kwargs}
     paths = write_report(args.out, summary, results, settings)
     sk = summary["skipped"]
     if sk["total"]:

@@ -9,8 +9,8 @@ system prompt and image limits), ``batch_size`` prompts at a time go through one
 decoding is greedy, so a prediction is exactly what ``vlt generate`` prints for that prompt.
 
 Per sample the result records the prompt length (its length bucket) and, where the sample says
-where its evidence is (a ``needle`` video's ``needle_frame``, or ``evidence_distance`` in tokens in
-its meta), the distance in tokens from the evidence to the end of the prompt and that distance over
+where its evidence is (a ``needle`` video's ``needle_frame``, a still's ``evidence_image``, or
+``evidence_distance`` in tokens in its meta), the distance in tokens from the evidence to the end of the prompt and that distance over
 the model's smallest SWA window: past 1x, a window layer no longer sees the evidence.
 """
 from __future__ import annotations
@@ -73,16 +73,24 @@ def swa_window(model) -> int | None:
 
 
 def _evidence_distance(raw: RawSample, ids: list, tok) -> int | None:
+    """Tokens from the start of the evidence's vision block to the end of the prompt: the sample's
+    own ``evidence_distance``, else the block of video frame ``needle_frame`` or of still image
+    ``evidence_image`` (0-based, in ``<image>`` order), else None."""
     meta = raw.meta or {}
     if meta.get("evidence_distance") is not None:
         return int(meta["evidence_distance"])
-    if meta.get("needle_frame") is None or not raw.frames:
-        return None
-    # frame k is the k-th vision block after the stills placed before the <video> placeholder
     text = "".join(str(t.get("value", "")) for t in raw.conversations)
-    before = text[:text.index("<video>")].count("<image>")
+    places = re.findall(r"<image>|<video>", text)
+    if meta.get("needle_frame") is not None and raw.frames and "<video>" in places:
+        # frame k is the k-th vision block after the stills placed before the <video> placeholder
+        k = places.index("<video>") + int(meta["needle_frame"])
+    elif meta.get("evidence_image") is not None and int(meta["evidence_image"]) < places.count("<image>"):
+        i = int(meta["evidence_image"])
+        nth = [j for j, ph in enumerate(places) if ph == "<image>"][i]
+        k = nth + (len(raw.frames) - 1 if "<video>" in places[:nth] else 0)  # a video before it: its frames
+    else:
+        return None
     starts = [i for i, t in enumerate(ids) if t == tok.vision_start_id]
-    k = before + int(meta["needle_frame"])
     return len(ids) - starts[k] if k < len(starts) else None
 
 

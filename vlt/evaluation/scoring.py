@@ -21,7 +21,8 @@ from typing import Iterable, Sequence
 
 METRICS = ("exact", "numeric", "anls")
 # the metric that fits each synthetic task's answer (vlt.data.synthetic); other tasks: auto
-TASK_METRICS = {"color": "exact", "count": "numeric", "ocr": "anls", "needle": "anls"}
+TASK_METRICS = {"color": "exact", "count": "numeric", "ocr": "anls", "needle": "anls", "dense_ocr": "anls",
+                "multi_image": "exact"}
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)

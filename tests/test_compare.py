@@ -1,0 +1,139 @@
+"""Layout studies (``vlt compare``, vlt.evaluation.compare): the statistics on hand-made eval rows, the
+equal-parameter budget against real model builds, the layout recipes' errors, and ``vlt compare
+--tiny`` end to end (two layouts x two seeds, trained, exported and scored by vlt eval on the CPU)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vlt.evaluation.compare import (BEYOND, count_params, default_depth, match_budget, read_layout_recipe,
+                                    study_stats, tile_layout)
+
+
+def _rows(scores, distances=None, task="t"):
+    return [{"id": i, "task": task, "score": s, "evidence_distance": None if distances is None else distances[i]}
+            for i, s in enumerate(scores)]
+
+
+# --------------------------------------------------------------------------------------- statistics
+def test_means_differences_and_intervals_on_hand_made_rows():
+    a = [1.0, 1.0, 0.0, 1.0]            # mean 0.75
+    b = [0.0, 1.0, 0.0, 0.0]            # mean 0.25
+    st = study_stats({"A": [_rows(a)], "B": [_rows(b)]}, window=None, reference="B", n_boot=500, seed=0)
+    ga, gb = st["groups"]["t"]["A"], st["groups"]["t"]["B"]
+    assert ga["mean"] == pytest.approx(0.75, abs=1e-12) and gb["mean"] == pytest.approx(0.25, abs=1e-12)
+    assert ga["n_rows"] == 4 and ga["n_seeds"] == 1
+    assert 0.0 <= ga["lo"] <= ga["mean"] <= ga["hi"] <= 1.0 and ga["hi"] - ga["lo"] > 0.1  # 4 rows: a wide interval
+    d = st["differences"]["t"]["A"]
+    assert d["mean"] == pytest.approx(0.5, abs=1e-12)
+    # paired: rows 0, 2, 3 differ by +1, 0, +1 and row 1 by 0, so no replicate can go below 0 or above 1
+    assert 0.0 <= d["lo"] <= 0.5 <= d["hi"] <= 1.0
+    # deterministic in the seed
+    assert study_stats({"A": [_rows(a)], "B": [_rows(b)]}, None, "B", n_boot=500, seed=0) == st
+
+
+def test_identical_layouts_differ_by_exactly_zero_and_seeds_are_pooled():
+    rows = _rows([1.0, 0.0, 0.5, 1.0, 0.0])
+    st = study_stats({"A": [rows], "B": [rows]}, window=None, reference="A", n_boot=200)
+    d = st["differences"]["t"]["B"]
+    assert d["mean"] == 0.0 and d["lo"] == 0.0 and d["hi"] == 0.0   # the same resampled rows on both sides
+    two = study_stats({"A": [_rows([1, 1, 1, 1]), _rows([0, 0, 1, 1])]}, window=None, n_boot=300)
+    g = two["groups"]["t"]["A"]
+    assert g["per_seed"] == [1.0, 0.5] and g["mean"] == pytest.approx(0.75, abs=1e-12) and g["n_seeds"] == 2
+    # with two seeds the interval also spans the seed-to-seed spread: it reaches a seed's own mean
+    assert g["lo"] <= 0.5 + 1e-9 and g["hi"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_distance_groups_use_one_window_and_pool_beyond_it():
+    dist = [10, 40, 70, 300]             # window 32: in window, 1-2x, 2-4x, >4x
+    st = study_stats({"A": [_rows([1, 0, 1, 0], dist)], "B": [_rows([1, 1, 0, 0], dist)]}, window=32, reference="A",
+                     n_boot=100)
+    g = st["groups"]
+    assert list(g) == ["t", "t / in window", "t / 1-2x window", "t / 2-4x window", "t / >4x window", f"t / {BEYOND}"]
+    assert g[f"t / {BEYOND}"]["A"]["n_rows"] == 3
+    assert g[f"t / {BEYOND}"]["A"]["mean"] == pytest.approx(1 / 3, abs=1e-12)
+    assert g[f"t / {BEYOND}"]["B"]["mean"] == pytest.approx(1 / 3, abs=1e-12)
+    assert g["t / 1-2x window"]["B"]["mean"] == 1.0 and g["t / 1-2x window"]["A"]["mean"] == 0.0
+    # only rows every run has are compared
+    st = study_stats({"A": [_rows([1, 1, 1])], "B": [_rows([0, 0])]}, window=None, reference="A", n_boot=50)
+    assert st["groups"]["t"]["A"]["n_rows"] == 2 and st["groups"]["t"]["A"]["mean"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------ budget
+def test_layout_recipes_depth_and_errors():
+    name, layers, mixers = read_layout_recipe("hybrid_1to7")
+    assert layers == ["swa"] + ["gdn"] * 7 and mixers == {"swa": {"window": 64}}
+    assert read_layout_recipe("mine=[swa, gdn] * 2")[1] == ["swa", "gdn", "swa", "gdn"]
+    assert default_depth([4, 8, 4]) == 8 and tile_layout("full", ["full"] * 4, 8) == ["full"] * 8
+    with pytest.raises(ValueError, match=r"no layout recipe 'hybird'.*hybrid_1to3"):
+        read_layout_recipe("hybird")
+    with pytest.raises(ValueError, match="--depth 6"):
+        tile_layout("hybrid_1to7", ["swa"] + ["gdn"] * 7, 6)
+
+
+def test_budget_matching_against_real_builds():
+    from vlt.model import VLM
+    from vlt.training.base import build_config
+    layouts = {n: (tile_layout(n, ls, 8), m) for n, ls, m in map(read_layout_recipe, ["full", "gdn", "hybrid_1to3",
+                                                                                         "hybrid_1to7", "intra_hybrid"])}
+    sizes = match_budget("tiny-hybrid", None, layouts, "hybrid_1to3", tolerance=0.03)
+    target = sizes["hybrid_1to3"]["params"]
+    assert sizes["hybrid_1to3"]["intermediate_size"] == 384 and sizes["hybrid_1to3"]["deviation"] == 0.0
+    assert sizes["full"]["intermediate_size"] > 384 > sizes["intra_hybrid"]["intermediate_size"]
+    for n, (layers, mixers) in layouts.items():
+        width = sizes[n]["intermediate_size"]
+        cfg = build_config("tiny-hybrid", {"decoder": {"intermediate_size": width}}, None,
+                           "[" + ", ".join(layers) + "]", mixers)
+        real = sum(p.numel() for p in VLM(cfg).parameters())   # a real build, not the meta-device count
+        assert real == sizes[n]["params"], n
+        assert abs(real - target) / target <= 0.03, n
+    assert count_params("tiny-hybrid", None, ["full"] * 4, {}) == 1059968
+    with pytest.raises(ValueError, match="--budget-tolerance"):
+        match_budget("tiny-hybrid", None, layouts, "hybrid_1to3", tolerance=1e-6)
+
+
+# --------------------------------------------------------------------------------------- end to end
+def test_vlt_compare_tiny_end_to_end(tmp_path, capsys):
+    from vlt.cli import main
+    out = tmp_path / "cmp"
+    assert main(["compare", "--tiny", "--out", str(out)]) == 0
+    res = json.loads((out / "compare.json").read_text())
+    assert (out / "compare.md").read_text().startswith("# vlt compare")
+    assert (out / "compare.png").stat().st_size > 1000
+    lay = res["layouts"]
+    assert list(lay) == ["swa", "hybrid_1to3"] and res["settings"]["depth"] == 4
+    assert lay["swa"]["pattern"] == "[swa, swa, swa, swa]" and lay["swa"]["intermediate_size"] > 384
+    assert abs(lay["swa"]["params"] - lay["hybrid_1to3"]["params"]) / lay["hybrid_1to3"]["params"] <= 0.03
+    st = res["stats"]
+    assert st["window"] == 64 and st["reference"] == "hybrid_1to3"
+    assert "needle / in window" in st["groups"] and "needle / 1-2x window" in st["groups"]
+    for n, v in lay.items():
+        assert [r["seed"] for r in v["runs"]] == [0, 1]
+        per_seed = st["groups"]["needle"][n]["per_seed"]
+        for r, mine in zip(v["runs"], per_seed):
+            # what compare pooled is what each run's own vlt eval reported
+            ev = json.loads((out / "runs" / f"{n}-s{r['seed']}" / "eval" / "eval.json").read_text())
+            assert ev["summary"]["tasks"]["needle"]["score"] == pytest.approx(mine, abs=1e-12)
+            assert ev["summary"]["n"] == 6 and r["final_train_loss"] is not None and np.isfinite(r["final_train_loss"])
+            [last] = (out / "runs" / f"{n}-s{r['seed']}").glob("lightning_logs/version_*/checkpoints/last.ckpt")
+            ckpt = torch.load(last, map_location="cpu", weights_only=False)
+            assert ckpt["global_step"] == 3 and ckpt["vlt_config"]["decoder"]["intermediate_size"] == \
+                v["intermediate_size"]
+    # the same study again reuses every run (nothing retrained)
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/lightning_logs/*/checkpoints/last.ckpt")}
+    capsys.readouterr()
+    assert main(["compare", "--tiny", "--out", str(out)]) == 0
+    assert capsys.readouterr().err.count("reusing") == 4
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/lightning_logs/*/checkpoints/last.ckpt")} == stamps
+    assert json.loads((out / "compare.json").read_text())["stats"] == st
+
+
+def test_vlt_compare_bad_arguments(tmp_path, capsys):
+    from vlt.cli import main
+    assert main(["compare", "--tiny", "--layouts", "swa", "nope", "--out", str(tmp_path)]) == 2
+    assert "no layout recipe 'nope'" in capsys.readouterr().err
+    assert main(["compare", "--tiny", "--reference", "gdn", "--out", str(tmp_path)]) == 2
+    assert "--reference 'gdn' is not among --layouts" in capsys.readouterr().err
+    assert main(["compare", "--tiny", "--param", "num_framez=3", "--out", str(tmp_path)]) == 2
+    assert "num_framez" in capsys.readouterr().err
