@@ -3,9 +3,12 @@ reference for its op (token-by-token recurrences), vlt's torch short conv and to
 
 Each path mirrors the fla layer's forward (fla/layers/<layer>.py, fla 0.6.0) step by step and takes
 and returns the state in vlt's format (layers/fla_mixers.py), so a state from a CPU prefill
-continues on CUDA and back. Packed ``cu_seqlens`` run each sequence on its own (nothing can cross a
-boundary); the naive references take no ``cu_seqlens``. Speed is not a goal here: they are for
-tests, tiny CPU runs and as the readable reference of what the CUDA path computes.
+continues on CUDA and back. The naive references take no ``cu_seqlens``: the projections, gates
+and short convs run on the packed sequence (the convs restart at each boundary), then the
+recurrence runs the sequences as one right-padded batch whose pads are inert (zero key, write and
+log-decay), so nothing crosses a boundary and each final state is that of its real tokens. Speed
+is not a goal here: they are for tests, tiny CPU runs and as the readable reference of what the
+CUDA path computes.
 """
 from __future__ import annotations
 
@@ -13,16 +16,17 @@ import torch
 import torch.nn.functional as F
 
 from vlt.kernels import short_conv
+from vlt.kernels.varlen import pad_packed, unpad
 
 
-def _conv(conv, x, state, use_cache):
+def _conv(conv, x, state, use_cache, cu_seqlens=None):
     """fla's ShortConvolution (an nn.Conv1d [C, 1, W] with an optional bias and activation) on
-    vlt's torch causal conv; the state is vlt's [B, C, W-1]."""
+    vlt's torch causal conv; the state is vlt's [B or N, C, W-1]."""
     act = getattr(conv, "activation", None)
     if act not in (None, "silu", "swish"):
         raise ValueError(f"short conv activation {act!r} has no CPU path; allowed: silu, None")
     return short_conv(x, conv.weight[:, 0], conv.bias, activation="silu" if act else None, conv_state=state,
-                      output_final_state=use_cache, backend="torch")
+                      output_final_state=use_cache, cu_seqlens=cu_seqlens, backend="torch")
 
 
 def _gated_rms_norm(norm, o, g):
@@ -41,50 +45,24 @@ def _rms_norm(norm, o):
     return (y * norm.weight.float() if norm.weight is not None else y).to(o.dtype)
 
 
-def _packed(path, m, x, state, cu_seqlens, use_cache):
-    """Run ``path`` on each packed sequence (row i of ``state`` for sequence i) and join the outputs
-    along T and the states along the batch."""
-    bounds = cu_seqlens.tolist()
-    ys, states = [], []
-    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        row = None if state is None else _take_row(state, i)
-        y, s = path(m, x[:, a:b], row, None, use_cache)
-        ys.append(y)
-        states.append(s)
-    y = torch.cat(ys, 1)
-    if not use_cache:
-        return y, None
-    return y, _cat_rows(states)
+def _recur(op, cu_seqlens, xs, h0):
+    """``op(*xs, initial_state=h0, output_final_state=True) -> (o, S)`` on [B, T, ...] inputs; packed
+    sequences (``cu_seqlens``, B == 1) run as one right-padded batch [N, L, ...]: zero pads write
+    nothing and decay nothing (k, beta / write gate and log-decay all 0), and ``h0`` is [N, ...]."""
+    if cu_seqlens is None:
+        return op(*xs, initial_state=h0, output_final_state=True)
+    padded, lengths = pad_packed(list(xs), cu_seqlens, 1)
+    o, S = op(*padded, initial_state=h0, output_final_state=True)
+    return unpad(o, lengths), S
 
 
-def _take_row(tree, i):
-    if isinstance(tree, torch.Tensor):
-        return tree[i:i + 1]
-    if isinstance(tree, dict):
-        return {k: _take_row(v, i) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(_take_row(v, i) for v in tree)
-    return tree
-
-
-def _cat_rows(trees):
-    first = trees[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(trees, 0)
-    if isinstance(first, dict):
-        return {k: _cat_rows([t[k] for t in trees]) for k in first}
-    if isinstance(first, (tuple, list)):
-        return type(first)(_cat_rows(list(parts)) for parts in zip(*trees))
-    return first
-
-
-def _qkv(m, x, state, use_cache):
+def _qkv(m, x, state, use_cache, cu_seqlens):
     """q, k, v projections through the short convs (or fla's SiLU without them) + the new conv states."""
     q, k, v = m.q_proj(x), m.k_proj(x), m.v_proj(x)
     if not m.use_short_conv:
         return F.silu(q), F.silu(k), F.silu(v), None
     conv = (None, None, None) if state is None else state["conv"]
-    (q, cq), (k, ck), (v, cv) = (_conv(c, t, s, use_cache) for c, t, s in
+    (q, cq), (k, ck), (v, cv) = (_conv(c, t, s, use_cache, cu_seqlens) for c, t, s in
                                  zip((m.q_conv1d, m.k_conv1d, m.v_conv1d), (q, k, v), conv))
     return q, k, v, (cq, ck, cv)
 
@@ -104,17 +82,15 @@ def kda_cpu(m, x, state, cu_seqlens, use_cache):
     from fla.ops.kda.naive import naive_recurrent_kda
     if m.lower_bound is not None or m.safe_gate:
         raise ValueError(f"mixer {m.mixer_name!r}: lower_bound / safe_gate have no CPU path; leave them unset on CPU")
-    if cu_seqlens is not None:
-        return _packed(kda_cpu, m, x, state, cu_seqlens, use_cache)
     B, T, _ = x.shape
-    q, k, v, conv = _qkv(m, x, state, use_cache)
+    q, k, v, conv = _qkv(m, x, state, use_cache, cu_seqlens)
     q = F.normalize(q.view(B, T, m.num_heads, m.head_k_dim).float(), dim=-1)   # use_qk_l2norm_in_kernel
     k = F.normalize(k.view(B, T, m.num_heads, m.head_k_dim).float(), dim=-1)
     v = v.view(B, T, m.num_v_heads, m.head_v_dim)
     g = naive_kda_gate(m.f_proj(x).view(B, T, m.num_v_heads, m.head_k_dim), m.A_log, m.dt_bias)
     beta = m.b_proj(x).float().sigmoid() * (2.0 if m.allow_neg_eigval else 1.0)
-    o, ssm = naive_recurrent_kda(q, k, v.float(), g, beta, initial_state=None if state is None else state["ssm"],
-                                 output_final_state=True)
+    o, ssm = _recur(naive_recurrent_kda, cu_seqlens, (q, k, v.float(), g, beta),
+                    None if state is None else state["ssm"])
     gate = m.g_proj(x).view(B, T, m.num_v_heads, m.head_v_dim)
     o = _gated_rms_norm(m.o_norm, o.to(x.dtype), gate)
     return _finish(m, x, m.o_proj(o.reshape(B, T, m.value_dim)), conv, ssm, state, use_cache)
@@ -126,19 +102,18 @@ def deltanet_cpu(m, x, state, cu_seqlens, use_cache):
     if m.qk_activation != "silu" or m.qk_norm != "l2":
         raise ValueError(f"mixer {m.mixer_name!r}: the CPU path takes qk_activation='silu', qk_norm='l2' "
                          f"(got {m.qk_activation!r}, {m.qk_norm!r})")
-    if cu_seqlens is not None:
-        return _packed(deltanet_cpu, m, x, state, cu_seqlens, use_cache)
     B, T, _ = x.shape
-    q, k, v, conv = _qkv(m, x, state, use_cache)
+    q, k, v, conv = _qkv(m, x, state, use_cache, cu_seqlens)
     q = F.normalize(q.view(B, T, m.num_heads, m.head_k_dim).float(), dim=-1)
     k = F.normalize(k.view(B, T, m.num_heads, m.head_k_dim).float(), dim=-1)
     v = v.view(B, T, m.num_heads, m.head_v_dim).float()
     beta = m.b_proj(x).float().sigmoid() if m.use_beta else q.new_ones(B, T, m.num_heads)
     beta = beta * (2.0 if m.allow_neg_eigval else 1.0)
-    # the naive reference is head-major [B, H, T, K]
-    o, ssm = delta_rule_recurrence(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), beta.transpose(1, 2),
-                                   initial_state=None if state is None else state["ssm"], output_final_state=True)
-    o = o.transpose(1, 2).to(x.dtype)
+    def head_major(q, k, v, beta, **kw):   # the naive reference takes [B, H, T, K]
+        o, S = delta_rule_recurrence(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), beta.transpose(1, 2), **kw)
+        return o.transpose(1, 2), S
+    o, ssm = _recur(head_major, cu_seqlens, (q, k, v, beta), None if state is None else state["ssm"])
+    o = o.to(x.dtype)
     if m.use_gate:
         o = _gated_rms_norm(m.o_norm, o, m.g_proj(x).view(B, T, m.num_heads, m.head_v_dim))
     else:
@@ -149,11 +124,9 @@ def deltanet_cpu(m, x, state, cu_seqlens, use_cache):
 def gdn2_cpu(m, x, state, cu_seqlens, use_cache):
     """fla.layers.GatedDeltaNet2 through fla.ops.gdn2.naive.naive_recurrent_gdn2."""
     from fla.ops.gdn2.naive import naive_recurrent_gdn2
-    if cu_seqlens is not None:
-        return _packed(gdn2_cpu, m, x, state, cu_seqlens, use_cache)
     B, T, _ = x.shape
     H, HV, K, V = m.num_heads, m.num_v_heads, m.head_k_dim, m.head_v_dim
-    q, k, v, conv = _qkv(m, x, state, use_cache)
+    q, k, v, conv = _qkv(m, x, state, use_cache, cu_seqlens)
     q = F.normalize(q.view(B, T, H, K).float(), dim=-1)   # use_qk_l2norm_in_kernel
     k = F.normalize(k.view(B, T, H, K).float(), dim=-1)
     g = -m.A_log.float().exp()[:, None] * F.softplus(m.f_proj(x).float() + m.dt_bias).view(B, T, H, K)
@@ -161,8 +134,8 @@ def gdn2_cpu(m, x, state, cu_seqlens, use_cache):
     w = m.w_proj(x).float().sigmoid().view(B, T, HV, V)
     # GVA: the q/k-side tensors broadcast to the value heads (value head j reads q/k head j // (HV // H))
     q, k, g, b = (t.repeat_interleave(HV // H, 2) for t in (q, k, g, b))
-    o, ssm = naive_recurrent_gdn2(q, k, v.view(B, T, HV, V).float(), g, b, w,
-                                  initial_state=None if state is None else state["ssm"], output_final_state=True)
+    o, ssm = _recur(naive_recurrent_gdn2, cu_seqlens, (q, k, v.view(B, T, HV, V).float(), g, b, w),
+                    None if state is None else state["ssm"])
     o = _gated_rms_norm(m.o_norm, o.to(x.dtype), m.g_proj(x).view(B, T, HV, V))
     return _finish(m, x, m.o_proj(o.reshape(B, T, m.value_dim)), conv, ssm, state, use_cache)
 
@@ -176,13 +149,11 @@ def gla_cpu(m, x, state, cu_seqlens, use_cache):
     if m.feature_map_fn is not None:
         raise ValueError(f"mixer {m.mixer_name!r}: feature_map has no CPU path (fla's activations are Triton "
                          "kernels); leave it None on CPU")
-    if cu_seqlens is not None:
-        return _packed(gla_cpu, m, x, state, cu_seqlens, use_cache)
     B, T, _ = x.shape
     H, K, V, G = m.num_heads, m.head_k_dim, m.head_v_dim, m.num_kv_groups
     if m.use_short_conv:
         conv = (None, None, None) if state is None else state["conv"]
-        (q, cq), (k, ck), (v, cv) = (_conv(c, t, s, use_cache) for c, t, s in zip(
+        (q, cq), (k, ck), (v, cv) = (_conv(c, t, s, use_cache, cu_seqlens) for c, t, s in zip(
             (m.q_conv1d, m.k_conv1d, m.v_conv1d), (m.q_proj(x), m.k_proj(x), m.v_proj(x)), conv))
         conv = (cq, ck, cv)
     else:   # GLA applies no activation without the convs (unlike the delta-rule layers)
@@ -195,8 +166,8 @@ def gla_cpu(m, x, state, cu_seqlens, use_cache):
     gk = F.logsigmoid(gk.float()) / m.gate_logit_normalizer
     if m.clamp_min is not None:
         gk = gk.clamp_min(m.clamp_min)
-    o, ssm = naive_recurrent_gla(q.float(), k.float(), v.float(), gk,
-                                 initial_state=None if state is None else state["ssm"], output_final_state=True)
+    o, ssm = _recur(naive_recurrent_gla, cu_seqlens, (q.float(), k.float(), v.float(), gk),
+                    None if state is None else state["ssm"])
     o = o.to(x.dtype)
     if m.use_output_gate and m.fuse_norm_and_gate:
         o = _gated_rms_norm(m.g_norm_swish_gate, o, m.g_proj(x).view(B, T, H, V)).reshape(B, T, -1)
