@@ -137,3 +137,60 @@ def test_vlt_compare_bad_arguments(tmp_path, capsys):
     assert "--reference 'gdn' is not among --layouts" in capsys.readouterr().err
     assert main(["compare", "--tiny", "--param", "num_framez=3", "--out", str(tmp_path)]) == 2
     assert "num_framez" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the phenomenon table
+def _result(a_scores, b_scores, dist, reference="A"):
+    st = study_stats({"A": [_rows(a_scores, dist, "needle")], "B": [_rows(b_scores, dist, "needle")]}, window=10,
+                     reference=reference, n_boot=200)
+    return {"stats": st, "settings": {"command": "vlt compare ...", "steps": 5, "seeds": [0]},
+            "layouts": {"A": {"params": 100}, "B": {"params": 101}}}
+
+
+def test_phenomenon_rows_and_their_verdicts():
+    from vlt.evaluation.compare import phenomena_markdown, phenomenon_row
+    dist = [5, 5, 5, 5, 80, 80, 80, 80]   # window 10: four rows in the window, four far beyond it
+    res = _result([1, 1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0, 0, 0], dist)
+    row = phenomenon_row(res, "recall", "needle / >4x window", "A", "B", 0.2, control="needle / in window")
+    assert row["difference"]["mean"] == pytest.approx(0.75, abs=1e-12)
+    assert row["control_scores"]["B"]["mean"] == 1.0 and row["verdict"].startswith("reproduced")
+    # the result's differences are B - A: the row negates them (the same replicates)
+    flipped = phenomenon_row(_result([1, 1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0, 0, 0], dist, reference="B"),
+                             "recall", "needle / >4x window", "A", "B", 0.2)
+    assert flipped["difference"]["mean"] == pytest.approx(0.75, abs=1e-12)
+    assert flipped["difference"]["lo"] <= 0.75 <= flipped["difference"]["hi"]
+    same = phenomenon_row(_result([1] * 8, [1] * 8, dist), "recall", "needle / >4x window", "A", "B", 0.2)
+    assert same["verdict"] == "not reproduced (interval below the margin)"
+    # nothing learned where both should succeed: no evidence either way
+    none = phenomenon_row(_result([0] * 8, [0] * 8, dist), "recall", "needle / >4x window", "A", "B", 0.2,
+                          control="needle / in window")
+    assert none["verdict"].startswith("inconclusive")
+    md = phenomena_markdown([row, none])
+    assert "+75.0 [" in md and "(>= +20)" in md and "`vlt compare ...`" in md and "A 100, B 101" in md
+    with pytest.raises(ValueError, match="group 'ocr' is not in the compare result"):
+        phenomenon_row(res, "x", "ocr", "A", "B", 0.1)
+
+
+def test_gpu_phenomena_script_in_its_cpu_mode(tmp_path):
+    """tools/gpu-phenomena.sh with PHENOMENA_TINY=1: both studies, the table and the copied files."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PHENOMENA_TINY": "1", "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(root / "tools" / "gpu-phenomena.sh")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    table = json.loads((out / "phenomena.json").read_text())
+    assert table["missing"] == [] and [r["group"] for r in table["rows"]] == ["needle / >4x window", "dense_ocr"]
+    assert [(r["layout"], r["baseline"]) for r in table["rows"]] == [("hybrid_1to3", "swa"), ("hybrid_1to3", "gdn")]
+    assert all(r["command"].startswith("vlt compare") and r["steps"] == 3 for r in table["rows"])
+    assert "| 2 | linear attention alone underperforms on dense OCR |" in (out / "phenomena.md").read_text()
+    for study, runs in (("needle_beyond_window", {"hybrid_1to3-s0", "swa-s0"}), ("dense_ocr", {"hybrid_1to3-s0", "gdn-s0"})):
+        assert (out / study / "compare.json").is_file() and (out / study / "compare.png").is_file()
+        assert {p.name for p in (out / study / "runs").iterdir()} == runs
+        assert all((out / study / "runs" / r / "eval.json").is_file() for r in runs)
+        assert not list((out / study).rglob("*.ckpt"))      # checkpoints stay in WORK

@@ -27,6 +27,7 @@ import copy
 import glob
 import hashlib
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,9 @@ def add_compare_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, default=0, help="the synthetic set's seed (the same for every run)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 1000)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="model seeds per layout (default 0)")
+    p.add_argument("--mixers", default=None, metavar="JSON",
+                   help="mixer options merged over every layout's recipe, e.g. '{\"swa\": {\"window\": 32}, "
+                        "\"swa_gdn\": {\"window\": 32}}' (a smaller window puts far evidence within cheaper videos)")
     p.add_argument("--depth", type=int, default=None, help="layers per model (default: LCM of the layouts' periods)")
     p.add_argument("--budget-layout", default=None, help="whose parameter count is the budget (default: hybrid_1to3 "
                    "when studied, else the first layout)")
@@ -113,6 +117,14 @@ def plan(args, s: dict) -> dict:
     from vlt.evaluation.compare import count_params, default_depth, match_budget, read_layout_recipe, tile_layout
     model_name, model = _base_model(args.config)
     recipes = [read_layout_recipe(x) for x in s["layouts"]]
+    if args.mixers:
+        try:
+            extra = json.loads(args.mixers)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--mixers {args.mixers!r} is not JSON ({e.msg})") from None
+        if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
+            raise ValueError(f"--mixers must map mixer names to option dicts, e.g. '{{\"swa\": {{\"window\": 32}}}}'")
+        recipes = [(n, ls, {**m, **{k: {**m.get(k, {}), **v} for k, v in extra.items()}}) for n, ls, m in recipes]
     depth = args.depth or default_depth([len(layers) for _, layers, _ in recipes])
     layouts = {name: (tile_layout(name, layers, depth), mixers) for name, layers, mixers in recipes}
     budget = args.budget_layout or ("hybrid_1to3" if "hybrid_1to3" in layouts else next(iter(layouts)))
@@ -171,6 +183,10 @@ def train_and_eval(args, s: dict, spec: dict, test_dir: Path, name: str, lay: di
     if rc not in (0, None) or not ckpts:
         raise RuntimeError(f"vlt fit for layout {name!r} seed {seed} failed (exit {rc}; checkpoints: {ckpts})")
     last = next((c for c in ckpts if Path(c).name == "last.ckpt"), ckpts[-1])
+    import torch
+    step = torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("global_step")
+    if step != s["steps"]:  # e.g. an interrupted fit that Lightning ended gracefully: not the study's model
+        raise RuntimeError(f"vlt fit for layout {name!r} seed {seed} stopped at step {step} of {s['steps']} ({last})")
     export = export_checkpoint(last, run / "export")
     t1 = time.perf_counter()
     rc = eval_main(["--ckpt", str(export), "--data", str(test_dir), "--out", str(run / "eval"), "--batch-size",
@@ -190,6 +206,28 @@ def _rows(run_dir: str) -> tuple[list[dict], int | None]:
     return rows, json.loads((ev / "eval.json").read_text())["settings"].get("window")
 
 
+_REPEATED = ("param", "set", "eval_arg")  # append options: one flag per value
+
+
+def _command(args) -> str:
+    """The study as one shell command, from the parsed arguments (every option spelled out, defaults
+    too), whichever way it was started."""
+    parts = ["vlt", "compare"]
+    for key, v in vars(args).items():
+        if key in ("func", "tool") or v is None or v is False or v == []:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if v is True:
+            parts.append(flag)
+        elif key in _REPEATED:
+            parts += [f"{flag}={x}" for x in v]
+        elif isinstance(v, list):
+            parts += [flag, *map(str, v)]
+        else:
+            parts += [flag, str(v)]
+    return shlex.join(parts)
+
+
 def run_compare(args) -> int:
     try:
         return _run(args)
@@ -202,8 +240,8 @@ def _run(args) -> int:
     from vlt.data.datamodule import ensure_synthetic, synthetic_dirs
     from vlt.data.synthetic import check_params
     from vlt.evaluation.compare import study_stats, write_compare
-    command = "vlt compare " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["compare"] else sys.argv[1:])
-    s = _settings(args)  # (each vlt fit below rewrites sys.argv, so the command is taken first)
+    command = _command(args)
+    s = _settings(args)
     check_params(s["task"], s["params"])
     p = plan(args, s)
     reference = args.reference or p["budget_layout"]

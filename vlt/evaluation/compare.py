@@ -175,7 +175,7 @@ def study_stats(runs: dict, window: int | None, reference: str | None = None, n_
 def _cell(st: dict | None, signed: bool = False) -> str:
     if not st:
         return "-"
-    f = (lambda x: f"{100 * x:+.1f}") if signed else (lambda x: f"{100 * x:.1f}")
+    f = (lambda x: f"{100 * x + 0.0:+.1f}") if signed else (lambda x: f"{100 * x + 0.0:.1f}")  # no "-0.0"
     return f"{f(st['mean'])} [{f(st['lo'])}, {f(st['hi'])}]"
 
 
@@ -253,3 +253,60 @@ def write_compare(out_dir, result: dict) -> dict:
     paths["markdown"].write_text(markdown(result))
     plot(result, paths["png"])
     return paths
+
+
+# ----------------------------------------------------------------------------- the phenomenon table
+def phenomenon_row(result: dict, title: str, group: str, layout: str, baseline: str, margin: float,
+                   control: str | None = None, learned: float = 0.5) -> dict:
+    """One row of issue 17's phenomenon table from a compare result: ``layout`` vs ``baseline`` on
+    ``group``, expected ``layout >= baseline + margin`` (fractions). ``control``: a group both
+    layouts should solve (e.g. the evidence inside the window); when the better of them scores
+    below ``learned`` there, or on ``group`` itself without a control, the row is inconclusive."""
+    st = result["stats"]["groups"]
+    if group not in st:
+        raise ValueError(f"group {group!r} is not in the compare result (groups: {list(st)})")
+    for n in (layout, baseline):
+        if n not in st[group]:
+            raise ValueError(f"layout {n!r} is not in the compare result (layouts: {list(st[group])})")
+    a, b = st[group][layout], st[group][baseline]
+    ref = result["stats"]["reference"]
+    diffs = result["stats"]["differences"].get(group, {})
+    if ref == baseline:
+        d = diffs[layout]
+    elif ref == layout:  # the recorded difference is baseline - layout: the same replicates, negated
+        x = diffs[baseline]
+        d = {"mean": -x["mean"], "lo": -x["hi"], "hi": -x["lo"], "n_rows": x["n_rows"]}
+    else:
+        raise ValueError(f"the compare result's differences are against {ref!r}; run it with --reference {layout}")
+    ctrl = {n: st[control][n] for n in (layout, baseline)} if control and control in st else None
+    best = max(v["mean"] for v in (ctrl or {layout: a, baseline: b}).values())
+    if best < learned:
+        verdict = (f"inconclusive: neither layout learned the task in this budget (best {100 * best:.0f}% "
+                   f"{'on ' + control if ctrl else 'overall'}, below {100 * learned:.0f}%)")
+    elif d["mean"] >= margin:
+        verdict = "reproduced" + (" (interval above the margin)" if d["lo"] >= margin else
+                                  " (point estimate; the interval reaches below the margin)")
+    else:
+        verdict = "not reproduced" + (" (interval below the margin)" if d["hi"] < margin else
+                                      " (point estimate; the interval reaches the margin)")
+    return {"phenomenon": title, "group": group, "layout": layout, "baseline": baseline, "expected_margin": margin,
+            "layout_score": a, "baseline_score": b, "difference": d, "control": control, "control_scores": ctrl,
+            "verdict": verdict, "command": result["settings"].get("command"),
+            "steps": result["settings"].get("steps"), "seeds": result["settings"].get("seeds"),
+            "params": {n: result["layouts"][n]["params"] for n in (layout, baseline)}}
+
+
+def phenomena_markdown(rows: list[dict]) -> str:
+    lines = ["# Phenomenon table (issue 17)", "", "Scores in percent, mean over seeds [95% bootstrap interval]; "
+             "difference in points, paired over the same eval rows.", "",
+             "| # | phenomenon | group | layout | baseline | difference (expected) | control | verdict |",
+             "|---|---|---|---:|---:|---:|---|---|"]
+    for i, r in enumerate(rows, 1):
+        ctrl = "-" if not r["control_scores"] else f"{r['control']}: " + ", ".join(
+            f"{n} {_cell(v)}" for n, v in r["control_scores"].items())
+        lines.append(f"| {i} | {r['phenomenon']} | {r['group']} | {r['layout']} {_cell(r['layout_score'])} | "
+                     f"{r['baseline']} {_cell(r['baseline_score'])} | {_cell(r['difference'], signed=True)} "
+                     f"(>= +{100 * r['expected_margin']:.0f}) | {ctrl} | {r['verdict']} |")
+    lines += [""] + [f"{i}. `{r['command']}` ({r['steps']} steps, seeds {r['seeds']}, parameters "
+                     + ", ".join(f"{n} {p:,}" for n, p in r["params"].items()) + ")" for i, r in enumerate(rows, 1)]
+    return "\n".join(lines) + "\n"
