@@ -267,8 +267,8 @@ def test_compiled_steps_match_eager(layout):
     ref, got = InferenceEngine(model, capacity=64), InferenceEngine(model, capacity=64, compile="eager")
     for eng in (ref, got):
         eng.prefill(torch.arange(5, 14))
-    for i in range(4):          # two sizes of T > 1 and decode, each used twice or more
-        T = (3, 4)[i % 2]
+    for i in range(5):          # sizes of T > 1 (a new one recompiles with T dynamic) and decode
+        T = (3, 4, 3, 4, 6)[i]
         x = model.embed_tokens(torch.randint(0, 200, (1, T)))
         pos = text_positions(torch.zeros(1, T, dtype=torch.long), None, ref.next_pos[:1])
         a, b = ref.step_embeddings(x, pos), got.step_embeddings(x, pos)
