@@ -15,9 +15,10 @@
 #   PHENOMENA_TINY=1 OUT=/tmp/ph bash tools/gpu-phenomena.sh   # the same logic on a CPU in ~1 minute
 #
 # Knobs (environment): NEEDLE_STEPS, OCR_STEPS (optimizer steps per run, default 500), SEEDS (default
-# "0"), NEEDLE_TRAIN / OCR_TRAIN (training samples), EVAL_N (test samples per study), STUDY_TIMEOUT
-# (seconds per study, default 270, so both fit one 10-minute command), WORK (runs, data, checkpoints;
-# default /tmp/vlt-phenomena). A study cut by its timeout keeps its finished runs; running the script
+# "0"), NEEDLE_TRAIN / OCR_TRAIN (training samples), NEEDLE_BATCH / OCR_BATCH (rows per step),
+# EVAL_N (test samples per study), NEEDLE_TIMEOUT / OCR_TIMEOUT (seconds per study, default 300 / 240,
+# so both fit one 10-minute command), WORKERS (loader processes, default 6), WORK (runs, data,
+# checkpoints; default /tmp/vlt-phenomena). A study cut by its timeout keeps its finished runs; running the script
 # again with the same settings and WORK reuses them and trains only what is missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +27,8 @@ WORK=${WORK:-/tmp/vlt-phenomena}
 PY=${PYTHON:-python}
 TINY=${PHENOMENA_TINY:-0}
 SEEDS=${SEEDS:-0}
-STUDY_TIMEOUT=${STUDY_TIMEOUT:-270}
+NEEDLE_TIMEOUT=${NEEDLE_TIMEOUT:-300}
+OCR_TIMEOUT=${OCR_TIMEOUT:-240}
 mkdir -p "$OUT" "$WORK"
 
 if [ "$TINY" = 1 ]; then   # CPU check of this script's logic: a few steps, tiny data, window 16
@@ -35,31 +37,33 @@ if [ "$TINY" = 1 ]; then   # CPU check of this script's logic: a few steps, tiny
   CONTROL="needle / 2-4x window"   # 46 tokens at window 16
   DEVICE=(--set=--trainer.accelerator=cpu --set=--trainer.precision=32-true --set=--data.init_args.num_workers=0
           --device cpu)
-  BATCH=2
+  NEEDLE_BATCH=${NEEDLE_BATCH:-2}; OCR_BATCH=${OCR_BATCH:-2}
 else
-  NEEDLE_STEPS=${NEEDLE_STEPS:-500}; OCR_STEPS=${OCR_STEPS:-500}; NEEDLE_TRAIN=${NEEDLE_TRAIN:-3000}
-  OCR_TRAIN=${OCR_TRAIN:-12000}; EVAL_N=${EVAL_N:-300}; FRAMES=32; DISTANCES="[40, 320, 448]"; WINDOW=32
+  NEEDLE_STEPS=${NEEDLE_STEPS:-500}; OCR_STEPS=${OCR_STEPS:-500}; NEEDLE_TRAIN=${NEEDLE_TRAIN:-4000}
+  OCR_TRAIN=${OCR_TRAIN:-16000}; EVAL_N=${EVAL_N:-300}; FRAMES=32; DISTANCES="[40, 320, 448]"; WINDOW=32
   CONTROL="needle / 1-2x window"
-  DEVICE=(--set=--trainer.accelerator=gpu --set=--trainer.devices=1 --set=--data.init_args.num_workers=4
+  DEVICE=(--set=--trainer.accelerator=gpu --set=--trainer.devices=1 --set=--data.init_args.num_workers=${WORKERS:-6}
           --device cuda)
-  BATCH=16
+  # rows of 1024 (needle, ~2 samples each) / 512 tokens (dense OCR, ~5 each) per step: a 1.3M-parameter
+  # model is launch-bound on an H200, so wide batches buy samples at little cost per step
+  NEEDLE_BATCH=${NEEDLE_BATCH:-32}; OCR_BATCH=${OCR_BATCH:-32}
 fi
 # the same for every run: no validation pass (the studies' scores come from vlt eval on the test
 # split), quiet logs; the eval engine eager (no graph capture or compile time for 1M-parameter models)
 COMMON=(--config layouts/base --seeds $SEEDS --num-val 0 --num-eval "$EVAL_N" --eval-batch-size 64
         --mixers "{\"swa\": {\"window\": $WINDOW}, \"swa_gdn\": {\"window\": $WINDOW}}"
         --set=--trainer.limit_val_batches=0 --set=--trainer.enable_progress_bar=false
-        --set=--trainer.log_every_n_steps=25 --set=--data.init_args.batch_size=$BATCH
+        --set=--trainer.log_every_n_steps=25
         --eval-arg=--engine-option=graphs=false --eval-arg=--engine-option=compile=none
         --eval-arg=--engine-option=fused=false "${DEVICE[@]}")
 
-study() {  # name, then vlt compare arguments
-  local name=$1; shift
+study() {  # name, timeout in seconds, then vlt compare arguments
+  local name=$1 limit=$2; shift 2
   local t0=$SECONDS
   echo "[gpu-phenomena] $name: vlt compare $*" | tee -a "$OUT/phenomena.log"
   # KILL, not INT: Lightning would stop an interrupted fit gracefully and the study would score a
   # half-trained model (vlt compare also refuses a checkpoint short of --steps)
-  timeout --signal=KILL "$STUDY_TIMEOUT" $PY -m vlt.cli compare "$@" --out "$WORK/$name" \
+  timeout --signal=KILL "$limit" $PY -m vlt.cli compare "$@" --out "$WORK/$name" \
     > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "[gpu-phenomena] $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/phenomena.log"
@@ -74,13 +78,14 @@ study() {  # name, then vlt compare arguments
   return $rc
 }
 
-study needle_beyond_window --layouts hybrid_1to3 swa --task needle --steps "$NEEDLE_STEPS" \
+study needle_beyond_window "$NEEDLE_TIMEOUT" --layouts hybrid_1to3 swa --task needle --steps "$NEEDLE_STEPS" \
   --num-train "$NEEDLE_TRAIN" --param num_frames=$FRAMES --param code_kind=color \
-  --param "distances=$DISTANCES" --max-new-tokens 4 --set=--data.init_args.max_length=1024 "${COMMON[@]}"
+  --param "distances=$DISTANCES" --max-new-tokens 4 --set=--data.init_args.max_length=1024 \
+  --set=--data.init_args.batch_size=$NEEDLE_BATCH "${COMMON[@]}"
 rc1=$?
-study dense_ocr --layouts hybrid_1to3 gdn --task dense_ocr --steps "$OCR_STEPS" --num-train "$OCR_TRAIN" \
+study dense_ocr "$OCR_TIMEOUT" --layouts hybrid_1to3 gdn --task dense_ocr --steps "$OCR_STEPS" --num-train "$OCR_TRAIN" \
   --param image_size=112 --param num_strings=4 --param length=2 --max-new-tokens 4 \
-  --set=--data.init_args.max_length=512 "${COMMON[@]}"
+  --set=--data.init_args.max_length=512 --set=--data.init_args.batch_size=$OCR_BATCH "${COMMON[@]}"
 rc2=$?
 
 OUT="$OUT" WORK="$WORK" CONTROL="$CONTROL" $PY - <<'EOF'

@@ -189,7 +189,7 @@ def markdown(result: dict) -> str:
              "| layout | layers | params | MLP width | seeds | train s/run |", "|---|---|---:|---:|---:|---:|"]
     for n, v in lay.items():
         wall = sum(r["wall_s"] for r in v["runs"]) / max(1, len(v["runs"]))
-        lines.append(f"| {n} | `{v['pattern']}` | {v['params']:,} | {v['intermediate_size']} | {len(v['runs'])} | "
+        lines.append(f"| {n} | `{v['pattern']}` | {v['params']:,} | {v['intermediate_size'] or '-'} | {len(v['runs'])} | "
                      f"{wall:.0f} |")
     groups = list(st["groups"])
     lines += ["", "| group | n | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
