@@ -342,3 +342,34 @@ def test_layout_recipes_build_and_train_a_step(recipe):
     assert torch.isfinite(out.loss)
     out_proj = "o_proj" if recipe == "kda_hybrid" else "out_proj"   # fla's names: Mamba2 has in_proj/out_proj
     assert getattr(model.layers[1].mixer, out_proj).weight.grad.abs().sum() > 0
+
+
+def test_bench_rows_for_fla_mixers_on_cpu():
+    """`vlt bench mixers` for fla mixers: the CUDA branch's row logic (vlt forward vs fla's layer
+    forward, state bytes, the 1.10x goal) run on the CPU with the timer stubbed; fla's own forward
+    cannot run here (Triton), which must come back as the raw rows' errors, not a crash."""
+    import argparse
+
+    from vlt.bench import mixers as bench
+    from vlt.layers import state_nbytes
+    rows = []
+
+    def record(mixer, kind, op, mode, T, fn, leaves=(), extra=None):
+        try:
+            fn()
+            rows.append(dict(mixer=mixer, kind=kind, op=op, mode=mode, T=T, ms=1.0, **(extra or {})))
+        except Exception as e:  # noqa: BLE001
+            rows.append(dict(mixer=mixer, kind=kind, op=op, mode=mode, T=T, ms=None, error=str(e)))
+    args = argparse.Namespace(hidden_size=D, num_heads=H, num_kv_heads=2, head_dim=8, seq_lens=[16],
+                              modes=["train", "decode"])
+    m = create_mixer("kda", **bench._mixer_opts("kda", args))
+    bench.bench_fla_mixer(m, "kda", args, torch.float32, record, state_nbytes)
+    got = {(r["kind"], r["mode"]): r for r in rows}
+    assert got[("mixer", "fwd+bwd")]["ms"] == 1.0 and got[("mixer", "decode")]["ms"] == 1.0
+    assert got[("mixer", "decode")]["state_bytes"] == m.state_size(1, 16, torch.float32)
+    assert got[("raw", "fwd+bwd")]["ms"] is None and got[("raw", "decode")]["ms"] is None
+    rows += [dict(mixer="kda", kind="raw", op="fla", mode="fwd+bwd", T=32, ms=2.0),
+             dict(mixer="kda", kind="mixer", op="kda", mode="fwd+bwd", T=32, ms=2.3)]
+    g = [x for x in bench.goals(rows, argparse.Namespace(seq_lens=[32])) if x.get("mixer") == "kda"]
+    assert g == [dict(goal="fla mixer/fla layer <= 1.10", mixer="kda", mode="fwd+bwd", T=32, ratio=1.15, met=False)]
+    assert bench._mixer_opts("mamba2", args) == {"hidden_size": D}   # fla's head_dim 64 sets its heads

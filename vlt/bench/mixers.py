@@ -9,6 +9,13 @@ Three rows per mixer, sequence length and mode, so framework overhead is measure
 Times are medians over CUDA-event timed repetitions after warm-up. Shapes default to InfiniteVL-4B
 (hidden 2048, 16 heads of 128, 2 KV heads, GDN expand_v 2, window 8192), bf16, batch 1.
 Writes mixers.json (command, machine, versions, every median) and mixers.png to --out.
+
+fla's layers (``--mixers kda gdn2 mamba2 ...``, layers/fla_mixers.py) are the library's own modules,
+so their rows differ: ``mixer`` is vlt's forward (state converted to and from fla's layer cache;
+mamba2 runs vlt's kernels), ``raw`` is fla's layer forward on the same module (its own kernels and
+cache: what vlt's wrapper is measured against); there is no ``core`` row. Their options are fla's
+defaults except the width, heads and head_dim. Decode rows of every mixer carry ``state_bytes``,
+the state after T tokens as ``state_nbytes`` measures it.
 """
 from __future__ import annotations
 
@@ -21,11 +28,14 @@ import sys
 import time
 
 MIXERS = ("full", "swa", "linear", "gdn", "swa_gdn")
+#: fla-backed mixers (layers/fla_mixers.py); timed only when asked for with --mixers
+FLA_MIXERS = ("kda", "gdn2", "deltanet", "gla", "mamba2", "rwkv7", "nsa", "moba")
 
 
 def add_bench_mixers_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a = parser.add_argument
-    a("--mixers", nargs="+", default=list(MIXERS), choices=MIXERS, help="mixers to time")
+    a("--mixers", nargs="+", default=list(MIXERS), choices=MIXERS + FLA_MIXERS,
+      help=f"mixers to time (default: vlt's own; fla's: {' '.join(FLA_MIXERS)})")
     a("--seq-lens", nargs="+", type=int, default=[4096, 16384, 65536], help="T for fwd+bwd; decode context")
     a("--hidden-size", type=int, default=2048)
     a("--num-heads", type=int, default=16)
@@ -76,7 +86,11 @@ def run_tiny(args) -> int:
               "shapes": {k: getattr(args, k) for k in ("hidden_size", "num_heads", "num_kv_heads", "head_dim",
                                                        "expand_v", "window", "dtype")},
               "batch": 1, "results": []}
-    for name in args.mixers:
+    from vlt.layers.fla_mixers import cpu_mixers
+    skipped = [n for n in args.mixers if n in FLA_MIXERS and n not in cpu_mixers()]
+    if skipped:
+        print(f"--tiny skips {skipped}: no CPU path (fla mixers on CPU: {cpu_mixers()})", file=sys.stderr)
+    for name in [n for n in args.mixers if n not in skipped]:
         torch.manual_seed(0)
         m = create_mixer(name, **_mixer_opts(name, args))
         params = list(m.parameters())
@@ -317,6 +331,13 @@ def raw_kernels(name, args, kwargs, grad: bool, flex_options):
 # -- the benchmark --------------------------------------------------------------------------------
 
 def _mixer_opts(name, a):
+    if name in FLA_MIXERS:
+        from vlt.layers.registry import get_mixer_class, mixer_options
+        allowed = mixer_options(get_mixer_class(name))
+        opts = dict(hidden_size=a.hidden_size, num_heads=a.num_heads, head_dim=a.head_dim, num_kv_heads=a.num_kv_heads)
+        if name == "mamba2":   # its heads split expand * hidden: keep fla's head_dim 64 (num_heads follows)
+            opts.pop("num_heads"), opts.pop("head_dim")
+        return {k: v for k, v in opts.items() if k in allowed}
     opts = dict(hidden_size=a.hidden_size, num_heads=a.num_heads, head_dim=a.head_dim)
     if name in ("full", "swa", "swa_gdn"):
         opts["num_kv_heads"] = a.num_kv_heads
@@ -357,24 +378,31 @@ def run_bench_mixers(args) -> int:
               "batch": 1, "results": []}
     path = os.path.join(args.out, "mixers.json")
 
-    def record(mixer, kind, op, mode, T, fn, leaves=()):
+    def record(mixer, kind, op, mode, T, fn, leaves=(), extra=None):
         try:
             if mode == "decode":   # decode steps are launch-bound: time CUDA-graph replays
                 fn = graphed(fn)
             ms, n = cuda_time(fn, args.rep_ms, leaves)
-            row = dict(mixer=mixer, kind=kind, op=op, mode=mode, T=T, ms=round(ms, 4), reps=n)
+            row = dict(mixer=mixer, kind=kind, op=op, mode=mode, T=T, ms=round(ms, 4), reps=n, **(extra or {}))
         except Exception as e:  # noqa: BLE001 - a kernel that cannot take these inputs is reported
-            row = dict(mixer=mixer, kind=kind, op=op, mode=mode, T=T, ms=None, error=f"{type(e).__name__}: {e}"[:300])
+            row = dict(mixer=mixer, kind=kind, op=op, mode=mode, T=T, ms=None, error=f"{type(e).__name__}: {e}"[:300],
+                       **(extra or {}))
         print(json.dumps(row), flush=True)
         report["results"].append(row)
         with open(path, "w") as f:
             json.dump(report, f, indent=1)
         torch.cuda.empty_cache()
 
+    from vlt.layers import state_nbytes
     for name in args.mixers:
         torch.manual_seed(0)
         m = create_mixer(name, **_mixer_opts(name, args)).to("cuda", dtype)
         params = list(m.parameters())
+        if name in FLA_MIXERS:
+            bench_fla_mixer(m, name, args, dtype, record, state_nbytes)
+            del m, params
+            torch.cuda.empty_cache()
+            continue
         for T in args.seq_lens:
             x = torch.randn(1, T, args.hidden_size, device="cuda", dtype=dtype)
             if "train" in args.modes:
@@ -398,7 +426,8 @@ def run_bench_mixers(args) -> int:
                 with torch.no_grad():
                     _, state = m(x, use_cache=True)
                     x1 = torch.randn(1, 1, args.hidden_size, device="cuda", dtype=dtype)
-                    record(name, "mixer", name, "decode", T, lambda: m.step(x1, state))
+                    record(name, "mixer", name, "decode", T, lambda: m.step(x1, state),
+                           extra={"state_bytes": state_nbytes(state)})
                     record(name, "mixer", name, "decode eager", T, lambda: m.step(x1, state))
                     calls = record_kernel_calls(m, x1, state=state, use_cache=True)
                     f, _ = replay(calls, grad=False)
@@ -417,12 +446,61 @@ def run_bench_mixers(args) -> int:
     return 0
 
 
+def bench_fla_mixer(m, name, args, dtype, record, state_nbytes):
+    """The rows of one fla-backed mixer (see the module docstring): vlt's forward and decode step
+    against fla's own layer forward on the same module, fwd+bwd and decode, plus the state's bytes."""
+    import torch
+    from vlt.layers.fla_mixers import _OneLayerCache, _to_fla
+    params = list(m.parameters())
+    dev = params[0].device
+    fla_fwd = type(m).fla_class.forward
+    for T in args.seq_lens:
+        x = torch.randn(1, T, args.hidden_size, device=dev, dtype=dtype)
+        if "train" in args.modes:
+            xg = x.clone().requires_grad_()
+            for kind, f in (("mixer", lambda: m(xg)[0]), ("raw", lambda: fla_fwd(m, xg)[0])):
+                try:
+                    step, lv = fwd_bwd(f, [xg, *params])
+                except Exception as e:  # noqa: BLE001 - reported as the row's error
+                    step, lv = (lambda e=e: (_ for _ in ()).throw(e)), []
+                record(name, kind, name if kind == "mixer" else f"fla.layers.{m.fla_class.__name__}", "fwd+bwd",
+                       T, step, lv)
+        if "decode" in args.modes:
+            with torch.no_grad():
+                try:
+                    _, state = m(x, use_cache=True)
+                except Exception as e:  # noqa: BLE001
+                    record(name, "mixer", name, "decode", T, (lambda e=e: (_ for _ in ()).throw(e)))
+                    continue
+                x1 = torch.randn(1, 1, args.hidden_size, device=dev, dtype=dtype)
+                extra = {"state_bytes": state_nbytes(state)}
+                record(name, "mixer", name, "decode", T, lambda: m.step(x1, state), extra=extra)
+                record(name, "mixer", name, "decode eager", T, lambda: m.step(x1, state), extra=extra)
+                if name != "mamba2":   # fla's Mamba2 decode without mamba_ssm is its torch loop, not a kernel
+                    def fla_step():
+                        cache = _OneLayerCache(_to_fla(m, state), state["seen"])
+                        return fla_fwd(m, x1, past_key_values=cache, use_cache=True)[0]
+                    record(name, "raw", f"fla.layers.{m.fla_class.__name__}", "decode", T, fla_step)
+            del state
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def goals(rows, args):
-    """Core within 1.10x of the fastest raw kernel; SWA at max T within 1.5x of full/4 (best)."""
+    """Core within 1.10x of the fastest raw kernel; SWA at max T within 1.5x of full/4 (best); an
+    fla mixer within 1.10x of fla's own layer."""
     def ms(**k):
         return [r["ms"] for r in rows if r.get("ms") is not None and all(r[a] == b for a, b in k.items())]
     out = []
     for r in rows:
+        if r["mixer"] in FLA_MIXERS and r["kind"] == "mixer" and r["mode"] in ("fwd+bwd", "decode") \
+                and r["ms"] is not None:
+            raw = ms(mixer=r["mixer"], kind="raw", mode=r["mode"], T=r["T"])
+            if raw:
+                ratio = r["ms"] / min(raw)
+                out.append(dict(goal="fla mixer/fla layer <= 1.10", mixer=r["mixer"], mode=r["mode"], T=r["T"],
+                                ratio=round(ratio, 3), met=ratio <= 1.10))
+            continue
         if r["kind"] != "core" or r["mixer"] == "swa_gdn":
             continue
         raw = ms(mixer=r["mixer"], kind="raw", mode=r["mode"], T=r["T"])
@@ -443,7 +521,8 @@ def print_table(report):
     rows = report["results"]
     print(f"\n{report['machine']}  torch {report['versions']['torch']}  fla {report['versions']['fla']}  (ms, median)")
     print(f"{'mixer':8} {'mode':8} {'T':>6} {'mixer':>9} {'core':>9} {'best raw':>9} {'core/raw':>8}  raw kernel")
-    keys = sorted({(r["mixer"], r["mode"], r["T"]) for r in rows}, key=lambda k: (MIXERS.index(k[0]), k[1], k[2]))
+    order = MIXERS + FLA_MIXERS
+    keys = sorted({(r["mixer"], r["mode"], r["T"]) for r in rows}, key=lambda k: (order.index(k[0]), k[1], k[2]))
     for mixer, mode, T in keys:
         sel = [r for r in rows if (r["mixer"], r["mode"], r["T"]) == (mixer, mode, T) and r.get("ms") is not None]
         get = {r["kind"]: r for r in sel}
