@@ -173,6 +173,9 @@ def gen_needle(rng: random.Random, image_size: int = 56, num_frames: int = 16, c
     if code_kind not in ("text", "color"):
         raise ValueError(f"needle.code_kind={code_kind!r} is not one of ['text', 'color']")
     question = "What code appeared?" if code_kind == "text" else "What colour was the shape?"
+    # random draws in the order of the original needle (code, frame, then per frame), so the sets it
+    # wrote before these options existed come out the same
+    code = rng.choice(sorted(COLORS)) if code_kind == "color" else "".join(rng.choice(alphabet) for _ in range(code_length))
     planned = None
     if distances:
         from .image import ImageProcessor
@@ -187,20 +190,17 @@ def gen_needle(rng: random.Random, image_size: int = 56, num_frames: int = 16, c
         planned = dist[k]
     else:
         k = rng.randrange(num_frames)
-    if code_kind == "color":
-        code = rng.choice(sorted(COLORS))
-        needle = Image.new("RGB", (image_size, image_size), BACKGROUND)
-        r = 0.25 * image_size
-        _draw_shape(ImageDraw.Draw(needle), rng.choice(SHAPES), rng.uniform(r, image_size - r),
-                    rng.uniform(r, image_size - r), r, COLORS[code])
-    else:
-        code = "".join(rng.choice(alphabet) for _ in range(code_length))
-        needle = _render_text(code, image_size, image_size, rng, lines=["CODE:", code])
     nprng = np.random.default_rng(rng.getrandbits(63))
     frames = []
     for i in range(num_frames):
-        if i == k:
+        if i == k and code_kind == "color":
+            needle = Image.new("RGB", (image_size, image_size), BACKGROUND)
+            r = 0.25 * image_size
+            _draw_shape(ImageDraw.Draw(needle), rng.choice(SHAPES), rng.uniform(r, image_size - r),
+                        rng.uniform(r, image_size - r), r, COLORS[code])
             frames.append(needle)
+        elif i == k:
+            frames.append(_render_text(code, image_size, image_size, rng, lines=["CODE:", code]))
         elif distractors and code_kind == "text" and rng.random() < 0.5:
             # a distractor string without the CODE: label, so the model must find the labelled frame
             fake = "".join(rng.choice(alphabet) for _ in range(code_length))
