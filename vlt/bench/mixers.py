@@ -400,8 +400,6 @@ def run_bench_mixers(args) -> int:
         params = list(m.parameters())
         if name in FLA_MIXERS:
             bench_fla_mixer(m, name, args, dtype, record, state_nbytes)
-            del m, params
-            torch.cuda.empty_cache()
             continue
         for T in args.seq_lens:
             x = torch.randn(1, T, args.hidden_size, device="cuda", dtype=dtype)
