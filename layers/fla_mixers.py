@@ -154,6 +154,9 @@ class FlaMixer(TokenMixer):
             return path(self, x, state, cu_seqlens, use_cache)
         return self.fla_forward(x, state, cu_seqlens, use_cache)
 
+    # fla's layers launch Triton kernels that Dynamo cannot trace (the engine compiles its generic
+    # step on CUDA): run them between compiled graphs, as vlt.kernels does with its fla calls
+    @torch.compiler.disable
     def fla_forward(self, x, state, cu_seqlens, use_cache):
         """fla's own forward, the state converted to fla's layer cache and back."""
         seen = 0 if state is None else state["seen"]

@@ -256,6 +256,22 @@ def test_engine_decode_equals_eager(name):
     assert len(set(map(tuple, out.tolist()))) == 2   # the two rows differ: a row mix-up would show
 
 
+@pytest.mark.parametrize("name", ["kda", "mamba2"])
+def test_engine_with_compiled_generic_step_equals_eager(name):
+    """The engine compiles its generic step on CUDA; Dynamo's eager backend on the CPU traces the same
+    code (fla_forward is kept out of the graph: fla's Triton launchers are not traceable)."""
+    from vlt.config import VLMConfig
+    from vlt.inference import InferenceEngine, generate, generate_eager
+    from vlt.model import VLM
+    torch.manual_seed(0)
+    model = VLM(VLMConfig.from_name("tiny-hybrid", decoder={"layout": f"[{name}, swa]",
+                                                             "mixers": {name: CASES[name], "swa": {"window": 6}}})).eval()
+    ids = torch.tensor([3, 4, 5, 6, 7, 8])
+    ref = generate_eager(model, ids[None], max_new_tokens=6)
+    assert torch.equal(generate(InferenceEngine(model, capacity=32, compile="eager"), [(ids, None)],
+                                max_new_tokens=6), ref)
+
+
 def test_gpu_only_mixers_say_so_on_cpu():
     m = create_mixer("rwkv7", hidden_size=D, num_heads=H)
     with pytest.raises(ValueError, match=r"mixer 'rwkv7'.*needs a CUDA device.*run on CPU: "
