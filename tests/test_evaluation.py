@@ -343,3 +343,14 @@ def test_generation_eval_callback_logs_per_task_keys_and_leaves_training_alone(t
         assert all(0.0 <= float(r[k]) <= 1.0 for k in keys if r[k])
     loss = lambda rows: {r["step"]: r["train/loss"] for r in rows if r.get("train/loss")}  # noqa: E731
     assert loss(with_cb) == loss(without) and len(loss(without)) == 4
+
+
+def test_engine_options_parse_and_name_the_bad_key():
+    from vlt.eval_cli import engine_options
+    assert engine_options(["graphs=false", "compile=none", "fused=none", "pdl=true"]) == \
+        {"graphs": False, "compile": None, "fused": None, "pdl": True}
+    assert engine_options(["compile=inductor"]) == {"compile": "inductor"}
+    with pytest.raises(ValueError, match=r"'graph=false'.*\['graphs', 'fused', 'pack', 'pdl', 'compile'\]"):
+        engine_options(["graph=false"])
+    with pytest.raises(ValueError, match="pdl takes true or false$"):
+        engine_options(["pdl=none"])
