@@ -187,6 +187,64 @@ def _gate_fn(m):
     return _GATE_FNS[name]
 
 
+def _token_shift(x, cache, cu_seqlens):
+    """RWKV's token shift: (previous token's input - x, the new cache: each sequence's last input
+    [N, D]); the previous input of a sequence's first token is its carried cache (zeros without)."""
+    if cu_seqlens is None:
+        (xp,), lengths = (x,), [x.shape[1]] * x.shape[0]
+    else:
+        (xp,), lengths = pad_packed([x], cu_seqlens, 1)
+    first = xp.new_zeros(xp.shape[0], 1, xp.shape[-1]) if cache is None else cache[:, None].to(xp.dtype)
+    delta = torch.cat([first, xp[:, :-1]], 1) - xp
+    last = torch.stack([xp[i, n - 1] for i, n in enumerate(lengths)])
+    return (delta if cu_seqlens is None else unpad(delta, lengths)), last
+
+
+def rwkv7_cpu(m, x, state, cu_seqlens, use_cache):
+    """fla.layers.RWKV7Attention through fla's naive DPLR recurrence (fla.ops.generalized_delta_rule.
+    dplr.naive.dplr_recurrence, the op chunk_rwkv7 runs) and fla's torch references of its addcmul,
+    k update and output correction. As every vlt rwkv7 layer, RWKV-7's layer 0: v_first = v."""
+    from fla.ops.generalized_delta_rule.dplr.naive import dplr_recurrence
+    from fla.ops.rwkv7.fused_addcmul import torch_addcmul_rwkv7
+    from fla.ops.rwkv7.fused_k_update import k_update_ref
+    from fla.ops.rwkv7.gate_output_correction import gate_output_correction_ref
+    B, T, _ = x.shape
+    H, K, V = m.num_heads, m.head_dim, m.head_v_dim
+    delta, shift = _token_shift(x, None if state is None else state["shift"], cu_seqlens)
+    xr, xw, xk, xv, xa, xg = torch_addcmul_rwkv7(x, delta, m.x_r, m.x_w, m.x_k, m.x_v, m.x_a, m.x_g)
+    r, k, v = m.r_proj(xr), m.k_proj(xk), m.v_proj(xv)
+    w = -0.6065306597126334 * m.w_lora(xw).sigmoid()   # log-decay in [-exp(-0.5), 0], as fla's layer
+    a, g = m.a_lora(xa).sigmoid(), m.g_lora(xg)
+    kk = F.normalize((k * m.k_k).view(B, T, H, K), dim=-1)
+    k = k_update_ref(k, a, m.k_a)
+    r, w, k, a = (t.view(B, T, H, K) for t in (r, w, k, a))
+    v = v.view(B, T, H, V)
+
+    def head_major(r, k, v, alpha, beta, gk, initial_state, output_final_state):
+        # S_t = S_{t-1} diag(exp(w_t)) + (S_{t-1}^T alpha_t) beta_t^T + k_t v_t^T (state [K, V]);
+        # the naive op scales q by K^-1/2, RWKV-7 by 1: r comes in pre-multiplied by K^1/2
+        o, S = dplr_recurrence(*(t.transpose(1, 2).float() for t in (r * K ** 0.5, k, v, alpha, beta, gk)),
+                               initial_state=initial_state, output_final_state=output_final_state)
+        return o.transpose(1, 2), S
+    o, ssm = _recur(head_major, cu_seqlens, (r, k, v, -kk, kk * a, w), None if state is None else state["ssm"])
+    o = o.to(x.dtype).reshape(B, T, H * V)
+    if isinstance(m.g_norm, torch.nn.GroupNorm):
+        o = m.g_norm(o.reshape(B * T, -1)).view(B, T, -1)
+    else:   # fla's fused GroupNorm (fuse_norm=True): per-head layer norm with its affine
+        of = o.float().view(B, T, H, V)
+        if not m.g_norm.is_rms_norm:
+            of = of - of.mean(-1, keepdim=True)
+        of = of * torch.rsqrt(of.square().mean(-1, keepdim=True) + m.g_norm.eps)
+        of = of.reshape(B, T, -1)
+        if m.g_norm.weight is not None:
+            of = of * m.g_norm.weight.float() + (0 if m.g_norm.bias is None else m.g_norm.bias.float())
+        o = of.to(x.dtype)
+    o = m.o_proj(gate_output_correction_ref(o, r, k, m.r_k, v, g))
+    if not use_cache:
+        return o, None
+    return o, {"shift": shift, "ssm": ssm.float(), "seen": (0 if state is None else state["seen"]) + T}
+
+
 def mamba2_path(m, x, state, cu_seqlens, use_cache):
     """fla.layers.Mamba2 on vlt's kernels, on every device.
 
@@ -232,8 +290,8 @@ def mamba2_path(m, x, state, cu_seqlens, use_cache):
 
 
 #: kind (layers/fla_mixers.SHORT_NAMES) -> CPU path
-CPU_PATHS = {"kda": kda_cpu, "deltanet": deltanet_cpu, "gdn2": gdn2_cpu, "gla": gla_cpu, "mamba2": mamba2_path}
+CPU_PATHS = {"kda": kda_cpu, "deltanet": deltanet_cpu, "gdn2": gdn2_cpu, "gla": gla_cpu, "rwkv7": rwkv7_cpu,
+             "mamba2": mamba2_path}
 #: kinds whose path here also runs on CUDA instead of fla's forward (see mamba2_path)
 EVERY_DEVICE = {"mamba2"}
-# Not here: rwkv7 (fla 0.6.0 has no naive reference for its op), nsa, moba and any fla:Class: they
-# raise the ValueError in FlaMixer.forward on CPU.
+# Not here: nsa, moba and any fla:Class: they raise the ValueError in FlaMixer.forward on CPU.

@@ -21,7 +21,7 @@ the inference engine to carry it (not done).
 
 Where it runs: fla's layers call Triton kernels, so on CUDA the mixer runs fla's forward. On CPU a
 mixer runs only where layers/fla_cpu.py has a torch path built from fla's naive reference for the
-op (``CPU_PATHS``: kda, deltanet, gdn2, gla) or vlt's own kernels (mamba2, which takes that path on
+op (``CPU_PATHS``: kda, deltanet, gdn2, gla, rwkv7) or vlt's own kernels (mamba2, which takes that path on
 CUDA too: ``EVERY_DEVICE``); any other raises a ValueError naming the mixer and listing those that
 do run.
 

@@ -13,7 +13,8 @@ from vlt.layers import create_mixer
 warnings.filterwarnings("ignore", message=".*Triton.*")
 D, H = 32, 4
 CASES = {"kda": dict(num_v_heads=8), "deltanet": dict(use_gate=True), "gdn2": dict(num_v_heads=8),
-         "gla": dict(num_kv_heads=2, use_short_conv=True), "mamba2": dict(state_size=8, n_groups=2)}
+         "gla": dict(num_kv_heads=2, use_short_conv=True), "mamba2": dict(state_size=8, n_groups=2),
+         "rwkv7": {}}
 TOL = dict(rtol=1e-5, atol=1e-5)   # the naive references compute in fp32 whatever the input dtype
 
 
@@ -24,6 +25,9 @@ def make(name, seed=0, **opts):
         for gate in ("b_proj", "w_proj", "gk_proj.1"):
             if hasattr(m, gate.split(".")[0]):
                 m.get_submodule(gate).weight.normal_(std=0.5)
+        for p in m.parameters():   # fla leaves some at zero (RWKV-7's o_proj, LoRA down-projections):
+            if not p.any():          # outputs and gradients would be trivially zero
+                p.normal_(std=0.1)
     return m.double()
 
 
@@ -160,6 +164,40 @@ def test_mamba2_path_matches_fla_torch_forward():
     torch.testing.assert_close(state1["ssm"], ssm1.float(), rtol=1e-5, atol=1e-6)
 
 
+def test_rwkv7_cpu_path_matches_fla_layer_forward(monkeypatch):
+    """rwkv7's CPU path against fla's own RWKV7Attention.forward (the layer's plumbing: token shift,
+    LoRAs, k update, norm, output correction), its Triton pieces swapped for fla's torch references
+    and chunk_rwkv7 for fla's *chunkwise* naive DPLR form (another algorithm than the recurrence the
+    CPU path runs). Final states (token shift and matrix) compared too."""
+    import fla.layers.rwkv7 as fla_rwkv7
+    from fla.modules.token_shift import token_shift_ref
+    from fla.ops.generalized_delta_rule.dplr.naive import dplr_chunkwise
+    from fla.ops.rwkv7.fused_addcmul import torch_addcmul_rwkv7
+    from fla.ops.rwkv7.fused_k_update import k_update_ref
+    from fla.ops.rwkv7.gate_output_correction import gate_output_correction_ref
+
+    def chunk_rwkv7(r, w, k, v, a, b, scale, initial_state, output_final_state, **_):
+        K = r.shape[-1]
+        o, S = dplr_chunkwise(*(t.transpose(1, 2) for t in (r * scale * K ** 0.5, k, v, a, b, w)),
+                              initial_state=initial_state, output_final_state=True, chunk_size=4)
+        return o.transpose(1, 2), S
+    monkeypatch.setattr(fla_rwkv7, "token_shift", lambda x, cu, output_cache, cache: (token_shift_ref(x), x[:, -1]))
+    monkeypatch.setattr(fla_rwkv7, "fused_addcmul_rwkv7", torch_addcmul_rwkv7)
+    monkeypatch.setattr(fla_rwkv7, "fused_k_rwkv7", lambda k, a, ka, *_: k_update_ref(k, a, ka))
+    monkeypatch.setattr(fla_rwkv7, "gate_output_correction", gate_output_correction_ref)
+    monkeypatch.setattr(fla_rwkv7, "chunk_rwkv7", chunk_rwkv7)
+    m = make("rwkv7").float()
+    x = torch.randn(2, 20, D)
+    with torch.no_grad():
+        y, state = m(x, use_cache=True)
+        cache = __import__("vlt.layers.fla_mixers", fromlist=["_OneLayerCache"])._OneLayerCache()
+        ref = type(m).fla_class.forward(m, x, past_key_values=cache, use_cache=True)[0]
+    assert y.abs().mean() > 1e-3   # not the zero output of fla's init (o_proj zero): make() perturbs it
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(state["ssm"], cache.state["recurrent_state"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(state["shift"], cache.state["conv_state"])
+
+
 def _teacher():
     from vlt.config import VLMConfig
     from vlt.model import VLM
@@ -273,9 +311,9 @@ def test_engine_with_compiled_generic_step_equals_eager(name):
 
 
 def test_gpu_only_mixers_say_so_on_cpu():
-    m = create_mixer("rwkv7", hidden_size=D, num_heads=H)
-    with pytest.raises(ValueError, match=r"mixer 'rwkv7'.*needs a CUDA device.*run on CPU: "
-                                         r"\['deltanet', 'gdn2', 'gla', 'kda', 'mamba2'\]"):
+    m = create_mixer("nsa", hidden_size=D, num_heads=H, num_kv_heads=1, head_dim=8)
+    with pytest.raises(ValueError, match=r"mixer 'nsa'.*needs a CUDA device.*run on CPU: "
+                                         r"\['deltanet', 'gdn2', 'gla', 'kda', 'mamba2', 'rwkv7'\]"):
         m(torch.randn(1, 3, D))
 
 

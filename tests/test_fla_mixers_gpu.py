@@ -4,11 +4,10 @@ plain and packed; the mixer contract on CUDA for every short name (prefill + dec
 packed == one by one, split prefill); the cache conversion both ways (a state from one path
 continues on the other).
 
-References: kda, deltanet, gdn2, gla - the same module's CPU path (fla's naive recurrences, pure
+References: kda, deltanet, gdn2, gla, rwkv7 - the same module's CPU path (fla's naive recurrences, pure
 torch) run on the GPU in fp32 (for bf16: an fp32 copy of the bf16 weights and input); mamba2 - the
 module on the CPU in float64 (vlt's torch kernels) against vlt's path on CUDA (fla's simple-GLA,
-conv and gated-norm kernels); rwkv7, nsa, moba (no naive reference for the layer in fla 0.6.0) -
-the contract only. Errors are relative norms ||x - ref|| / ||ref||; bounds: 3e-3 fp32 (tf32 inside
+conv and gated-norm kernels); nsa, moba (no CPU path) - the contract only. Errors are relative norms ||x - ref|| / ||ref||; bounds: 3e-3 fp32 (tf32 inside
 fla's kernels), 3e-2 bf16 (projections and norms in bf16 too), gradients x2. Not yet run on a GPU:
 the first run sets the measured values (VLT_GPU_ERRLOG=path appends every error to a file).
 """
@@ -32,7 +31,7 @@ CASES = {"kda": dict(num_v_heads=8), "deltanet": dict(use_gate=True), "gdn2": di
          "rwkv7": {}, "nsa": dict(num_heads=16, num_kv_heads=1, head_dim=64, block_size=64, block_counts=4,
                                 window_size=128),   # fla's NSA kernels want 16 query heads per KV head
          "moba": dict(num_kv_heads=2, moba_chunk_size=64, moba_topk=2)}
-NAIVE = ("kda", "deltanet", "gdn2", "gla")
+NAIVE = ("kda", "deltanet", "gdn2", "gla", "rwkv7")
 CU = [0, 700, 701, 2048]                       # packed: a 1-token sequence among longer ones
 
 
@@ -56,6 +55,9 @@ def make(name, dtype=torch.float32, seed=0):
         for gate in ("b_proj", "w_proj", "gk_proj.1"):
             if hasattr(m, gate.split(".")[0]):
                 m.get_submodule(gate).weight.normal_(std=0.5)
+        for p in m.parameters():   # fla leaves some at zero (RWKV-7's o_proj, LoRA down-projections):
+            if not p.any():          # outputs and gradients would be trivially zero
+                p.normal_(std=0.1)
     return m.to(DEV, dtype)
 
 

@@ -20,7 +20,8 @@ CASES = {
 }
 # fla layers with a CPU path (layers/fla_mixers.py; not in list_mixers) keep the same contract
 FLA_CASES = {"kda": dict(num_v_heads=8), "deltanet": dict(use_gate=True), "gdn2": dict(num_v_heads=8),
-             "gla": dict(num_kv_heads=2, use_short_conv=True), "mamba2": dict(state_size=8, n_groups=2)}
+             "gla": dict(num_kv_heads=2, use_short_conv=True), "mamba2": dict(state_size=8, n_groups=2),
+             "rwkv7": {}}
 CASES.update(FLA_CASES)
 
 
@@ -37,6 +38,9 @@ def make(name, seed=0):
             for gate in ("b_proj", "w_proj", "gk_proj.1"):
                 if hasattr(m, gate.split(".")[0]):
                     m.get_submodule(gate).weight.normal_(std=0.5)
+            for p in m.parameters():   # fla leaves some at zero (RWKV-7's o_proj, LoRA down-projections):
+                if not p.any():          # outputs and gradients would be trivially zero
+                    p.normal_(std=0.1)
     return m.double()
 
 
