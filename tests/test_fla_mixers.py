@@ -427,3 +427,32 @@ def test_bench_rows_for_fla_mixers_on_cpu():
     g = [x for x in bench.goals(rows, argparse.Namespace(seq_lens=[32])) if x.get("mixer") == "kda"]
     assert g == [dict(goal="fla mixer/fla layer <= 1.10", mixer="kda", mode="fwd+bwd", T=32, ratio=1.15, met=False)]
     assert bench._mixer_opts("mamba2", args) == {"hidden_size": D}   # fla's head_dim 64 sets its heads
+
+
+def test_stage1_layer_distillation_into_kda_and_gdn2(tmp_path, monkeypatch):
+    """Stage I (`phase: layer`, `init: transfer`) through the CLI with a kda/gdn2 student: it runs,
+    logs the layer MSE, trains the converted mixers and saves the student's layout."""
+    import csv
+    import json
+
+    from vlt.cli import main
+    monkeypatch.chdir(tmp_path)
+    teacher = json.dumps({"model_name": "tiny-hybrid", "layout": "[full] * 2",
+                          "decoder": {"hidden_size": 64, "intermediate_size": 128, "num_heads": 4, "num_kv_heads": 2}})
+    spec = {"task": "color", "num_train": 48, "num_val": 8, "image_size": 28, "seed": 0,
+            "cache_dir": str(tmp_path / "synth")}
+    main(["fit", "--config", "quickstart", "--model=vlt.training.Distillation", f"--model.init_args.teacher={teacher}",
+          "--model.init_args.student_layout=[kda, gdn2]", "--model.init_args.init=transfer",
+          "--model.init_args.model=null", "--model.init_args.phase=layer",
+          f"--data.init_args.synthetic={json.dumps(spec)}", "--data.init_args.max_length=96",
+          "--data.init_args.batch_size=2", "--data.init_args.num_workers=0", "--trainer.max_steps=4",
+          "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.accelerator=cpu",
+          "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
+    run = tmp_path / "lightning_logs" / "version_0"
+    mse = [float(r["train/loss/mse"]) for r in csv.DictReader(open(run / "metrics.csv")) if r.get("train/loss/mse")]
+    assert len(mse) == 4 and all(torch.isfinite(torch.tensor(mse)))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["vlt_layout"] == ["kda", "gdn2"]
+    sd = ckpt["state_dict"]
+    f_key = next(k for k in sd if k.endswith("layers.0.mixer.f_proj.1.weight"))
+    assert sd[f_key].abs().sum() > 0   # mimic init set it to zero: it trained
