@@ -292,3 +292,15 @@ def test_init_from_says_what_it_loaded(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         main(["fit", *tiny_args(tmp_path, steps=1), f"--model.init_args.init_from={ckpt}"])
     assert any(f"init_from: loaded all" in r.getMessage() and str(ckpt) in r.getMessage() for r in caplog.records)
+
+
+def test_a_model_tool_imports_only_its_own_module():
+    """`vlt generate` (and the other model tools) build only their own parser: the training stack
+    (Lightning) and the benchmarks are not imported before the command runs (seconds of start-up)."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom vlt.cli import tool_main\ntry:\n    tool_main(['generate', '--help'])\n"
+            "except SystemExit:\n    pass\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'lightning' "
+            "or m.startswith('vlt.bench') or m == 'vlt.generate_cli'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "['vlt.generate_cli']", out[-500:]

@@ -225,57 +225,63 @@ def tool_main(argv: list[str]) -> int:
     p.set_defaults(func=_run_mixers)
     sub.add_parser("recipes", help="list the recipes shipped with vlt (vlt fit --config NAME)").set_defaults(
         func=lambda a: __import__("vlt.catalog", fromlist=["print_recipes"]).print_recipes(a))
+    chosen = argv[0] if argv else None
     data = sub.add_parser("data", help="write, convert and inspect WebDataset shards")
-    from vlt.data.cli import add_data_subcommands
-    add_data_subcommands(data.add_subparsers(dest="data_cmd", required=True))
+    if chosen == "data":
+        from vlt.data.cli import add_data_subcommands
+        add_data_subcommands(data.add_subparsers(dest="data_cmd", required=True))
     bench = sub.add_parser("bench", help="benchmarks writing JSON + PNG")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True)
-    from vlt.data.bench import add_bench_data_args, bench_data
-    p = bsub.add_parser("data", help="data loader samples/s and tokens/s")
-    add_bench_data_args(p)
-    p.set_defaults(func=bench_data)
-    try:  # the GPU benchmarks import triton/fla lazily inside; the parser itself is cheap
-        from vlt.bench.mixers import add_bench_mixers_args, run_bench_mixers
-        p = bsub.add_parser("mixers", help="fwd+bwd and decode time of each mixer vs its raw kernel (GPU)")
-        add_bench_mixers_args(p)
-        p.set_defaults(func=run_bench_mixers)
-    except ImportError:
-        pass
-    from vlt.bench.infer import add_bench_infer_args, run_bench_infer
-    from vlt.bench.stream import add_bench_stream_args, run_bench_stream
-    from vlt.bench.train import add_bench_train_args, run_bench_train
-    from vlt.bench.fit import add_bench_fit_args, run_bench_fit
-    from vlt.bench.decode_kernels import add_bench_decode_kernels_args, run_bench_decode_kernels
-    for name, add, run, help_ in (
-            ("train", add_bench_train_args, run_bench_train, "training tokens/s, peak memory, MFU per layout and length"),
-            ("fit", add_bench_fit_args, run_bench_fit, "the InfiniteVL stages through vlt fit: tokens/s, MFU, memory"),
-            ("infer", add_bench_infer_args, run_bench_infer, "prefill time, decode latency and memory vs context"),
-            ("stream", add_bench_stream_args, run_bench_stream, "video stream FPS and memory per frame index"),
-            ("decode-kernels", add_bench_decode_kernels_args, run_bench_decode_kernels,
-             "the fused GDN decode step and the batch-1 GEMV per shape, against cuBLAS (GPU)")):
-        p = bsub.add_parser(name, help=help_)
-        add(p)
-        p.set_defaults(func=run)
-    # the model tools: (name, module, its add-args and run functions, help); modules import lazily
-    for name, module, add, run, help_ in (
-            ("generate", "vlt.generate_cli", "add_generate_args", "run_generate", "one answer from a saved model"),
-            ("chat", "vlt.chat_cli", "add_chat_args", "run_chat",
-             "interactive multi-turn chat with a saved model (images too)"),
-            ("stream", "vlt.stream_cli", "add_stream_args", "run_stream",
-             "stream a video through a saved model and ask about it"),
-            ("eval", "vlt.eval_cli", "add_eval_args", "run_eval",
-             "generate answers on shards or a LLaVA JSONL and score them (JSON + MD + PNG)"),
-            ("compare", "vlt.compare_cli", "add_compare_args", "run_compare",
-             "train layouts at an equal parameter budget, evaluate each, table + plot with intervals"),
-            ("export", "vlt.export_cli", "add_export_args", "run_export",
-             "a .ckpt -> a model directory for vlt generate / init_from")):
-        p = sub.add_parser(name, help=help_)
-        mod = importlib.import_module(module)
-        getattr(mod, add)(p)
-        p.set_defaults(func=getattr(mod, run))
+    chosen_bench = argv[1] if chosen == "bench" and len(argv) > 1 else None
+    for name, module, add, run, help_ in BENCH_TOOLS:
+        _tool_parser(bsub, name, help_, (module, add, run) if name == chosen_bench else None, "bench " + name)
+    for name, module, add, run, help_ in MODEL_TOOLS:
+        _tool_parser(sub, name, help_, (module, add, run) if name == chosen else None, name)
     args = parser.parse_args(argv)
     rc = args.func(args)
     return rc if isinstance(rc, int) else 0
+
+
+# (name, module, its add-args and run functions, help). A tool's module is imported only when that
+# tool runs: importing them all (Lightning, timm, the benchmarks) cost seconds before every command.
+BENCH_TOOLS = (
+    ("data", "vlt.data.bench", "add_bench_data_args", "bench_data", "data loader samples/s and tokens/s"),
+    ("mixers", "vlt.bench.mixers", "add_bench_mixers_args", "run_bench_mixers",
+     "fwd+bwd and decode time of each mixer vs its raw kernel (GPU)"),
+    ("train", "vlt.bench.train", "add_bench_train_args", "run_bench_train",
+     "training tokens/s, peak memory, MFU per layout and length"),
+    ("fit", "vlt.bench.fit", "add_bench_fit_args", "run_bench_fit",
+     "the InfiniteVL stages through vlt fit: tokens/s, MFU, memory"),
+    ("infer", "vlt.bench.infer", "add_bench_infer_args", "run_bench_infer",
+     "prefill time, decode latency and memory vs context"),
+    ("stream", "vlt.bench.stream", "add_bench_stream_args", "run_bench_stream",
+     "video stream FPS and memory per frame index"),
+    ("decode-kernels", "vlt.bench.decode_kernels", "add_bench_decode_kernels_args", "run_bench_decode_kernels",
+     "the fused GDN decode step and the batch-1 GEMV per shape, against cuBLAS (GPU)"))
+MODEL_TOOLS = (
+    ("generate", "vlt.generate_cli", "add_generate_args", "run_generate", "one answer from a saved model"),
+    ("chat", "vlt.chat_cli", "add_chat_args", "run_chat", "interactive multi-turn chat with a saved model (images too)"),
+    ("stream", "vlt.stream_cli", "add_stream_args", "run_stream", "stream a video through a saved model and ask about it"),
+    ("eval", "vlt.eval_cli", "add_eval_args", "run_eval",
+     "generate answers on shards or a LLaVA JSONL and score them (JSON + MD + PNG)"),
+    ("compare", "vlt.compare_cli", "add_compare_args", "run_compare",
+     "train layouts at an equal parameter budget, evaluate each, table + plot with intervals"),
+    ("export", "vlt.export_cli", "add_export_args", "run_export", "a .ckpt -> a model directory for vlt generate / init_from"))
+
+
+def _tool_parser(sub, name: str, help_: str, impl, label: str):
+    """The subparser of one tool; ``impl`` (module, add-args, run) only for the tool being run."""
+    p = sub.add_parser(name, help=help_)
+    if impl is None:
+        return
+    module, add, run = impl
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise SystemExit(f"vlt {label} needs the package {e.name!r}, which is not installed here ({e}); "
+                         "install vlt's dependencies (pip install -e .) or the one named") from None
+    getattr(mod, add)(p)
+    p.set_defaults(func=getattr(mod, run))
 
 
 def _run_mixers(args) -> int:
