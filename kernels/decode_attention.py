@@ -4,8 +4,7 @@ A decode step of an attention layer rotates q and the new key (RoPE), writes the
 slot ``tok % L`` of its buffers [B, L, Hkv, D] and attends over all L slots (the inference engine's
 dense decode: every slot valid). Through torch ops that is two RoPE kernels (compiled), an add, a
 remainder and three index_copy kernels, then SDPA's flash split-KV kernel and its combine kernel:
-9 kernels; the last 7 took about 15 us per SWA layer at InfiniteVL-4B shapes on an H200 for 8 MB
-of K/V (the profile of commit 7ad5022). Here it is two:
+9 kernels (their timings, and these kernels' against them: benchmarks/README.md). Here it is two:
 
 1. ``_attn_split_kernel``, a program per (sequence, KV head, split of the slots): all G query heads
    of the KV head at once (one [G, D] x [D, BN] product per block of BN keys, so K/V are read once
@@ -14,11 +13,10 @@ of K/V (the profile of commit 7ad5022). Here it is two:
    covers the slot takes the new K/V from registers, so no program reads what another writes;
 2. ``_attn_combine_kernel``, a program per (sequence, query head): merges the splits.
 
-On an H200 the two take 6.3 / 9.1 us at 4K / 8K slots with RoPE, against 19.4 / 27.4 us for
-index_copy + SDPA flash without it (``vlt bench decode-kernels``, benchmarks/decode_kernels_h200.json). Splits are sized so
-that about ``programs_per_sm`` programs per SM run. With ``cos``/``sin`` (the step's RoPE tables)
+``vlt bench decode-kernels`` times the two against index_copy + SDPA. Splits are sized so that
+about ``programs_per_sm`` programs per SM run. With ``cos``/``sin`` (the step's RoPE tables)
 the kernel rotates q and the new key itself (rotate-half layout, in fp32, rounded once as
-vlt.layers.rotary.apply_rope), so the step needs no RoPE kernels before it. Both kernels launch with
+vlt.kernels.rotary.apply_rope), so the step needs no RoPE kernels before it. Both kernels launch with
 programmatic dependent launch where available (vlt.kernels.pdl). Softmax and products accumulate in
 fp32; the probabilities are rounded to the K/V dtype before the product with V, as flash attention
 does. ``decode_attention_reference`` is the same step in torch ops (index_copy + SDPA).
@@ -29,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from vlt.kernels import pdl
+from vlt.kernels.rotary import apply_rope
 
 try:
     import triton
@@ -86,13 +85,12 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, tok, ktok=None, *, cos=N
 
 def decode_attention_reference(q, k_new, v_new, k_cache, v_cache, tok, ktok=None, *, cos=None, sin=None,
                                scale=None):
-    """The same step in torch ops: RoPE (vlt.layers.rotary), the K/V write into slot ``tok % L`` of
+    """The same step in torch ops: RoPE (vlt.kernels.rotary), the K/V write into slot ``tok % L`` of
     each sequence, then SDPA with the G query heads of a KV head as rows of one head, masked to the
     valid slots ``0 .. min(tok, L - 1)``. Graph-safe (no host syncs)."""
     B, Hq, D = q.shape
     L, Hkv = k_cache.shape[1], k_cache.shape[2]
     if cos is not None:
-        from vlt.layers.rotary import apply_rope
         cos, sin = cos.reshape(-1, 1, D), sin.reshape(-1, 1, D)
         q, k_new = (apply_rope(t[:, None], cos, sin)[:, 0] for t in (q, k_new))
     tok = tok.reshape(-1).expand(B)

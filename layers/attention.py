@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from vlt.kernels import attention as attention_kernel
+from vlt.kernels.rotary import apply_rope
 from vlt.layers.base import TensorSpec, TokenMixer, check_heads, check_positive_int, project, seq_positions
 from vlt.layers.registry import register_mixer
-from vlt.layers.rotary import apply_rope, rope_cos_sin
+from vlt.layers.rotary import rope_cos_sin
 
 
 @register_mixer("full")

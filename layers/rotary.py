@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from vlt.kernels.rotary import apply_rope  # the rotation lives with the kernels that match it
+
+__all__ = ["apply_rope", "rope_cos_sin"]
+
 
 def rope_cos_sin(position_ids, head_dim: int, theta: float, mrope_section=None, dtype=torch.float32):
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device,
@@ -23,10 +27,3 @@ def rope_cos_sin(position_ids, head_dim: int, theta: float, mrope_section=None, 
         freqs = position_ids.float()[..., None] * inv_freq           # [B, T, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x, cos, sin):
-    """x [B, T, H, D]; cos/sin [B, T, D]."""
-    d = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., d:], x[..., :d]], dim=-1)
-    return (x * cos[:, :, None] + rotated * sin[:, :, None]).to(x.dtype)

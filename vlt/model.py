@@ -16,9 +16,9 @@ import torch.utils.checkpoint
 from torch import nn
 
 from vlt.config import VLMConfig
-from vlt.layers import create_mixer, project
+from vlt.layers import RMSNorm, create_mixer, project
 from vlt.positions import mrope_positions, text_positions
-from vlt.vision import RMSNorm, build_vision_tower, image_grid
+from vlt.vision import build_vision_tower, image_grid
 
 
 class SwiGLU(nn.Module):

@@ -11,17 +11,7 @@ import torch
 from torch import nn
 
 from vlt.config import VisionConfig
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):
-        from vlt.kernels import rms_norm
-        return rms_norm(x, self.weight, self.eps)
+from vlt.layers.norm import RMSNorm  # the merger's norm; also keeps `from vlt.vision import RMSNorm` (old path)
 
 
 class PatchMerger(nn.Module):

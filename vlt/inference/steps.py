@@ -30,12 +30,11 @@ from torch import nn
 from vlt.kernels import decode_attention as attn_kernel
 from vlt.kernels import gdn_decode
 from vlt.kernels import gemv as gemv_kernel
-from vlt.layers import TensorSpec, project
+from vlt.kernels.rotary import apply_rope
+from vlt.layers import RMSNorm, TensorSpec, project
 from vlt.layers.attention import Attention
 from vlt.layers.gdn import GatedDeltaNet
 from vlt.layers.hybrid import HybridMixer
-from vlt.layers.rotary import apply_rope
-from vlt.vision import RMSNorm
 
 _STEPS: dict[type, "MixerStep"] = {}
 
