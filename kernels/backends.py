@@ -13,6 +13,12 @@ import torch
 
 log = logging.getLogger("vlt.kernels")
 
+# "A few tokens" for every kernel entry point: a call with at most this many tokens is a decode step
+# (one token, or a few draft tokens) and takes the recurrent / elementwise path - fla's fused
+# recurrent kernels, the token-by-token recurrence or the conv's shifted multiply-adds, also inside
+# torch.compile - instead of padding a whole chunk.
+RECURRENT_MAX_T = 8
+
 # Per op: backends in order of preference on CUDA. "torch" runs everywhere and is the reference.
 PREFERENCE = {
     "gated_delta": ["fla", "torch"],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vlt.kernels.backends import resolve_backend
+from vlt.kernels.backends import RECURRENT_MAX_T, resolve_backend
 
 
 def short_conv(x, weight, bias=None, *, activation: str | None = "silu", conv_state=None,
@@ -21,7 +21,7 @@ def short_conv(x, weight, bias=None, *, activation: str | None = "silu", conv_st
     backend = resolve_backend("short_conv", backend, x.device)
     if activation not in ("silu", None):
         raise ValueError(f"short_conv activation {activation!r}; allowed: 'silu', None")
-    if backend == "fla" and not (T <= 8 and cu_seqlens is None and torch.compiler.is_compiling()):
+    if backend == "fla" and not (T <= RECURRENT_MAX_T and cu_seqlens is None and torch.compiler.is_compiling()):
         return _fla(x, weight, bias, activation, conv_state, output_final_state, cu_seqlens)
     if cu_seqlens is not None:
         # Gather-based: each output sums W shifted copies, a tap masked out where it would read a
@@ -38,13 +38,14 @@ def short_conv(x, weight, bias=None, *, activation: str | None = "silu", conv_st
                 y = y + (from_state * (pos < j)[:, None])[None] * weight[:, W - 1 - j]
         new_state = None
         if output_final_state:
+            bounds = zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())
             new_state = torch.stack([_last_inputs(x[0, s:e].T, None if conv_state is None else conv_state[i], W)
-                                     for i, (s, e) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()))])
+                                     for i, (s, e) in enumerate(bounds)])
     else:
         xt = x.transpose(1, 2)                                           # [B, C, T]
         prev = xt.new_zeros(B, C, W - 1) if conv_state is None else conv_state.to(xt.dtype)
         full = torch.cat([prev, xt], dim=-1)                             # [B, C, W-1+T]
-        if T <= 8:  # decode: W shifted multiply-adds (at least fp32) - elementwise, so Inductor fuses them
+        if T <= RECURRENT_MAX_T:  # decode: W shifted multiply-adds (at least fp32), elementwise: Inductor fuses them
             acc = torch.promote_types(xt.dtype, torch.float32)
             w = weight.to(acc)
             y = sum(full[:, :, j:j + T].to(acc) * w[:, j, None] for j in range(W)).to(xt.dtype).transpose(1, 2)

@@ -10,8 +10,9 @@ Recurrence per head (decay first, then the delta-rule write, as fla's naive refe
 The torch backend is the chunked (WY) form: inside a chunk of C tokens the writes solve one unit
 lower-triangular system, across chunks the state is carried, so cost is O(T C (K + V) + T K V)
 and memory O(T) - never the O(T^2) quadratic form. It runs on any device and is the reference the
-fla Triton kernels are tested against. A few tokens (decode: T <= ``RECURRENT_MAX_T``) run the
-token-by-token recurrence instead of padding a whole chunk.
+fla Triton kernels are tested against. A few tokens (decode: T <= ``RECURRENT_MAX_T``, defined in
+vlt.kernels.backends for every kernel) run the token-by-token recurrence instead of padding a whole
+chunk.
 
 Decode under ``torch.compile``: fla's kernels are opaque to Dynamo (they run outside the graph), so
 inside a compiled region a decode step takes the recurrence, which is plain tensor math that Inductor
@@ -22,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vlt.kernels.backends import resolve_backend
+from vlt.kernels.backends import RECURRENT_MAX_T, resolve_backend
 from vlt.kernels.varlen import pad_packed, unpad
 
 
@@ -44,9 +45,6 @@ def gated_delta_rule(q, k, v, g, beta, *, scale: float | None = None, initial_st
     return _torch_varlen(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size)
 
 
-RECURRENT_MAX_T = 8  # up to here the token loop beats padding one chunk (decode, a few draft tokens)
-
-
 def _check_shapes(q, k, v, g, beta, initial_state, cu_seqlens):
     B, T, H, K = q.shape
     HV = v.shape[2]
@@ -66,7 +64,7 @@ def _fla(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                   cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=qk_l2norm)
     # The fused recurrent kernel has no backward; decode (no grad, a few tokens) is what it is for.
-    if q.shape[1] <= 8 and not torch.is_grad_enabled():
+    if q.shape[1] <= RECURRENT_MAX_T and not torch.is_grad_enabled():
         return fused_recurrent_gated_delta_rule(q, k, v, g=g, beta=beta, **kwargs)
     return chunk_gated_delta_rule(q, k, v, g, beta, **kwargs)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vlt.kernels.backends import resolve_backend
+from vlt.kernels.backends import RECURRENT_MAX_T, resolve_backend
 from vlt.kernels.varlen import pad_packed, unpad
 
 
@@ -25,7 +25,7 @@ def linear_attention(q, k, v, g=None, *, scale: float | None = None, initial_sta
     scale = K ** -0.5 if scale is None else scale
     if backend == "fla":
         from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
-        fn = fused_recurrent_simple_gla if (T <= 8 and not torch.is_grad_enabled()) else chunk_simple_gla
+        fn = fused_recurrent_simple_gla if (T <= RECURRENT_MAX_T and not torch.is_grad_enabled()) else chunk_simple_gla
         g_gamma = None
         if g is not None and g.stride(0) == 0 and g.stride(1) == 0 and not g.requires_grad:
             # a per-head constant decay broadcast over (B, T): fla's g_gamma form skips the cumsum
