@@ -14,7 +14,7 @@ from pathlib import Path
 from .synthetic import TASKS
 
 
-def _parse_kv(items: list[str] | None) -> dict:
+def parse_kv(items: list[str] | None) -> dict:
     """``key=value`` pairs; values parsed as JSON when they parse (numbers, bools, lists)."""
     out = {}
     for item in items or []:
@@ -59,7 +59,7 @@ def cmd_synth(args) -> int:
     from .synthetic import check_params
 
     try:
-        params = _parse_kv(args.param)
+        params = parse_kv(args.param)
         check_params(args.task, params)  # unknown keys and wrong kinds of value, before anything is written
         for name, n in (("train", args.num_train), ("val", args.num_val)):
             if n <= 0:
@@ -101,7 +101,8 @@ def cmd_inspect(args) -> int:
         else:  # the data module's (quickstart: none); DEFAULT_SYSTEM where the config says nothing
             system = (cfg["system_prompt"] or "") if "system_prompt" in cfg else DEFAULT_SYSTEM
         settings = dict(system=system, tokenizer=pick(args.tokenizer, "tokenizer", "byte"),
-                        patch_size=pick(args.patch_size, "patch_size", 14), merge_size=pick(args.merge_size, "merge_size", 2),
+                        patch_size=pick(args.patch_size, "patch_size", 14),
+                        merge_size=pick(args.merge_size, "merge_size", 2),
                         min_pixels=pick(args.min_pixels, "min_pixels", DEFAULT_MIN_PIXELS),
                         max_pixels=pick(args.max_pixels, "max_pixels", DEFAULT_MAX_PIXELS))
         proc = ImageProcessor(settings["patch_size"], settings["merge_size"], settings["min_pixels"],

@@ -176,7 +176,7 @@ def write_synthetic(out_dir: str, task: str, num_samples: int, seed: int = 0, sp
 
 
 # ------------------------------------------------------------------------------------------ pack
-def _load_rows(path: Path):
+def load_rows(path: Path):
     """Yield (line_no, row or None, (reason, message) or None) from a JSON list or JSONL file.
 
     JSONL: a line that is not UTF-8 (``not_utf8``) or not JSON (``bad_json``) is skipped and
@@ -216,6 +216,9 @@ def _load_rows(path: Path):
 
 class ImageTooLarge(ValueError):
     pass
+
+
+_load_rows = load_rows  # old name, still imported by vlt/evaluation/samples.py
 
 
 def _read_image(path: Path, max_pixels: int | None = None) -> tuple[str, bytes, tuple[int, int]]:
@@ -281,7 +284,7 @@ def _pack_rows(jp, img_root, vid_root, fps, w, skip, warnings, progress, max_len
     from tqdm import tqdm
 
     written = 0
-    for n, row, err in tqdm(_load_rows(jp), disable=not progress, desc="pack", unit="rows"):
+    for n, row, err in tqdm(load_rows(jp), disable=not progress, desc="pack", unit="rows"):
         where = f"{jp.name}:{n}"
         if err is not None:
             skip(err[0], f"{where}: {err[1]}")
@@ -319,7 +322,8 @@ def _pack_rows(jp, img_root, vid_root, fps, w, skip, warnings, progress, max_len
         frames, fsizes, times = [], [], []
         if row.get("video"):
             vdir = (vid_root / str(row["video"])) if vid_root else None
-            files = sorted(f for f in vdir.iterdir() if f.suffix.lower().lstrip(".") in IMAGE_EXTS) if vdir and vdir.is_dir() else []
+            files = (sorted(f for f in vdir.iterdir() if f.suffix.lower().lstrip(".") in IMAGE_EXTS)
+                     if vdir and vdir.is_dir() else [])
             if not files:
                 skip("missing_video", f"{where}: {vdir}")
                 continue
@@ -338,7 +342,8 @@ def _pack_rows(jp, img_root, vid_root, fps, w, skip, warnings, progress, max_len
                 continue
         n_img, n_vid = count_placeholders(conv)
         if n_img != len(images) or n_vid != (1 if frames else 0):
-            skip("image_count_mismatch", f"{where}: {n_img} <image>/{n_vid} <video> for {len(images)} images/{'1' if frames else '0'} videos")
+            skip("image_count_mismatch", f"{where}: {n_img} <image>/{n_vid} <video> for {len(images)} images/"
+                                         f"{'1' if frames else '0'} videos")
             continue
         record = {"id": str(row.get("id", n)), "conversations": conv, "num_images": len(images),
                   "num_frames": len(frames), "timestamps": times, "image_sizes": sizes, "source": where}

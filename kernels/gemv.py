@@ -3,11 +3,11 @@ elementwise ops around them fused in.
 
 At batch 1 every projection of a decoder step is a GEMV, bound by reading the weight once. cuBLAS
 answers these with GEMM tiles of width 8 and, for long rows, split-K plus a separate reduction
-kernel; on an H200 (``vlt bench decode-kernels``) that reaches 1.4-3.7 TB/s, lowest on the smaller
-matrices. This kernel gives each program BN whole rows, streams them in [BN, BK] tiles with fp32
-accumulation and writes BN outputs: no split-K and no second kernel. Tile sizes are autotuned per
-shape. Around the product it applies what a pre-norm decoder block does next to it, so those ops
-need no kernels of their own:
+kernel, well below the copy bandwidth on the smaller matrices (``vlt bench decode-kernels``;
+figures in benchmarks/README.md). This kernel gives each program BN whole rows, streams them in
+[BN, BK] tiles with fp32 accumulation and writes BN outputs: no split-K and no second kernel. Tile
+sizes are autotuned per shape. Around the product it applies what a pre-norm decoder block does
+next to it, so those ops need no kernels of their own:
 
 - prologue ``rmsnorm``: y = W rmsnorm(x) (each program recomputes the row's statistics: K values
   from L2, negligible next to its share of the weight);
@@ -21,9 +21,9 @@ need no kernels of their own:
 Roundings follow the unfused torch ops (RMSNorm's output, SiLU's output and their product, the
 projection's output are each rounded to the input dtype), so the fused step matches the model's.
 
-Tiles: Triton's autotuner times each tile once per shape, one kernel at a time; for kernels of
-3-20 us that pick varies from process to process and need not be the best inside a decode step,
-where each kernel overlaps its neighbours (programmatic dependent launch) and the weights come from
+Tiles: Triton's autotuner times each tile once per shape, one kernel at a time; for kernels of a
+few microseconds that pick varies from process to process and need not be the best inside a decode
+step, where each kernel overlaps its neighbours (programmatic dependent launch) and the weights come from
 HBM. ``vlt bench decode-kernels --tune-gemv`` times every tile in that setting (a CUDA graph over
 36 layers' weights) and writes a table; tables in ``kernels/gemv_configs/<GPU name>.json`` are used
 for the shapes they list on that GPU (``VLT_GEMV_TUNED=0`` ignores them). A shape no table lists
@@ -57,7 +57,19 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _INTERPRET_CONFIG = dict(BN=4, BK=32, ACC1D=False)
 
 
-_TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gemv_configs")
+# (BN, BK, ACC1D, num_warps): a few rows per program with long tiles down to many rows with short
+# ones; which wins depends on the matrix shape and the GPU, so every shape times them once.
+# the tiles every shape is timed with (by the autotuner, or by ``vlt bench decode-kernels --tune-gemv``)
+TILES = [(1, 2048, False, 4), (2, 1024, False, 4), (2, 2048, False, 4), (2, 2048, False, 8),
+         (4, 512, False, 4), (4, 1024, False, 4), (4, 1024, False, 8), (4, 2048, False, 8),
+         (8, 256, False, 4), (8, 512, False, 4), (8, 1024, False, 4), (8, 1024, False, 8),
+         (8, 2048, False, 8), (16, 256, False, 4), (16, 512, False, 8), (16, 1024, False, 8),
+         (32, 256, False, 8), (4, 1024, True, 4), (4, 2048, True, 4), (8, 1024, True, 8),
+         (8, 2048, True, 8), (16, 512, True, 8), (16, 1024, True, 8),
+         # long rows (the MLP's down projection, K = 11008): more bytes in flight per program
+         (1, 4096, False, 4), (2, 4096, False, 8), (2, 4096, True, 4), (4, 4096, True, 8)]
+
+TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gemv_configs")
 _tuned: dict[str, dict] = {}
 
 
@@ -67,7 +79,7 @@ def tuned_key(N: int, K: int, prologue: int, bias: bool, residual: bool, glu: bo
 
 
 def tuned_table_path(device_name: str) -> str:
-    return os.path.join(_TUNED_DIR, device_name.replace(" ", "_").replace("/", "_") + ".json")
+    return os.path.join(TUNED_DIR, device_name.replace(" ", "_").replace("/", "_") + ".json")
 
 
 def tuned_config(device_name: str, key: str) -> dict | None:
@@ -84,11 +96,26 @@ def tuned_config(device_name: str, key: str) -> dict | None:
     return _tuned[device_name].get(key)
 
 
+def set_tuned_table(device_name: str, configs: dict) -> None:
+    """Use ``configs`` (a table's ``"configs"``: ``tuned_key`` -> tile) for ``device_name`` in this
+    process, in place of its committed table (``vlt bench decode-kernels --tune-gemv`` times its
+    rows with the table it has just measured)."""
+    _tuned[device_name] = dict(configs)
+
+
+def autotuned_config(N: int, K: int):
+    """The tile Triton's autotuner (``VLT_GEMV_AUTOTUNE=1``) picked for an N x K launch in this
+    process, or None when it has not run for that shape."""
+    if triton is None:
+        return None
+    return next((c for k, c in _gemv_tuned.cache.items() if tuple(k[:2]) == (N, K)), None)
+
+
 def default_tile(N: int, K: int) -> dict:
-    """The tile for a shape no table lists: within ~12% of the best measured tile for each of the
-    4B decoder's launches on an H200 (kernels/gemv_configs/NVIDIA_H200.json's timings): 1024-wide K
-    tiles (2048 for rows of 4096+, where more bytes in flight per program pay), 4 rows per program, 8
-    rows for very tall matrices (the LM head), fewer K lanes for short rows."""
+    """The tile for a shape no table lists: within 1.15x of the best measured tile for each launch a
+    committed table timed (tests/test_decode_kernels.py checks it against kernels/gemv_configs/):
+    1024-wide K tiles (2048 for rows of 4096+, where more bytes in flight per program pay), 4 rows per
+    program, 8 rows for very tall matrices (the LM head), fewer K lanes for short rows."""
     k_lanes = triton.next_power_of_2(K)
     if N >= 65536:
         return dict(BN=8, BK=min(512, k_lanes), ACC1D=False, num_warps=4)
@@ -179,8 +206,8 @@ def gemv_into(y, x, weight, bias=None, *, x2=None, norm_weight=None, residual=No
                  PDL=use_pdl)
     config = config or (_INTERPRET_CONFIG if _INTERPRET else None)
     if config is None and x.is_cuda:
-        config = tuned_config(torch.cuda.get_device_name(x.device), tuned_key(N, K, prologue, bias is not None, residual is not None,
-                                                   weight2 is not None))
+        key = tuned_key(N, K, prologue, bias is not None, residual is not None, weight2 is not None)
+        config = tuned_config(torch.cuda.get_device_name(x.device), key)
     if config is None and os.environ.get("VLT_GEMV_AUTOTUNE", "0") != "1":
         config = default_tile(N, K)
     if config is None:
@@ -272,19 +299,8 @@ if triton is not None:
             y = tl.load(res_ptr + rows, mask=mn, other=0.0).to(tl.float32) + y.to(dt).to(tl.float32)
         tl.store(y_ptr + rows, y.to(dt), mask=mn)
 
-    # (BN, BK, ACC1D, num_warps): a few rows per program with long tiles down to many rows with short
-    # ones; which wins depends on the matrix shape and the GPU, so every shape times them once.
-    # the tiles every shape is timed with (by the autotuner, or by ``vlt bench decode-kernels --tune-gemv``)
-    _CONFIGS = [(1, 2048, False, 4), (2, 1024, False, 4), (2, 2048, False, 4), (2, 2048, False, 8),
-                (4, 512, False, 4), (4, 1024, False, 4), (4, 1024, False, 8), (4, 2048, False, 8),
-                (8, 256, False, 4), (8, 512, False, 4), (8, 1024, False, 4), (8, 1024, False, 8),
-                (8, 2048, False, 8), (16, 256, False, 4), (16, 512, False, 8), (16, 1024, False, 8),
-                (32, 256, False, 8), (4, 1024, True, 4), (4, 2048, True, 4), (8, 1024, True, 8),
-                (8, 2048, True, 8), (16, 512, True, 8), (16, 1024, True, 8),
-                # long rows (the MLP's down projection, K = 11008): more bytes in flight per program
-                (1, 4096, False, 4), (2, 4096, False, 8), (2, 4096, True, 4), (4, 4096, True, 8)]
     _gemv_tuned = triton.autotune(
-        configs=[triton.Config(dict(BN=bn, BK=bk, ACC1D=a), num_warps=w) for bn, bk, a, w in _CONFIGS],
+        configs=[triton.Config(dict(BN=bn, BK=bk, ACC1D=a), num_warps=w) for bn, bk, a, w in TILES],
         # PDL is left out of the key: with and without it a shape takes the same tile, so the two
         # launch modes give the same bits (which the GPU tests check, to catch an early load)
         key=["N", "K", "PRO", "HAS_BIAS", "HAS_RES", "GLU"])(_gemv_kernel)

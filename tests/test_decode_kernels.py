@@ -22,8 +22,10 @@ def test_kernel_matches_torch_step():
         torch.manual_seed(0)
         # (B, H, HV, K, V, W, dtype, block_v): GVA (HV = 2H), V not a power of two and not a multiple of
         # the block, a width-3 conv, bf16
-        for B, H, HV, K, V, W, dt, bv in [(1, 2, 2, 16, 32, 4, torch.float32, 16), (2, 2, 4, 16, 24, 4, torch.float32, 16),
-                                          (1, 1, 1, 8, 40, 3, torch.float32, 32), (2, 2, 2, 32, 64, 4, torch.bfloat16, 64)]:
+        for B, H, HV, K, V, W, dt, bv in [(1, 2, 2, 16, 32, 4, torch.float32, 16),
+                                          (2, 2, 4, 16, 24, 4, torch.float32, 16),
+                                          (1, 1, 1, 8, 40, 3, torch.float32, 32),
+                                          (2, 2, 2, 32, 64, 4, torch.bfloat16, 64)]:
             Ck, Cv = H * K, HV * V
             proj = torch.randn(B, 2 * Ck + 2 * Cv + 2 * HV, dtype=dt)
             ins = proj.split([Ck, Ck, Cv, Cv, HV, HV], -1)           # strided views, as a stacked projection
@@ -179,9 +181,9 @@ def test_gemv_tile_tables_are_valid(monkeypatch):
     import os
     import re
     from vlt.kernels import gemv
-    paths = glob.glob(os.path.join(gemv._TUNED_DIR, "*.json"))
+    paths = glob.glob(os.path.join(gemv.TUNED_DIR, "*.json"))
     assert paths, "no tile table committed"
-    tiles = {(bn, bk, acc, w) for bn, bk, acc, w in gemv._CONFIGS}
+    tiles = {(bn, bk, acc, w) for bn, bk, acc, w in gemv.TILES}
     for path in paths:
         table = json.load(open(path))
         assert gemv.tuned_table_path(table["device"]) == path
@@ -206,7 +208,7 @@ def test_gemv_default_tile_is_near_the_measured_best():
     import os
     import re
     from vlt.kernels import gemv
-    for path in glob.glob(os.path.join(gemv._TUNED_DIR, "*.json")):
+    for path in glob.glob(os.path.join(gemv.TUNED_DIR, "*.json")):
         for key, row in json.load(open(path))["timings"].items():
             n, k = map(int, re.match(r"N=(\d+) K=(\d+)", key).groups())
             tile = gemv.default_tile(n, k)

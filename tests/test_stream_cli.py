@@ -45,7 +45,7 @@ def _run(*argv):
 def test_stream_a_video_file_answers_as_the_api(export, tmp_path, capsys):
     from vlt.data.video import iter_frames
     from vlt.export import load_pretrained_vlt
-    from vlt.generate_cli import _image_processor
+    from vlt.generate_cli import image_processor
     from vlt.inference import VideoStream
     video = _video(tmp_path / "clip.mp4")
     assert _run("--ckpt", export, "--video", video, "--fps", 2, "--ask", "What is shown?", "--max-new-tokens", 4,
@@ -55,7 +55,7 @@ def test_stream_a_video_file_answers_as_the_api(export, tmp_path, capsys):
     frames = [im for _, im in iter_frames(video, 2)]
     assert len(frames) == 3   # 6 frames at 4 fps = 1.5 s, sampled at 2 fps: t = 0, 0.5, 1.0
     model, tok = load_pretrained_vlt(export)
-    s = VideoStream(model, tok, image_processor=_image_processor(export, model, None), fps=2, system="")
+    s = VideoStream(model, tok, image_processor=image_processor(export, model, None), fps=2, system="")
     for f in frames:
         s.add_frame(f)
     assert out == f"[t=1.5s] {s.ask('What is shown?', max_new_tokens=4)}\n"

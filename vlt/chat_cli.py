@@ -37,12 +37,12 @@ def _run(args, stdin, stdout) -> int:
 
     import torch
     from PIL import Image
-    from vlt.generate_cli import TextStreamer, _image_processor, load_for_inference, prompt_record, system_prompt
+    from vlt.generate_cli import TextStreamer, image_processor, load_for_inference, prompt_record, system_prompt
     from vlt.inference.chat import ChatSession
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     ckpt = Path(args.ckpt).expanduser()
     model, tok = load_for_inference(args.ckpt, device, args.dtype)
-    proc = _image_processor(ckpt, model, args.max_pixels) if model.vision is not None else None
+    proc = image_processor(ckpt, model, args.max_pixels) if model.vision is not None else None
 
     def new_session():
         return ChatSession(model, tok, image_processor=proc, system=system_prompt(args, prompt_record(ckpt)),

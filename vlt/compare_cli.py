@@ -46,7 +46,8 @@ def add_compare_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from vlt.data.synthetic import TASKS
     from vlt.evaluation.compare import STUDY_LAYOUTS
     p.add_argument("--layouts", nargs="+", default=None, metavar="NAME",
-                   help=f"layout recipes (recipes/layouts/NAME.yaml) or NAME=PATTERN; default: {' '.join(STUDY_LAYOUTS)}")
+                   help="layout recipes (recipes/layouts/NAME.yaml) or NAME=PATTERN; "
+                        f"default: {' '.join(STUDY_LAYOUTS)}")
     p.add_argument("--config", default="layouts/base", help="the base recipe every run trains with")
     p.add_argument("--task", default=None, choices=list(TASKS), help="synthetic task (default: mix)")
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="generator parameter, as vlt data synth")
@@ -79,12 +80,12 @@ def add_compare_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _settings(args) -> dict:
-    from vlt.data.cli import _parse_kv
+    from vlt.data.cli import parse_kv
     from vlt.evaluation.compare import STUDY_LAYOUTS
     t = TINY if args.tiny else {}
     s = {"layouts": args.layouts or t.get("layouts") or list(STUDY_LAYOUTS),
          "task": args.task or t.get("task") or "mix",
-         "params": {**(t.get("params", {}) if not args.task else {}), **_parse_kv(args.param)},
+         "params": {**(t.get("params", {}) if not args.task else {}), **parse_kv(args.param)},
          "num_train": args.num_train or t.get("num_train", 20000),
          "num_val": args.num_val if args.num_val is not None else t.get("num_val", 128),
          "num_eval": args.num_eval or t.get("num_eval", 400), "steps": args.steps or t.get("steps", 1000),
@@ -123,7 +124,7 @@ def plan(args, s: dict) -> dict:
         except json.JSONDecodeError as e:
             raise ValueError(f"--mixers {args.mixers!r} is not JSON ({e.msg})") from None
         if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
-            raise ValueError(f"--mixers must map mixer names to option dicts, e.g. '{{\"swa\": {{\"window\": 32}}}}'")
+            raise ValueError("--mixers must map mixer names to option dicts, e.g. '{\"swa\": {\"window\": 32}}'")
         recipes = [(n, ls, {**m, **{k: {**m.get(k, {}), **v} for k, v in extra.items()}}) for n, ls, m in recipes]
     depth = args.depth or default_depth([len(layers) for _, layers, _ in recipes])
     layouts = {name: (tile_layout(name, layers, depth), mixers) for name, layers, mixers in recipes}
@@ -146,7 +147,8 @@ def plan(args, s: dict) -> dict:
 
 def _fit_argv(args, s: dict, spec: dict, lay: dict, seed: int, run: Path) -> list[str]:
     return ["fit", "--config", args.config, f"--model.init_args.layout={lay['pattern']}",
-            f"--model.init_args.mixers={json.dumps(lay['mixers'])}", f"--model.init_args.model={json.dumps(lay['model'])}",
+            f"--model.init_args.mixers={json.dumps(lay['mixers'])}",
+            f"--model.init_args.model={json.dumps(lay['model'])}",
             f"--seed_everything={seed}", f"--trainer.max_steps={s['steps']}",
             "--data.init_args.train_shards=null", "--data.init_args.val_shards=null",
             f"--data.init_args.synthetic={json.dumps(spec)}", f"--trainer.default_root_dir={run}",
@@ -276,7 +278,8 @@ def _run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser("vlt compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser("vlt compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     return run_compare(add_compare_args(parser).parse_args(argv))
 
 

@@ -144,7 +144,7 @@ class VLMConfig:
         """A new config: this one with ``overrides`` merged the way ``from_name`` merges them
         (nested dicts update key by key, ``mixers`` is replaced whole); ``self`` is unchanged."""
         d = self.to_dict()
-        _deep_update(d, copy.deepcopy(overrides))
+        deep_update(d, copy.deepcopy(overrides))
         return type(self).from_dict(d)
 
     @classmethod
@@ -152,7 +152,7 @@ class VLMConfig:
         if name not in NAMED_CONFIGS:
             raise ValueError(f"unknown model name {name!r}; known: {sorted(NAMED_CONFIGS)}")
         d = copy.deepcopy(NAMED_CONFIGS[name])
-        _deep_update(d, overrides)
+        deep_update(d, overrides)
         d["name"] = name
         return cls.from_dict(d)
 
@@ -166,10 +166,10 @@ def _build(klass, d: dict, prefix: str):
     return klass(**d)
 
 
-def _deep_update(base: dict, new: dict):
+def deep_update(base: dict, new: dict):
     for k, v in new.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("mixers",):
-            _deep_update(base[k], v)
+            deep_update(base[k], v)
         else:
             base[k] = v
 

@@ -34,7 +34,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "added_tokens.json", "chat_template.json", "chat_template.jinja", "tokenizer.model")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
                    "generation_config.json")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -48,7 +48,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
         m = nxt if isinstance(nxt, nn.Module) and nxt is not m else getattr(m, "model", None)
         if m is None:
             break
-    raise ValueError(f"save_pretrained_vlt needs a vlt.model.VLM (optionally wrapped by peft), got {type(model).__name__}")
+    raise ValueError(f"save_pretrained_vlt needs a vlt.model.VLM (optionally wrapped by peft), "
+                     f"got {type(model).__name__}")
 
 
 def merge_lora_(vlm: nn.Module) -> nn.Module:
@@ -138,7 +139,8 @@ def read_vlt_config(path) -> dict:
         if not (p / f).is_file():
             hint = " (this looks like a transformers checkpoint: convert it with vlt.convert first)" \
                 if (p / "config.json").is_file() else ""
-            raise FileNotFoundError(f"{p / f} is missing; a vlt export directory holds {CONFIG_FILE} and {WEIGHTS_FILE}{hint}")
+            raise FileNotFoundError(f"{p / f} is missing; a vlt export directory holds {CONFIG_FILE} and "
+                                    f"{WEIGHTS_FILE}{hint}")
     meta = json.loads((p / CONFIG_FILE).read_text())
     if meta.get("format") != FORMAT or "model" not in meta:
         raise ValueError(f"{p / CONFIG_FILE} is not a vlt export config (expected 'format': 'vlt' and a 'model' entry)")
@@ -166,7 +168,7 @@ def load_pretrained_vlt(path, dtype=None, device=None, load_adapter: bool = True
     from vlt.model import build_vlm
     p = Path(path).expanduser()
     meta, state = read_state(p)
-    target = _DTYPES.get(str(dtype).removeprefix("torch."), None) if dtype is not None else _DTYPES.get(meta.get("dtype"))
+    target = DTYPES.get(str(dtype).removeprefix("torch."), None) if dtype is not None else DTYPES.get(meta.get("dtype"))
     # built where it will run, in its dtype; every parameter is overwritten below anyway
     model = build_vlm(VLMConfig.from_dict(meta["model"]), device, target or torch.float32)
     expected = model.state_dict()

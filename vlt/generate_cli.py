@@ -61,7 +61,7 @@ def system_prompt(args, record: dict) -> str:
     return record.get("system", DEFAULT_SYSTEM)
 
 
-def _image_processor(ckpt: Path, model, max_pixels):
+def image_processor(ckpt: Path, model, max_pixels):
     from vlt.data.image import ImageProcessor
     kw = dict(patch_size=model.config.vision.patch_size, merge_size=model.config.vision.merge_size)
     record = prompt_record(ckpt)
@@ -76,6 +76,9 @@ def _image_processor(ckpt: Path, model, max_pixels):
     if max_pixels is not None:
         kw["max_pixels"] = max_pixels
     return ImageProcessor(**kw)
+
+
+_image_processor = image_processor  # old name, still imported by vlt/eval_cli.py and tests/test_evaluation.py
 
 
 def _frames(video: list[str]) -> list[Path]:
@@ -102,7 +105,7 @@ def build_inputs(args, model, tok):
     frames = _frames(args.video) if args.video else []
     if (images or frames) and model.vision is None:
         raise ValueError(f"{args.ckpt} has no vision tower (vision.kind='none'); drop --image/--video")
-    proc = _image_processor(Path(args.ckpt).expanduser(), model, args.max_pixels) if images or frames else None
+    proc = image_processor(Path(args.ckpt).expanduser(), model, args.max_pixels) if images or frames else None
     tensors = [proc(_open(p)) for p in images + frames]
     counts: list = [proc.num_tokens(t) for t in tensors[:len(images)]]
     value = "<image>\n" * len(images)
@@ -129,14 +132,14 @@ def load_for_inference(ckpt_arg: str, device: str, dtype: str | None):
     if not (ckpt / "vlt_config.json").is_file() and (ckpt / "config.json").is_file():
         # a transformers Qwen2.5-VL directory: run it as is (full attention), e.g. to compare with a student
         from vlt.convert import import_qwen2_5_vl
-        from vlt.export import _DTYPES, load_tokenizer_from
-        model = import_qwen2_5_vl(ckpt, _DTYPES[dtype or "float32"]).to(device).eval()
+        from vlt.export import DTYPES, load_tokenizer_from
+        model = import_qwen2_5_vl(ckpt, DTYPES[dtype or "float32"]).to(device).eval()
         tok = load_tokenizer_from(ckpt, {"tokenizer": "hf"})
     else:
         model, tok = load_pretrained_vlt(ckpt, dtype=dtype, device=device)
     if tok is None:
-        raise ValueError(f"{ckpt_arg} has no tokenizer; export it with save_pretrained_vlt(..., tokenizer_dir=TEACHER_DIR "
-                         "or 'byte')")
+        raise ValueError(f"{ckpt_arg} has no tokenizer; export it with "
+                         "save_pretrained_vlt(..., tokenizer_dir=TEACHER_DIR or 'byte')")
     return model, tok
 
 

@@ -47,7 +47,7 @@ def _run(args) -> int:
 
     import torch
     from vlt.data.video import iter_frames
-    from vlt.generate_cli import _image_processor, load_for_inference, prompt_record, system_prompt
+    from vlt.generate_cli import image_processor, load_for_inference, prompt_record, system_prompt
     from vlt.inference import VideoStream
     if not args.ask:
         raise ValueError("give at least one --ask QUESTION")
@@ -62,7 +62,7 @@ def _run(args) -> int:
     if grows and args.capacity is None:
         raise ValueError(f"{args.ckpt} has full-attention layers, whose cache grows with the video: give --capacity "
                          "TOKENS (about frames x tokens per frame)")
-    stream = VideoStream(model, tok, image_processor=_image_processor(ckpt, model, args.max_pixels), fps=args.fps,
+    stream = VideoStream(model, tok, image_processor=image_processor(ckpt, model, args.max_pixels), fps=args.fps,
                          system=system_prompt(args, prompt_record(ckpt)), capacity=args.capacity)
     pending = sorted(args.ask_at or [])
 

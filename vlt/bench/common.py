@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
 import sys
 import time
 
-from vlt.bench.mixers import _versions, cuda_time, graphed  # noqa: F401 - re-exported for train/infer/stream
+from vlt.bench.mixers import cuda_time, graphed  # noqa: F401 - re-exported for train/infer/stream
 
 LAYOUTS = {"full": "[full] * {n}", "swa": "[swa] * {n}", "gdn": "[gdn] * {n}", "hybrid": "[swa, gdn, gdn, gdn] * {q}"}
 PEAK_BF16_TFLOPS = 789.0  # measured bf16 matmul on the H100 (REFERENCE.md); the run measures its own too
@@ -129,13 +130,27 @@ def token_ids(model, shape, device):
     return torch.randint(0, high, shape, device=device)
 
 
+def versions() -> dict:
+    """The versions every report records: python, torch, CUDA, cuDNN and the optional kernel
+    libraries (None when absent)."""
+    import torch
+    v = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+         "cudnn": torch.backends.cudnn.version()}
+    for mod in ("triton", "fla", "tilelang", "flash_attn"):
+        try:
+            v[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - absent or without a version: recorded as such
+            v[mod] = None
+    return v
+
+
 def header(args, name: str) -> dict:
     import torch
     cuda = torch.cuda.is_available() and str(args.device).startswith("cuda")
     argv = sys.argv[sys.argv.index(name) + 1:] if name in sys.argv else sys.argv[1:]
     rep = {"bench": name, "command": " ".join(["vlt", "bench", name, *argv]),
            "machine": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
-           "versions": _versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+           "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
            "dtype": args.dtype, "tiny": bool(args.tiny), "num_layers": args.num_layers, "window": args.window,
            "batch": 1, "results": []}
     if cuda:
@@ -246,7 +261,7 @@ def machine_ceilings(device) -> dict:
     cms, _ = cuda_time(lambda: dst.copy_(src), 200)
     out = {"matmul_bf16_tflops": round(2 * 8192**3 / ms / 1e9, 1),
            "copy_tb_s": round(2 * src.numel() * 2 / cms / 1e9, 3)}
-    del a, b, src, dst
+    a = b = src = dst = None  # frees the buffers (the timed lambdas above are not called again)
     torch.cuda.empty_cache()
     return out
 

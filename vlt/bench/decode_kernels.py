@@ -13,7 +13,7 @@
   SDPA backend, at InfiniteVL's SWA shapes, 9 layers' distinct caches per graph, us per layer; also
   with RoPE in the kernel (the stepper's call) and for each ``--attn-programs-per-sm``.
 
-``--tune-gemv`` first times every GEMV tile (vlt.kernels.gemv._CONFIGS) for each launch of the 4B
+``--tune-gemv`` first times every GEMV tile (vlt.kernels.gemv.TILES) for each launch of the 4B
 decode step (shape and fused ops as the inference engine calls them), in a CUDA graph over 36 layers'
 weights with programmatic dependent launch, and writes the best per launch to
 gemv_configs.json - the table vlt.kernels.gemv reads from kernels/gemv_configs/<GPU name>.json.
@@ -93,7 +93,8 @@ def tune_gemv(args, max_bytes=4e9):
     for name, N, K, ops in STEP_GEMVS:
         copies = int(max(2, min(36, max_bytes // (N * K * 2 * (2 if ops.get("glu") else 1)))))
         ws = [torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5 for _ in range(copies)]
-        ws2 = [torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5 for _ in range(copies)] if ops.get("glu") else None
+        ws2 = ([torch.randn(N, K, device="cuda", dtype=dt) * K ** -0.5 for _ in range(copies)]
+               if ops.get("glu") else None)
         x, ys = torch.randn(K, device="cuda", dtype=dt), torch.empty(copies, N, device="cuda", dtype=dt)
         extra = dict(norm_weight=torch.ones(K, device="cuda", dtype=dt) if ops.get("norm") else None,
                      residual=torch.randn(N, device="cuda", dtype=dt) if ops.get("residual") else None,
@@ -101,7 +102,7 @@ def tune_gemv(args, max_bytes=4e9):
         bias = torch.randn(N, device="cuda", dtype=dt) if ops.get("bias") else None
         key = gemv.tuned_key(N, K, extra["prologue"], bias is not None, extra["residual"] is not None, ws2 is not None)
         best, times = None, {}
-        for bn, bk, acc1d, nw in gemv._CONFIGS:
+        for bn, bk, acc1d, nw in gemv.TILES:
             if bk > K:  # tiles half masked off
                 continue
             cfg = dict(BN=bn, BK=bk, ACC1D=acc1d, num_warps=nw)
@@ -118,10 +119,10 @@ def tune_gemv(args, max_bytes=4e9):
             if best is None or us < best[0]:
                 best = (us, cfg)
         table[key] = best[1]
-        timings[key] = dict(launch=name, best_us=round(best[0], 2), tb_s=round(N * K * 2 * (2 if ws2 else 1) / best[0] / 1e6, 3),
-                            copies=copies, us_per_tile=times)
+        tb_s = round(N * K * 2 * (2 if ws2 else 1) / best[0] / 1e6, 3)
+        timings[key] = dict(launch=name, best_us=round(best[0], 2), tb_s=tb_s, copies=copies, us_per_tile=times)
         print("GEMV tune", name, key, best, flush=True)
-        del ws, ws2
+        ws = ws2 = None  # frees the weights (the closures above are not called again)
     return {"device": torch.cuda.get_device_name(), "command": "vlt bench decode-kernels --tune-gemv",
             "configs": table, "timings": timings}
 
@@ -143,13 +144,13 @@ def gemv_rows(args, copies=36):
             us = _us_per_call(fn, copies, args.rep_ms)
             row[f"{impl}_us"], row[f"{impl}_tb_s"] = round(us, 2), round(N * K * 2 / us / 1e6, 3)
         row["gemv_over_cublas"] = round(row["gemv_us"] / row["cublas_us"], 3)
-        row["gemv_config"] = next((str(c) for k, c in gemv._gemv_tuned.cache.items() if k[:2] == (N, K)), None)
+        row["gemv_config"] = None if (c := gemv.autotuned_config(N, K)) is None else str(c)
         tuned = gemv.tuned_config(torch.cuda.get_device_name(), gemv.tuned_key(N, K, gemv.NONE, False, False, False))
         if tuned:
             row["gemv_config"] = f"tuned table: {tuned}"
         print("GEMV", row, flush=True)
         rows.append(row)
-        del ws
+        ws = None  # frees the weights (the closures above are not called again)
     return rows
 
 
@@ -232,7 +233,7 @@ def run_bench_decode_kernels(args) -> int:
         tuned["date"] = rep["date"]
         with open(f"{args.out}/gemv_configs.json", "w") as f:
             json.dump(tuned, f, indent=1)
-        gemv._tuned[tuned["device"]] = tuned["configs"]  # the rows below use it
+        gemv.set_tuned_table(tuned["device"], tuned["configs"])  # the rows below use it
         rep["gemv_tuned"] = tuned["timings"]
     rep["gdn_decode"] = gdn_rows(args)
     rep["gemv"] = gemv_rows(args)
@@ -264,8 +265,8 @@ def plot(rep, path):
     b.legend(fontsize=7)
     at = rep.get("decode_attention", [])
     xs = range(len(at))
-    for i, (key, label) in enumerate((("sdpa_flash_us", "index_copy + SDPA flash"), ("sdpa_cudnn_us", "index_copy + SDPA cuDNN"),
-                                      ("vlt_us", "vlt split decode"))):
+    for i, (key, label) in enumerate((("sdpa_flash_us", "index_copy + SDPA flash"),
+                                      ("sdpa_cudnn_us", "index_copy + SDPA cuDNN"), ("vlt_us", "vlt split decode"))):
         c.bar([x + (i - 1) * 0.27 for x in xs], [r[key] if isinstance(r.get(key), float) else 0 for r in at], 0.27,
               label=label)
     c.set_xticks(list(xs), [str(r["L"]) for r in at])

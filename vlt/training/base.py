@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from vlt.checkpoint import describe_mismatch, load_model_state
-from vlt.config import VLMConfig, _deep_update
+from vlt.config import VLMConfig, deep_update
 from vlt.model import VLM, checkpointed_blocks, shift_labels
 from vlt.training.flops import StepFlops, image_sizes, peak_tflops_for, segment_lengths
 from vlt.training.freezing import apply_trainable, check_new_params_train, trainable_table
@@ -32,7 +32,7 @@ def build_config(model_name: str | None, model: dict | None, tokens: dict | None
     if model_name is not None:
         base = VLMConfig.from_name(model_name).to_dict()
     base = copy.deepcopy(base or {})
-    _deep_update(base, copy.deepcopy(model or {}))
+    deep_update(base, copy.deepcopy(model or {}))
     if layout is not None:
         base.setdefault("decoder", {}).update(layout=layout, num_layers=None)
     if mixers:
@@ -280,7 +280,8 @@ class VLTModule(L.LightningModule):
         for n, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.dim() < 2 or "embed_tokens" in n or getattr(p, "_no_weight_decay", False) else decay).append(p)
+            exempt = p.dim() < 2 or "embed_tokens" in n or getattr(p, "_no_weight_decay", False)
+            (no_decay if exempt else decay).append(p)
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         params = [p for g in groups for p in g["params"]]
         fused = hp.fused_adamw if hp.fused_adamw is not None else bool(params) and all(
