@@ -3,8 +3,8 @@
 A batch-1 decode step through the GDN mixer is a handful of GEMVs (the stacked input projection,
 ``o_proj``) around a chain of tiny ops: three short-conv state updates, SiLU, L2 norms, the decay and
 beta gates, the delta-rule recurrence and the gated RMSNorm. Compiled by Inductor that chain is
-still about a dozen kernels (about 28 us per layer on an H100, measured in
-``benchmarks/profiles/profile_decode_hybrid.txt``), each too short to load the GPU. Here it is two:
+still about a dozen kernels (see benchmarks/README.md), each too short to load the GPU. Here it is
+two:
 
 1. ``_gdn_recurrent_kernel``, a program per (sequence, value head, block of BV value channels):
    q/k conv + SiLU + L2 norm of its key head (recomputed per block: 2 x K channels, cheap), its
@@ -54,8 +54,7 @@ def gdn_decode_step(q_in, k_in, v_in, g_in, a_in, b_in, conv_weights, conv_state
     of one stacked projection are fine: unit stride along the features). conv_weights (q, k, v)
     [C, W]; conv_states (q, k, v) [B, C, W-1] and ssm [B, HV, K, V] fp32, both contiguous and updated
     in place. Returns o [B, HV*V] in q_in's dtype. The defaults (16 value channels per program, 4
-    warps) were the fastest (or within 1%) of block_v 8-128 x 2-8 warps in two sweeps on an H200
-    (``vlt bench decode-kernels``, benchmarks/decode_kernels_h200.json)."""
+    warps) come from sweeps of ``vlt bench decode-kernels --block-v --num-warps`` (benchmarks/README.md)."""
     if triton is None:
         raise RuntimeError("gdn_decode_step needs Triton (pip install triton); use the mixer's forward instead")
     B, HV, K, V = ssm.shape

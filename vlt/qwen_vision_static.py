@@ -2,7 +2,7 @@
 
 HF's ``Qwen2_5_VisionTransformerPretrainedModel.forward`` rebuilds the rotary table and the window
 order from ``grid_thw`` on every call, reads ``cu_seqlens`` back to the host (``.tolist()``) and runs
-one SDPA call per window: ~40 ms per 448x448 frame on an H100 for ~1.4 TFLOP of work, and nothing a
+one SDPA call per window: slow for its FLOPs (benchmarks/README.md), and nothing a
 CUDA graph can capture. ``StaticQwenVision(visual, grid_thw)`` computes all of that once for one grid
 and then runs the HF module's own submodules and weights (patch_embed's projection, the blocks' norms,
 qkv / proj and MLPs, the merger) with fixed shapes:
@@ -58,10 +58,10 @@ def aligned_mlp(mlp, multiple: int = 64):
     projections are not plain Linears with biases (LoRA-wrapped: the module runs as it is).
 
     Qwen2.5-VL's vision MLP is 3420 wide: rows of 3420 bf16 values are only 8-byte aligned and cuBLAS
-    takes slow sm80 kernels for those GEMMs (two thirds of the tower's time per frame on an H200,
-    benchmarks/profiles/profile_stream_vision.txt). The module's own parameters are re-pointed at
-    views of these buffers (same shapes, names and values; the down projection's view is strided), so
-    no weight is held twice and later in-place updates reach both. Zero pad rows give act(0) * 0 = 0
+    takes slow sm80 kernels for those GEMMs (most of the tower's time per frame: benchmarks/README.md).
+    The module's own parameters are re-pointed at views of these buffers (same shapes, names and
+    values; the down projection's view is strided), so no weight is held twice and later in-place
+    updates reach both. Zero pad rows give act(0) * 0 = 0
     and zero pad columns read nothing: the output is unchanged."""
     lins = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     if not all(type(lin) is torch.nn.Linear and lin.bias is not None for lin in lins):
