@@ -28,7 +28,8 @@ from typing import Optional
 import lightning as L
 
 from .image import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, ImageProcessor
-from .pipeline import BAD_REASONS, DEFAULT_MAX_IMAGE_PIXELS, OVERLONG, SampleProcessor, SampleStats, VLTLoader, VLTStream
+from .pipeline import (BAD_REASONS, DEFAULT_MAX_IMAGE_PIXELS, OVERLONG, SampleProcessor, SampleStats, VLTLoader,
+                       VLTStream)
 from .shards import read_manifest, resolve_shards, write_synthetic
 from .synthetic import TASKS, check_params
 from .tokenizer import DEFAULT_SYSTEM, load_tokenizer

@@ -96,7 +96,7 @@ def render_png(samples: list[dict], lengths: list[int], tok, proc: ImageProcesso
             while pad * 2 in text:
                 text = text.replace(pad * 2, pad)
             text = text.replace(pad, f"{pad}xN")
-        answer = tok.decode([t for t, l in zip(s["input_ids"], s["labels"]) if l != -100])
+        answer = tok.decode([t for t, lab in zip(s["input_ids"], s["labels"]) if lab != -100])
         body = "\n".join(textwrap.fill(line, 110) for line in text.splitlines()[-12:])
         ax_txt.text(0, 1, body + f"\n\n[loss on]: {answer!r}", va="top", family="monospace", fontsize=6.5,
                     transform=ax_txt.transAxes)

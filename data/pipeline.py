@@ -95,7 +95,8 @@ class SampleStats:
         members) is counted as ``empty_shard`` instead of passing silently."""
         for url in urls:
             n, errors = 0, self.c["tar_error"]
-            for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=self.tar_handler)):
+            pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=self.tar_handler))
+            for sample in pipeline:
                 n += 1
                 self._last_tar_error = None  # a later error is a new one even on a recycled stream id
                 yield sample
@@ -147,7 +148,8 @@ class SampleProcessor:
             return None
         order = re.findall(r"<image>|<video>", "".join(str(t.get("value", "")) for t in conv))
         if order.count("<image>") != len(imgs) or order.count("<video>") != (1 if frms else 0):
-            stats.bad("image_count_mismatch", f"{where}: placeholders {order} vs {len(imgs)} images, {len(frms)} frames")
+            stats.bad("image_count_mismatch",
+                      f"{where}: placeholders {order} vs {len(imgs)} images, {len(frms)} frames")
             return None
 
         def load(k: str) -> torch.Tensor:

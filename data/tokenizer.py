@@ -255,7 +255,8 @@ def apply_chat_template(
     return ids, labels
 
 
-def build_prompt_ids(tok, conversations: list[dict], image_token_counts=(), system: str | None = DEFAULT_SYSTEM) -> list[int]:
+def build_prompt_ids(tok, conversations: list[dict], image_token_counts=(),
+                     system: str | None = DEFAULT_SYSTEM) -> list[int]:
     """Prompt ids for generation: the conversation (without a trailing assistant answer) followed by
     ``<|im_start|>assistant\\n``. A trailing ``gpt`` turn, if present, is dropped."""
     turns = list(conversations)

@@ -77,7 +77,8 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, tok, ktok=None, *, cos=N
         q, k_new, v_new, k_cache, v_cache, ktok if ktok is not None else tok, tok, part_o, part_ml,
         cos if cos is not None else part_o, sin if sin is not None else part_o,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-        tok_stride, cs_stride, L, chunk, S, D ** -0.5 if scale is None else scale, HAS_KTOK=ktok is not None, ROPE=cos is not None, BN=block_n,
+        tok_stride, cs_stride, L, chunk, S, D ** -0.5 if scale is None else scale, HAS_KTOK=ktok is not None,
+        ROPE=cos is not None, BN=block_n,
         PREC="ieee" if q.dtype == torch.float32 else None, UPCAST=not q.is_cuda, **meta)
     _attn_combine_kernel[(B * Hq,)](part_o, part_ml, out, S, BS=triton.next_power_of_2(S), **meta)
     return out

@@ -99,5 +99,5 @@ class SWAGDNHybrid(HybridMixer):
 
     @classmethod
     def validate_options(cls, where="", window=4096, expand_v=2.0, combine="mean", **shared):
-        HybridMixer.validate_options(where, [{"mixer": "swa", "window": window}, {"mixer": "gdn", "expand_v": expand_v}],
-                                     combine, **shared)
+        branches = [{"mixer": "swa", "window": window}, {"mixer": "gdn", "expand_v": expand_v}]
+        HybridMixer.validate_options(where, branches, combine, **shared)

@@ -5,7 +5,6 @@ that name a missing teacher or a corrupt init_from file."""
 import errno
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections import namedtuple
@@ -106,7 +105,8 @@ def test_last_or_none_starts_fresh_and_last_without_checkpoint_says_what_to_do(t
 
 
 def _fit_args(tmp_path, steps, *extra):
-    spec = {"task": "color", "num_train": 64, "num_val": 8, "image_size": 28, "seed": 0, "cache_dir": str(tmp_path / "s")}
+    spec = {"task": "color", "num_train": 64, "num_val": 8, "image_size": 28, "seed": 0,
+            "cache_dir": str(tmp_path / "s")}
     return ["fit", "--config", "quickstart", f"--model.init_args.model={TINY_MODEL}", f"--trainer.max_steps={steps}",
             "--trainer.limit_val_batches=1", "--trainer.val_check_interval=4", "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1", "--trainer.accelerator=cpu",

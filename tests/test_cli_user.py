@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -190,7 +189,8 @@ def test_wandb_offline_keeps_config_per_run_and_logs_the_layout(tmp_path, monkey
         seen.append(dict(params))
     from lightning.pytorch.loggers import WandbLogger
     orig = WandbLogger.log_hyperparams
-    monkeypatch.setattr(WandbLogger, "log_hyperparams", lambda self, params, *a, **k: (spy(self, params), orig(self, params))[1])
+    monkeypatch.setattr(WandbLogger, "log_hyperparams",
+                        lambda self, params, *a, **k: (spy(self, params), orig(self, params))[1])
     import wandb
     for _ in range(2):  # two runs, as two `vlt fit` commands would be
         main(["fit", *tiny_args(tmp_path, steps=1), *logger])
@@ -291,7 +291,7 @@ def test_init_from_says_what_it_loaded(tmp_path, caplog):
     ckpt = run_dirs(tmp_path)[0] / "checkpoints" / "last.ckpt"
     with caplog.at_level(logging.INFO):
         main(["fit", *tiny_args(tmp_path, steps=1), f"--model.init_args.init_from={ckpt}"])
-    assert any(f"init_from: loaded all" in r.getMessage() and str(ckpt) in r.getMessage() for r in caplog.records)
+    assert any("init_from: loaded all" in r.getMessage() and str(ckpt) in r.getMessage() for r in caplog.records)
 
 
 def test_a_model_tool_imports_only_its_own_module():

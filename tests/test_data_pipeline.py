@@ -1,6 +1,5 @@
 """Reader, packing, determinism, resume, rank splitting, and bad-input accounting."""
 
-import io
 import json
 import os
 import random
@@ -246,7 +245,8 @@ def test_synthetic_deterministic_and_has_signal():
         conv, ims = make_sample("count", sample_rng(0, "train", i), max_count=4)
         assert conv[1]["value"] in {"1", "2", "3", "4"}
         rec = generate_record("needle", sample_rng(0, "t", i), num_frames=12)
-        assert len(rec.frames) == 12 and len(rec.timestamps) == 12 and rec.conversations[1]["value"] == rec.meta["answer"]
+        assert len(rec.frames) == 12 and len(rec.timestamps) == 12
+        assert rec.conversations[1]["value"] == rec.meta["answer"]
         conv, ims = make_sample("ocr", random.Random(i), length=6)
         assert len(conv[1]["value"]) == 6
 

@@ -109,7 +109,8 @@ def test_pack_reports_rows_that_can_never_train(tmp_path):
             {"id": "huge", "image": "huge.png", "conversations": turn("<image>\nColour?", "blue")}]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     args = parse(["pack", "--json", str(tmp_path / "d.jsonl"), "--images", str(img), "--out", str(tmp_path / "o"),
-                  "--quiet", "--max-length", "300", "--max-image-pixels", "1000000", "--json-out", str(tmp_path / "s.json")])
+                  "--quiet", "--max-length", "300", "--max-image-pixels", "1000000",
+                  "--json-out", str(tmp_path / "s.json")])
     assert args.func(args) == 0
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["written"] == 2 and s["skipped"] == {"no_assistant_turn": 1, "image_too_large": 1}

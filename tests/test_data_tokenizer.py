@@ -35,7 +35,7 @@ def test_chat_template_exact_string_and_mask_positions():
     assert tok.decode(ids) == expected
     assert len(ids) == len(labels)
     # loss exactly on "red<|im_end|>" and "yes<|im_end|>"
-    trained = [i for i, l in enumerate(labels) if l != IGNORE_INDEX]
+    trained = [i for i, lab in enumerate(labels) if lab != IGNORE_INDEX]
     a1 = tok.decode(ids).index("assistant\nred")
     prefix1 = tok.encode(expected[: a1 + len("assistant\n")])
     p1 = len(prefix1)
@@ -87,7 +87,7 @@ def test_hf_tokenizer_from_local_dir(tmp_path):
     conv = [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "yo"}]
     ids, labels = apply_chat_template(tok, conv, [2], system=None)
     assert ids.count(tok.image_pad_id) == 2
-    trained = [i for i, l in enumerate(labels) if l != IGNORE_INDEX]
+    trained = [i for i, lab in enumerate(labels) if lab != IGNORE_INDEX]
     assert [ids[i] for i in trained] == [vocab["yo"], tok.eos_id]
     with pytest.raises(FileNotFoundError):
         load_tokenizer(str(tmp_path / "nope"))

@@ -132,7 +132,8 @@ def test_generate_cli_end_to_end(student, teacher_dir, tmp_path, capsys):
     assert "tokens/s" in err and "state" in err and "swa" in err and "time to first token" in err
     # the reference path prints the same tokens
     eager = add_generate_args(argparse.ArgumentParser()).parse_args(
-        ["--ckpt", str(ckpt), "--image", str(img), "--prompt", "Describe it.", "--max-new-tokens", "8", "--engine", "eager"])
+        ["--ckpt", str(ckpt), "--image", str(img), "--prompt", "Describe it.", "--max-new-tokens", "8",
+         "--engine", "eager"])
     assert run_generate(eager) == 0
     assert capsys.readouterr().out == out
     bad = add_generate_args(argparse.ArgumentParser()).parse_args(["--ckpt", str(tmp_path / "nope"), "--prompt", "x"])

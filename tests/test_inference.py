@@ -10,7 +10,8 @@ from vlt.layers import TensorSpec, TokenMixer, list_mixers, register_mixer, stat
 from vlt.model import VLM
 
 IMG = 261  # tiny-hybrid's <|image_pad|> id
-MIXER_OPTS = {"swa": {"window": 6}, "swa_gdn": {"window": 6}, "hybrid": {"branches": [{"mixer": "swa", "window": 5}, "gdn"]}}
+MIXER_OPTS = {"swa": {"window": 6}, "swa_gdn": {"window": 6},
+              "hybrid": {"branches": [{"mixer": "swa", "window": 5}, "gdn"]}}
 
 
 def tiny(layout, mrope=False, seed=0):
@@ -185,7 +186,8 @@ def test_video_stream_answers_as_the_offline_prompt(layout):
     pixels = [proc(f) for f in frames]
     counts = [("video", [(i / 2.0, proc.num_tokens(p)) for i, p in enumerate(pixels)])]
     ids = build_prompt_ids(tok, [{"from": "human", "value": "<video>\nWhich colour?"}], counts, system="")
-    ref = generate_eager(model, torch.tensor([ids]), pixels, max_new_tokens=5, eos_token_id=[tok.eos_id, tok.pad_id, tok.im_end_id])
+    ref = generate_eager(model, torch.tensor([ids]), pixels, max_new_tokens=5,
+                         eos_token_id=[tok.eos_id, tok.pad_id, tok.im_end_id])
     ref_ids = [i for i in ref[0].tolist()]
     stop = {tok.eos_id, tok.pad_id, tok.im_end_id}
     ref_ids = ref_ids[:next((k for k, i in enumerate(ref_ids) if i in stop), len(ref_ids))]

@@ -22,8 +22,9 @@ TOL = {torch.float32: 3e-3, torch.bfloat16: 5e-2}
 def tiny(layout="[swa, gdn, gdn, full]", dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     with torch.device("cuda"):
-        m = VLM(VLMConfig.from_name("tiny-hybrid", decoder={"layout": layout, "mrope_section": [4, 6, 6], "head_dim": 32,
-                                                            "mixers": {"swa": {"window": 16, "qkv_bias": True}}}))
+        m = VLM(VLMConfig.from_name("tiny-hybrid", decoder={
+            "layout": layout, "mrope_section": [4, 6, 6], "head_dim": 32,
+            "mixers": {"swa": {"window": 16, "qkv_bias": True}}}))
     return m.to(dtype).eval()
 
 

@@ -39,8 +39,8 @@ def test_linear_cross_entropy_frozen_weight_and_no_grad():
     (rh,) = torch.autograd.grad(cross_entropy_reference(h @ w.T, target), (h,))
     torch.testing.assert_close(gh, rh, **TOL)
     with torch.no_grad():
-        torch.testing.assert_close(linear_cross_entropy(h, w, target, chunk=5), cross_entropy_reference(h @ w.T, target),
-                                   **TOL)
+        torch.testing.assert_close(linear_cross_entropy(h, w, target, chunk=5),
+                                   cross_entropy_reference(h @ w.T, target), **TOL)
     empty = linear_cross_entropy(h[:0], w, target[:0])
     assert empty.item() == 0.0
 

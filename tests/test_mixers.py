@@ -1,5 +1,6 @@
-"""Every registered mixer (and every fla mixer with a CPU path) keeps the one contract (layers/base.py): parallel == recurrent,
-split prefill == one prefill, packed == one by one, gradients everywhere, honest state sizes."""
+"""Every registered mixer (and every fla mixer with a CPU path) keeps the one contract (layers/base.py):
+parallel == recurrent, split prefill == one prefill, packed == one by one, gradients everywhere, honest
+state sizes."""
 import pytest
 import torch
 import torch.nn.functional as F

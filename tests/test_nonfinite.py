@@ -130,7 +130,8 @@ def test_every_rank_agrees_to_skip_gloo(tmp_path):
 
 
 def _cli_args(tmp_path, steps):
-    spec = {"task": "color", "num_train": 64, "num_val": 8, "image_size": 28, "seed": 0, "cache_dir": str(tmp_path / "s")}
+    spec = {"task": "color", "num_train": 64, "num_val": 8, "image_size": 28, "seed": 0,
+            "cache_dir": str(tmp_path / "s")}
     return ["fit", "--config", "quickstart", '--model.init_args.model={"decoder": {"hidden_size": 64, '
             '"intermediate_size": 128, "num_heads": 4, "num_kv_heads": 2}}', f"--trainer.max_steps={steps}",
             "--trainer.limit_val_batches=1", "--trainer.val_check_interval=3", "--trainer.enable_progress_bar=false",

@@ -135,8 +135,8 @@ def test_video_stream_runs_the_static_tower_as_transformers_does(tmp_path):
     a = add_common_args(argparse.ArgumentParser()).parse_args(["--tiny", "--device", "cpu"])
     dev, dt = setup(a)
     model = build_model("hybrid", a, dev, dt, vision=True).eval()
-    s = VideoStream(model, load_tokenizer("byte"), image_processor=ImageProcessor(min_pixels=56 * 112, max_pixels=56 * 112),
-                    system="")
+    proc = ImageProcessor(min_pixels=56 * 112, max_pixels=56 * 112)
+    s = VideoStream(model, load_tokenizer("byte"), image_processor=proc, system="")
     frame = torch.randn(3, 56, 112)
     with torch.no_grad():
         ours, ref = s._features(frame), model.vision([frame])

@@ -16,8 +16,8 @@ TINY_ENGINE = """
     from vlt.inference import InferenceEngine
     from vlt.model import VLM
     torch.manual_seed(0)
-    model = VLM(VLMConfig.from_name("tiny-hybrid", decoder={"layout": "[swa, gdn, gdn, full]",
-                                                            "mixers": {"swa": {"window": 16, "qkv_bias": True}}})).eval()
+    model = VLM(VLMConfig.from_name("tiny-hybrid", decoder={
+        "layout": "[swa, gdn, gdn, full]", "mixers": {"swa": {"window": 16, "qkv_bias": True}}})).eval()
     prompts = [torch.randint(0, 200, (25,)), torch.randint(0, 200, (10,))]
     rel_err = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())
 

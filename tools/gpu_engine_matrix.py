@@ -1,7 +1,6 @@
 """Decode a tiny model through the inference engine on CUDA for each (dtype, batch, graphs, fused,
 pdl) combination, each in its own process with a time limit, so a hang or a crash names its case.
     python3 tools/gpu_engine_matrix.py            (on a GPU machine, vlt importable)"""
-import itertools
 import subprocess
 import sys
 

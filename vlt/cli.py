@@ -18,7 +18,6 @@ path and the fix (vlt.cli_errors); ``VLT_DEBUG=1`` shows the traceback.
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib
 import os
 import sys
@@ -260,13 +259,16 @@ BENCH_TOOLS = (
      "the fused GDN decode step and the batch-1 GEMV per shape, against cuBLAS (GPU)"))
 MODEL_TOOLS = (
     ("generate", "vlt.generate_cli", "add_generate_args", "run_generate", "one answer from a saved model"),
-    ("chat", "vlt.chat_cli", "add_chat_args", "run_chat", "interactive multi-turn chat with a saved model (images too)"),
-    ("stream", "vlt.stream_cli", "add_stream_args", "run_stream", "stream a video through a saved model and ask about it"),
+    ("chat", "vlt.chat_cli", "add_chat_args", "run_chat",
+     "interactive multi-turn chat with a saved model (images too)"),
+    ("stream", "vlt.stream_cli", "add_stream_args", "run_stream",
+     "stream a video through a saved model and ask about it"),
     ("eval", "vlt.eval_cli", "add_eval_args", "run_eval",
      "generate answers on shards or a LLaVA JSONL and score them (JSON + MD + PNG)"),
     ("compare", "vlt.compare_cli", "add_compare_args", "run_compare",
      "train layouts at an equal parameter budget, evaluate each, table + plot with intervals"),
-    ("export", "vlt.export_cli", "add_export_args", "run_export", "a .ckpt -> a model directory for vlt generate / init_from"))
+    ("export", "vlt.export_cli", "add_export_args", "run_export",
+     "a .ckpt -> a model directory for vlt generate / init_from"))
 
 
 def _tool_parser(sub, name: str, help_: str, impl, label: str):

@@ -141,4 +141,5 @@ def check_backends(layers: list[tuple[str, dict]], device) -> None:
             resolve_backend(ops[0], backend, device)
         except ValueError as e:
             raise ValueError(f"decoder layer {i} ({name}): backend={backend!r} cannot run on this machine: {e}. "
-                             f"Set model.init_args.mixers.{name}.backend to one of those, or drop it for 'auto'") from None
+                             f"Set model.init_args.mixers.{name}.backend to one of those, "
+                             "or drop it for 'auto'") from None

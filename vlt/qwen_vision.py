@@ -73,7 +73,8 @@ class QwenVisionTower(nn.Module):
                              f"decoder.hidden_size={out_dim} (the merger writes straight into the LLM width)")
         if (hf.patch_size, hf.spatial_merge_size) != (cfg.patch_size, cfg.merge_size):
             raise ValueError(f"vision.patch_size/merge_size = {cfg.patch_size}/{cfg.merge_size} disagree with "
-                             f"vision.hf_config patch_size/spatial_merge_size = {hf.patch_size}/{hf.spatial_merge_size}")
+                             "vision.hf_config patch_size/spatial_merge_size = "
+                             f"{hf.patch_size}/{hf.spatial_merge_size}")
         hf._attn_implementation = attn_implementation
         self.visual = Qwen2_5_VisionTransformerPretrainedModel(hf)
         self.patch_size, self.merge_size = hf.patch_size, hf.spatial_merge_size

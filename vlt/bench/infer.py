@@ -111,7 +111,7 @@ def decode_row(model, layout, L, args, device, bw, first: bool):
             row["eager_ms"] = round(time_ms(lambda: model(tok[:, None], state=state, use_cache=True), device,
                                             args.rep_ms)[0], 3)
         del state
-    del eng
+    eng = None  # frees the engine's state (the closures above are not called again)
     if first and device.type == "cuda" and not args.no_graph:   # the "before" of vlt's kernels and of PDL
         for key, over in (("unfused_graph_ms", dict(fused=False)), ("no_pdl_graph_ms", dict(pdl=False))):
             try:
@@ -225,8 +225,9 @@ def run_bench_infer(args) -> int:
             record("decode", lambda: decode_row(model, layout, L, args, device, bw, i == 0), layout=layout, context=L)
         for L in args.batch_contexts:
             for B in args.batch_sizes:
-                record("batched", lambda: batch_row(model, layout, L, B, args, device), layout=layout, context=L, batch=B)
-        del model
+                record("batched", lambda: batch_row(model, layout, L, B, args, device),
+                       layout=layout, context=L, batch=B)
+        model = None  # frees the model (the row lambdas above are not called again)
         if cuda:
             torch.cuda.empty_cache()
         if args.e2e_prompt:
@@ -301,7 +302,8 @@ def print_table(rep):
     for r in rep["decode"]:
         if "check_rel_err" in r:
             print(f"  check {r['layout']} L={r['context']}: engine vs eager {r['check_rel_err']}, eager "
-                  f"{r.get('eager_ms')} ms, unfused {r.get('unfused_graph_ms')} ms, no PDL {r.get('no_pdl_graph_ms')} ms")
+                  f"{r.get('eager_ms')} ms, unfused {r.get('unfused_graph_ms')} ms, "
+                  f"no PDL {r.get('no_pdl_graph_ms')} ms")
     for r in rep.get("batched", []):
         print(f"  batched {r['layout']:7} L={r['context']:>7} B={r['batch']:>3}  " +
               (f"{r['ms']:.3f} ms/step  {r['tokens_per_s']:.0f} tokens/s" if "ms" in r else str(r.get("error"))[:80]))

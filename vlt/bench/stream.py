@@ -22,8 +22,8 @@ import statistics
 import sys
 import time
 
-from vlt.bench.common import (add_common_args, add_compile_arg, build_model, err, header, kernel_profile, plt, reset_peak,
-                              save_json, setup, step_compile_backend)
+from vlt.bench.common import (add_common_args, add_compile_arg, build_model, err, header, kernel_profile, plt,
+                              reset_peak, save_json, setup, step_compile_backend)
 
 
 def add_bench_stream_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -32,7 +32,8 @@ def add_bench_stream_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--grid", nargs=2, type=int, default=None, help="merged tokens per frame h w (default 16 16)")
     p.add_argument("--fps", type=float, default=2.0, help="the stream's frame rate (sets the timestamps)")
     p.add_argument("--eager-frames", type=int, default=30, help="frames through the eager path (0: none)")
-    p.add_argument("--check-frames", type=int, default=8, help="frames after which engine and eager logits are compared")
+    p.add_argument("--check-frames", type=int, default=8,
+                   help="frames after which engine and eager logits are compared")
     p.add_argument("--no-graph", action="store_true", help="no CUDA graphs (decoder step and vision tower)")
     p.add_argument("--profile", action="store_true", help="kernel profiles of a frame (add_frame) and of its vision "
                    "tower alone after the stream: profile_stream_{frame,vision}_<layout>.txt")
@@ -148,7 +149,8 @@ def run_bench_stream(args) -> int:
     args.grid_hw = tuple(args.grid or ((2, 4) if args.tiny else (16, 16)))
     h, w = args.grid_hw
     rep = header(args, "stream")
-    rep.update(frames=args.frames, tokens_per_frame=h * w, grid=[h, w], image_px=[28 * h, 28 * w], fps_timestamps=args.fps)
+    rep.update(frames=args.frames, tokens_per_frame=h * w, grid=[h, w], image_px=[28 * h, 28 * w],
+               fps_timestamps=args.fps)
     path = f"{args.out}/stream.json"
     g = torch.Generator(device="cpu").manual_seed(0)
     frames = [torch.randn(3, 28 * h, 28 * w, generator=g).to(device, dtype) for _ in range(4)]

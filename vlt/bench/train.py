@@ -4,11 +4,10 @@ One step = forward + next-token loss + backward + fused AdamW on random weights,
 bf16 parameters (AdamW states in bf16 too: fp32 master weights for 3.7B parameters would not leave
 room for 128K-token activations on one 80 GB GPU). The loss is `vlt fit`'s fused LM-head
 cross-entropy (vlt.training.losses) in chunks of --loss-chunk tokens, so a [T, 151936] logits matrix
-never exists. Activation
-checkpointing per decoder block is used when ``--checkpointing`` says so (default: from 32K tokens on;
-below, none, and after an out-of-memory half of the blocks, then all). If a step with every parameter trainable runs out of
-memory, the row is retried training only the token mixers (InfiniteVL stage I: MLPs, norms,
-embeddings frozen) and says so (``trainable: mixers``).
+never exists. Activation checkpointing per decoder block is used when ``--checkpointing`` says so
+(default: from 32K tokens on; below, none, and after an out-of-memory half of the blocks, then all).
+If a step with every parameter trainable runs out of memory, the row is retried training only the
+token mixers (InfiniteVL stage I: MLPs, norms, embeddings frozen) and says so (``trainable: mixers``).
 
 MFU = model FLOPs per step / step time / peak (789 TFLOP/s measured bf16 matmul on the H100;
 the run also measures its own). Model FLOPs = 6 x matmul params x T + 3 x the mixers' forward
@@ -95,7 +94,7 @@ def run_row(model, T, args, device, trainable, ckpt, profile_path=None):
         prof = kernel_profile(step, profile_path) if profile_path else None
         return ms, n, peak, prof
     finally:
-        del opt
+        opt = None  # frees the AdamW state (step() is not called again)
         for p in model.parameters():
             p.grad = None
 

@@ -33,7 +33,8 @@ class ChatSession:
         self.engine.reset()
         system = DEFAULT_SYSTEM if system is None else system
         t = tokenizer
-        self.pending = [t.im_start_id] + t.encode("system\n" + system) + [t.im_end_id] + t.encode("\n") if system else []
+        self.pending = ([t.im_start_id] + t.encode("system\n" + system) + [t.im_end_id] + t.encode("\n")
+                        if system else [])
         self.turns = 0
 
     @torch.no_grad()

@@ -86,7 +86,8 @@ def _copy_tree(dst, src, row, where):
     """Copy tensors of ``src`` (batch 1 or the full batch) into ``dst``'s row ``row`` (None: all rows)."""
     if isinstance(dst, torch.Tensor):
         if not isinstance(src, torch.Tensor):
-            raise ValueError(f"{where}: the mixer's state has {type(src).__name__} where its state_spec declares a tensor")
+            raise ValueError(f"{where}: the mixer's state has {type(src).__name__} where its state_spec "
+                             "declares a tensor")
         target = dst if row is None else dst[row:row + 1]
         if src.shape != target.shape:
             raise ValueError(f"{where}: state tensor of shape {tuple(src.shape)} does not match the declared "

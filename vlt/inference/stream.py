@@ -104,7 +104,8 @@ class VideoStream:
         v = self.model.config.vision
         grid = (pixels.shape[-2] // (v.patch_size * v.merge_size), pixels.shape[-1] // (v.patch_size * v.merge_size))
         t = self.tok
-        ids = t.encode(f"<t={self.frames / self.fps:.1f}s>") + [t.vision_start_id] + [self.video_pad] * n + [t.vision_end_id]
+        ids = (t.encode(f"<t={self.frames / self.fps:.1f}s>") + [t.vision_start_id] + [self.video_pad] * n
+               + [t.vision_end_id])
         feats = self._features(pixels)
         if feats.shape[0] != n:
             raise ValueError(f"the frame gives {feats.shape[0]} vision features but {n} were expected for its size "

@@ -107,7 +107,8 @@ class NonFiniteGuard:
 def assert_finite_weights(module: torch.nn.Module) -> None:
     """Raise before a checkpoint is written from non-finite weights (checked on every rank's shard,
     agreed by all-reduce, since every rank builds the checkpoint)."""
-    bad = [n for n, p in module.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(_local_value(p)).all())]
+    bad = [n for n, p in module.named_parameters()
+           if p.is_floating_point() and not bool(torch.isfinite(_local_value(p)).all())]
     device = next(module.parameters()).device
     if _any_rank(bool(bad), device):
         raise NonFiniteLossError(f"refusing to write a checkpoint: non-finite weights in {bad[:5] or 'another rank'}; "

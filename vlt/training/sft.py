@@ -13,5 +13,6 @@ class LongSequenceSFT(VLTModule):
     """Stage III: packed 32K+ sequences with activation checkpointing and LoRA by default."""
 
     def __init__(self, lora: dict | None = None, activation_checkpointing: bool | float = True, **kwargs):
-        lora = {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]} if lora is None else lora
+        if lora is None:
+            lora = {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
         super().__init__(lora=lora or None, activation_checkpointing=activation_checkpointing, **kwargs)
