@@ -105,3 +105,14 @@ def test_dependencies_run_one_way():
     """kernels <- layers <- models <- training/CLI; data apart. A failure names the file and line."""
     bad = violations()
     assert not bad, "imports against the dependency direction:\n" + "\n".join(bad)
+
+
+def test_moved_names_resolve_at_their_old_paths():
+    """Names moved to keep the direction still import from where user code (and pickles of whole
+    modules) found them: RMSNorm from vlt.vision, apply_rope from vlt.layers.rotary."""
+    from vlt.kernels.rotary import apply_rope
+    from vlt.layers import RMSNorm
+    from vlt.layers.rotary import apply_rope as old_apply_rope
+    from vlt.vision import RMSNorm as OldRMSNorm
+    assert OldRMSNorm is RMSNorm and RMSNorm.__module__ == "vlt.layers.norm"
+    assert old_apply_rope is apply_rope
