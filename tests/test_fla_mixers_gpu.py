@@ -12,7 +12,6 @@ fla's kernels), 3e-2 bf16 (projections and norms in bf16 too), gradients x2. Not
 the first run sets the measured values (VLT_GPU_ERRLOG=path appends every error to a file).
 """
 import copy
-import os
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ import torch
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
+from numerics import check, perturb_fla_init  # noqa: E402
 from vlt.layers import create_mixer  # noqa: E402
 from vlt.layers.fla_cpu import CPU_PATHS  # noqa: E402
 
@@ -35,29 +35,10 @@ NAIVE = ("kda", "deltanet", "gdn2", "gla", "rwkv7")
 CU = [0, 700, 701, 2048]                       # packed: a 1-token sequence among longer ones
 
 
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def check(name, outs, refs, tol):
-    errs = {k: rel_err(outs[k], refs[k]) for k in refs}
-    if os.environ.get("VLT_GPU_ERRLOG"):
-        with open(os.environ["VLT_GPU_ERRLOG"], "a") as f:
-            f.write(f"{name}: " + " ".join(f"{k}={v:.2e}" for k, v in errs.items()) + f" (tol {tol:.0e})\n")
-    bad = {k: v for k, v in errs.items() if not v < tol}  # NaN fails too
-    assert not bad, f"{name}: errors over {tol}: {bad}"
-
-
 def make(name, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     m = create_mixer(name, **{"hidden_size": D, "num_heads": H, **CASES[name]})
-    with torch.no_grad():  # non-trivial gates so decay and beta both matter
-        for gate in ("b_proj", "w_proj", "gk_proj.1"):
-            if hasattr(m, gate.split(".")[0]):
-                m.get_submodule(gate).weight.normal_(std=0.5)
-        for p in m.parameters():   # fla leaves some at zero (RWKV-7's o_proj, LoRA down-projections):
-            if not p.any():          # outputs and gradients would be trivially zero
-                p.normal_(std=0.1)
+    perturb_fla_init(m)
     return m.to(DEV, dtype)
 
 

@@ -6,8 +6,6 @@ Errors are relative norms ||x - ref|| / ||ref||. Bounds: GDN 3e-3 in fp32 (tf32 
 A wrong mask, a swapped argument or a dropped state gives errors near 1. Set VLT_GPU_ERRLOG=path to
 append every measured error to a file.
 """
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +13,7 @@ import torch.nn.functional as F
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
+from numerics import check  # noqa: E402
 from vlt.kernels import attention, gated_delta_rule, linear_attention, short_conv  # noqa: E402
 from vlt.kernels.backends import available_backends  # noqa: E402
 
@@ -22,20 +21,6 @@ DEV = "cuda"
 TOL = {"gdn": {torch.float32: 3e-3, torch.bfloat16: 1e-2},
        "attn": {torch.float32: 2e-3, torch.bfloat16: 1.5e-2}}
 CU = [0, 1000, 1001, 2900, 4096]                   # packed: a 1-token sequence among longer ones
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def check(name, outs, refs, tol):
-    """outs/refs: dicts of tensors; records and asserts every relative error."""
-    errs = {k: rel_err(outs[k], refs[k]) for k in refs}
-    if os.environ.get("VLT_GPU_ERRLOG"):
-        with open(os.environ["VLT_GPU_ERRLOG"], "a") as f:
-            f.write(f"{name}: " + " ".join(f"{k}={v:.2e}" for k, v in errs.items()) + f" (tol {tol:.0e})\n")
-    bad = {k: v for k, v in errs.items() if not v < tol}  # NaN fails too
-    assert not bad, f"{name}: errors over {tol}: {bad}"
 
 
 def run(fn, inputs, seed=0):

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from numerics import perturb_fla_init
 from vlt.layers import create_mixer, list_mixers, state_nbytes
 from vlt.layers.fla_mixers import cpu_mixers
 
@@ -35,13 +36,7 @@ def make(name, seed=0):
     torch.manual_seed(seed)
     m = create_mixer(name, hidden_size=D, num_heads=H, **CASES[name])
     if name in FLA_CASES:
-        with torch.no_grad():  # non-trivial gates so decay and beta both matter
-            for gate in ("b_proj", "w_proj", "gk_proj.1"):
-                if hasattr(m, gate.split(".")[0]):
-                    m.get_submodule(gate).weight.normal_(std=0.5)
-            for p in m.parameters():   # fla leaves some at zero (RWKV-7's o_proj, LoRA down-projections):
-                if not p.any():          # outputs and gradients would be trivially zero
-                    p.normal_(std=0.1)
+        perturb_fla_init(m)
     return m.double()
 
 
