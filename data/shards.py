@@ -218,7 +218,6 @@ class ImageTooLarge(ValueError):
     pass
 
 
-_load_rows = load_rows  # old name, still imported by vlt/evaluation/samples.py
 
 
 def _read_image(path: Path, max_pixels: int | None = None) -> tuple[str, bytes, tuple[int, int]]:

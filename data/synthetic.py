@@ -175,7 +175,10 @@ def gen_needle(rng: random.Random, image_size: int = 56, num_frames: int = 16, c
     question = "What code appeared?" if code_kind == "text" else "What colour was the shape?"
     # random draws in the order of the original needle (code, frame, then per frame), so the sets it
     # wrote before these options existed come out the same
-    code = rng.choice(sorted(COLORS)) if code_kind == "color" else "".join(rng.choice(alphabet) for _ in range(code_length))
+    if code_kind == "color":
+        code = rng.choice(sorted(COLORS))
+    else:
+        code = "".join(rng.choice(alphabet) for _ in range(code_length))
     planned = None
     if distances:
         from .image import ImageProcessor
@@ -312,13 +315,15 @@ def check_params(task: str, params: dict, extra=()) -> None:
     gens = list(_GENERATORS.values()) if task == "mix" else [_GENERATORS[task]]
     allowed = {"weights", "task_params"} if task == "mix" else set()
     for g in gens:
-        allowed |= {n for n, p in inspect.signature(g).parameters.items() if p.kind is p.POSITIONAL_OR_KEYWORD} - {"rng"}
+        signature = inspect.signature(g).parameters.items()
+        allowed |= {n for n, p in signature if p.kind is p.POSITIONAL_OR_KEYWORD} - {"rng"}
     allowed |= set(extra)
     bad = sorted(set(params) - allowed)
     if bad:
         close = difflib.get_close_matches(bad[0], sorted(allowed), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ValueError(f"synthetic parameter(s) {bad} not understood by task {task!r} ({hint}allowed: {sorted(allowed)})")
+        raise ValueError(f"synthetic parameter(s) {bad} not understood by task {task!r} "
+                         f"({hint}allowed: {sorted(allowed)})")
     for g in gens:  # a value of the wrong kind would end in a TypeError deep inside the generator
         for n, prm in inspect.signature(g).parameters.items():
             if n not in params or prm.default is inspect.Parameter.empty or prm.default is None:

@@ -110,7 +110,7 @@ def deltanet_cpu(m, x, state, cu_seqlens, use_cache):
     beta = m.b_proj(x).float().sigmoid() if m.use_beta else q.new_ones(B, T, m.num_heads)
     beta = beta * (2.0 if m.allow_neg_eigval else 1.0)
     def head_major(q, k, v, beta, **kw):   # the naive reference takes [B, H, T, K]
-        o, S = delta_rule_recurrence(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), beta.transpose(1, 2), **kw)
+        o, S = delta_rule_recurrence(*(t.transpose(1, 2) for t in (q, k, v, beta)), **kw)
         return o.transpose(1, 2), S
     o, ssm = _recur(head_major, cu_seqlens, (q, k, v, beta), None if state is None else state["ssm"])
     o = o.to(x.dtype)

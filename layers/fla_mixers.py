@@ -76,7 +76,7 @@ def cpu_mixers() -> list[str]:
 
 # ---- fla's per-layer cache <-> vlt's state ---------------------------------------------------
 
-class _OneLayerCache:
+class OneLayerCache:
     """The slice of fla's ``Cache`` a layer touches (``len``, ``[0]``, ``update``,
     ``get_seq_length``), holding one layer: vlt carries states per layer itself."""
 
@@ -166,7 +166,7 @@ class FlaMixer(TokenMixer):
                 raise ValueError(f"mixer {self.mixer_name!r}: fla's MoBA decodes (a call with a cached state) "
                                  "through flash_attn_func, and flash-attn is not installed; install flash-attn, "
                                  "or use nsa / swa / full for layers that must decode")
-        cache = _OneLayerCache(None if state is None else _to_fla(self, state), seen)
+        cache = OneLayerCache(None if state is None else to_fla_cache(self, state), seen)
         out = self.fla_class.forward(self, x, past_key_values=cache if (use_cache or state is not None) else None,
                                      use_cache=use_cache, cu_seqlens=cu_seqlens)
         y = out[0]
@@ -238,7 +238,8 @@ def mixer_class(name: str) -> type:
     cls_name = SHORT_NAMES.get(name) or (name[4:] if name.startswith("fla:") else None)
     fla_cls = getattr(fla, cls_name or "", None)
     if not (inspect.isclass(fla_cls) and issubclass(fla_cls, torch.nn.Module)):
-        names = sorted(n for n in dir(fla) if inspect.isclass(getattr(fla, n)) and issubclass(getattr(fla, n), torch.nn.Module))
+        names = sorted(n for n in dir(fla)
+                       if inspect.isclass(getattr(fla, n)) and issubclass(getattr(fla, n), torch.nn.Module))
         raise ValueError(f"unknown fla mixer {name!r}: fla.layers has no layer class {cls_name!r}; "
                          f"fla layer classes: {names}; short names: {sorted(SHORT_NAMES)}")
     kind = name if name in SHORT_NAMES else next((k for k, v in SHORT_NAMES.items() if v == cls_name), "generic")
@@ -264,7 +265,10 @@ def _delta_spec(self, B, capacity, dtype):
     spec = {"ssm": TensorSpec((B, hv, self.head_k_dim, self.head_v_dim), torch.float32)}
     if self.use_short_conv:
         # GLA's k/v convs run on the k/v heads before they are repeated to the query heads
-        kc, vc = (self.key_dim_per_group, self.value_dim_per_group) if self.kind == "gla" else (self.key_dim, self.value_dim)
+        if self.kind == "gla":
+            kc, vc = self.key_dim_per_group, self.value_dim_per_group
+        else:
+            kc, vc = self.key_dim, self.value_dim
         spec["conv"] = tuple(TensorSpec((B, c, W), dtype) for c in (self.key_dim, kc, vc))
     return spec
 
@@ -293,7 +297,7 @@ _SPECS = {"kda": _delta_spec, "gdn2": _delta_spec, "deltanet": _delta_spec, "gla
 _V_FIRST = {"kda", "gla"}
 
 
-def _to_fla(self, state):
+def to_fla_cache(self, state):
     k = self.kind
     if k in ("kda", "gdn2", "deltanet", "gla"):
         ssm = state["ssm"].transpose(-1, -2) if k in _V_FIRST else state["ssm"]

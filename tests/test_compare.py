@@ -75,8 +75,8 @@ def test_layout_recipes_depth_and_errors():
 def test_budget_matching_against_real_builds():
     from vlt.model import VLM
     from vlt.training.base import build_config
-    layouts = {n: (tile_layout(n, ls, 8), m) for n, ls, m in map(read_layout_recipe, ["full", "gdn", "hybrid_1to3",
-                                                                                         "hybrid_1to7", "intra_hybrid"])}
+    names = ["full", "gdn", "hybrid_1to3", "hybrid_1to7", "intra_hybrid"]
+    layouts = {n: (tile_layout(n, ls, 8), m) for n, ls, m in map(read_layout_recipe, names)}
     sizes = match_budget("tiny-hybrid", None, layouts, "hybrid_1to3", tolerance=0.03)
     target = sizes["hybrid_1to3"]["params"]
     assert sizes["hybrid_1to3"]["intermediate_size"] == 384 and sizes["hybrid_1to3"]["deviation"] == 0.0
@@ -189,7 +189,8 @@ def test_gpu_phenomena_script_in_its_cpu_mode(tmp_path):
     assert [(r["layout"], r["baseline"]) for r in table["rows"]] == [("hybrid_1to3", "swa"), ("hybrid_1to3", "gdn")]
     assert all(r["command"].startswith("vlt compare") and r["steps"] == 3 for r in table["rows"])
     assert "| 2 | linear attention alone underperforms on dense OCR |" in (out / "phenomena.md").read_text()
-    for study, runs in (("needle_beyond_window", {"hybrid_1to3-s0", "swa-s0"}), ("dense_ocr", {"hybrid_1to3-s0", "gdn-s0"})):
+    for study, runs in (("needle_beyond_window", {"hybrid_1to3-s0", "swa-s0"}),
+                        ("dense_ocr", {"hybrid_1to3-s0", "gdn-s0"})):
         assert (out / study / "compare.json").is_file() and (out / study / "compare.png").is_file()
         assert {p.name for p in (out / study / "runs").iterdir()} == runs
         assert all((out / study / "runs" / r / "eval.json").is_file() for r in runs)

@@ -85,19 +85,20 @@ def _vlt(*argv):
 
 def _eager_tokens(export, data, images=None):
     """Each evaluable sample's greedy tokens from the eager reference loop, prompt by prompt."""
-    from vlt.evaluation.runner import _media, prepare
+    from vlt.evaluation.runner import media_inputs, prepare
     from vlt.evaluation.samples import Skips, read_samples
     from vlt.export import load_pretrained_vlt
-    from vlt.generate_cli import _image_processor
+    from vlt.generate_cli import image_processor
     from vlt.inference import generate_eager
     model, tok = load_pretrained_vlt(export)
-    proc = _image_processor(export, model, None)
+    proc = image_processor(export, model, None)
     out = {}
     for raw in read_samples(str(data), images, Skips()):
         p = prepare(raw, tok, proc, "", True, Skips())
         if p is None:
             continue
-        new = generate_eager(model, torch.tensor([p.ids]), _media(p, proc, "cpu", torch.float32), max_new_tokens=5,
+        media = media_inputs(p, proc, "cpu", torch.float32)
+        new = generate_eager(model, torch.tensor([p.ids]), media, max_new_tokens=5,
                              eos_token_id=[tok.eos_id, tok.pad_id])[0].tolist()
         cut = next((i for i, t in enumerate(new) if t in (tok.eos_id, tok.pad_id)), len(new))
         out[raw.id] = (new[:cut], p.ids)
@@ -155,7 +156,8 @@ def test_eval_on_the_layout_tasks_measures_each_evidence_distance(export, tmp_pa
     from vlt.data.shards import write_synthetic
     from vlt.evaluation.samples import Skips, read_samples
     shards = tmp_path / "shards"
-    write_synthetic(str(shards), "mix", 12, seed=0, split="val", weights={"needle": 2, "dense_ocr": 1, "multi_image": 1},
+    write_synthetic(str(shards), "mix", 12, seed=0, split="val",
+                    weights={"needle": 2, "dense_ocr": 1, "multi_image": 1},
                     task_params={"needle": {"num_frames": 8, "distances": [20, 40, 100]},
                                  "multi_image": {"mode": "which", "num_images": 3}})
     out = tmp_path / "out"
@@ -178,7 +180,8 @@ def test_eval_on_the_layout_tasks_measures_each_evidence_distance(export, tmp_pa
         else:
             assert p["evidence_distance"] is None
     assert {"needle", "multi_image"} <= set(s["by_distance"])
-    assert sum(b["n"] for b in s["by_distance"]["needle"].values()) == sum(p["task"] == "needle" for p in preds.values())
+    n_needle = sum(p["task"] == "needle" for p in preds.values())
+    assert sum(b["n"] for b in s["by_distance"]["needle"].values()) == n_needle
     # window 16: 20 and 40 tokens are 1-4x the window, 100 beyond 4x
     assert set(s["by_distance"]["needle"]) <= {"1-2x window", "2-4x window", ">4x window"}
 

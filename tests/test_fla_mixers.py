@@ -153,7 +153,8 @@ def test_mamba2_path_matches_fla_torch_forward():
         ref, conv, ssm = fla_forward(m, x, None, use_cache=True)
         ref1, _, ssm1 = fla_forward(m, xn, {"conv_state": conv.clone(), "recurrent_state": ssm.clone()}, use_cache=True)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(state["ssm"], ssm.float(), rtol=1e-5, atol=1e-6)   # fp32, same [B, H, head_dim, N] layout
+    # fp32, same [B, H, head_dim, N] layout
+    torch.testing.assert_close(state["ssm"], ssm.float(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(state["conv"], conv[..., 1:])              # fla keeps one more (unread) input
     torch.testing.assert_close(y1, ref1, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(state1["ssm"], ssm1.float(), rtol=1e-5, atol=1e-6)
@@ -185,7 +186,7 @@ def test_rwkv7_cpu_path_matches_fla_layer_forward(monkeypatch):
     x = torch.randn(2, 20, D)
     with torch.no_grad():
         y, state = m(x, use_cache=True)
-        cache = __import__("vlt.layers.fla_mixers", fromlist=["_OneLayerCache"])._OneLayerCache()
+        cache = __import__("vlt.layers.fla_mixers", fromlist=["OneLayerCache"]).OneLayerCache()
         ref = type(m).fla_class.forward(m, x, past_key_values=cache, use_cache=True)[0]
     assert y.abs().mean() > 1e-3   # not the zero output of fla's init (o_proj zero): make() perturbs it
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
@@ -279,8 +280,8 @@ def test_engine_decode_equals_eager(name):
     from vlt.inference import InferenceEngine, generate, generate_eager
     from vlt.model import VLM
     torch.manual_seed(0)
-    model = VLM(VLMConfig.from_name("tiny-hybrid", decoder={"layout": f"[{name}, swa, {name}]",
-                                                             "mixers": {name: CASES[name], "swa": {"window": 6}}})).eval()
+    dec = {"layout": f"[{name}, swa, {name}]", "mixers": {name: CASES[name], "swa": {"window": 6}}}
+    model = VLM(VLMConfig.from_name("tiny-hybrid", decoder=dec)).eval()
     prompts = [torch.tensor([3, 4, 5, 6, 7, 8, 9, 10, 11]), torch.tensor([12, 13, 14, 15])]
     refs = [generate_eager(model, ids[None], max_new_tokens=8) for ids in prompts]
     engine = InferenceEngine(model, batch_size=2, capacity=32)
@@ -297,8 +298,8 @@ def test_engine_with_compiled_generic_step_equals_eager(name):
     from vlt.inference import InferenceEngine, generate, generate_eager
     from vlt.model import VLM
     torch.manual_seed(0)
-    model = VLM(VLMConfig.from_name("tiny-hybrid", decoder={"layout": f"[{name}, swa]",
-                                                             "mixers": {name: CASES[name], "swa": {"window": 6}}})).eval()
+    dec = {"layout": f"[{name}, swa]", "mixers": {name: CASES[name], "swa": {"window": 6}}}
+    model = VLM(VLMConfig.from_name("tiny-hybrid", decoder=dec)).eval()
     ids = torch.tensor([3, 4, 5, 6, 7, 8])
     ref = generate_eager(model, ids[None], max_new_tokens=6)
     assert torch.equal(generate(InferenceEngine(model, capacity=32, compile="eager"), [(ids, None)],
@@ -411,7 +412,7 @@ def test_bench_rows_for_fla_mixers_on_cpu():
             rows.append(dict(mixer=mixer, kind=kind, op=op, mode=mode, T=T, ms=None, error=str(e)))
     args = argparse.Namespace(hidden_size=D, num_heads=H, num_kv_heads=2, head_dim=8, seq_lens=[16],
                               modes=["train", "decode"])
-    m = create_mixer("kda", **bench._mixer_opts("kda", args))
+    m = create_mixer("kda", **bench.mixer_opts("kda", args))
     bench.bench_fla_mixer(m, "kda", args, torch.float32, record, state_nbytes)
     got = {(r["kind"], r["mode"]): r for r in rows}
     assert got[("mixer", "fwd+bwd")]["ms"] == 1.0 and got[("mixer", "decode")]["ms"] == 1.0
@@ -421,7 +422,7 @@ def test_bench_rows_for_fla_mixers_on_cpu():
              dict(mixer="kda", kind="mixer", op="kda", mode="fwd+bwd", T=32, ms=2.3)]
     g = [x for x in bench.goals(rows, argparse.Namespace(seq_lens=[32])) if x.get("mixer") == "kda"]
     assert g == [dict(goal="fla mixer/fla layer <= 1.10", mixer="kda", mode="fwd+bwd", T=32, ratio=1.15, met=False)]
-    assert bench._mixer_opts("mamba2", args) == {"hidden_size": D}   # fla's head_dim 64 sets its heads
+    assert bench.mixer_opts("mamba2", args) == {"hidden_size": D}   # fla's head_dim 64 sets its heads
 
 
 def test_stage1_layer_distillation_into_kda_and_gdn2(tmp_path, monkeypatch):
@@ -442,7 +443,8 @@ def test_stage1_layer_distillation_into_kda_and_gdn2(tmp_path, monkeypatch):
           f"--data.init_args.synthetic={json.dumps(spec)}", "--data.init_args.max_length=96",
           "--data.init_args.batch_size=2", "--data.init_args.num_workers=0", "--trainer.max_steps=4",
           "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", "--trainer.accelerator=cpu",
-          "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
+          "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
+          "--trainer.enable_model_summary=false"])
     run = tmp_path / "lightning_logs" / "version_0"
     mse = [float(r["train/loss/mse"]) for r in csv.DictReader(open(run / "metrics.csv")) if r.get("train/loss/mse")]
     assert len(mse) == 4 and all(torch.isfinite(torch.tensor(mse)))

@@ -7,8 +7,9 @@ continues on the other).
 References: kda, deltanet, gdn2, gla, rwkv7 - the same module's CPU path (fla's naive recurrences, pure
 torch) run on the GPU in fp32 (for bf16: an fp32 copy of the bf16 weights and input); mamba2 - the
 module on the CPU in float64 (vlt's torch kernels) against vlt's path on CUDA (fla's simple-GLA,
-conv and gated-norm kernels); nsa, moba (no CPU path) - the contract only. Errors are relative norms ||x - ref|| / ||ref||; bounds: 3e-3 fp32 (tf32 inside
-fla's kernels), 3e-2 bf16 (projections and norms in bf16 too), gradients x2. Not yet run on a GPU:
+conv and gated-norm kernels); nsa, moba (no CPU path) - the contract only. Errors are relative norms
+||x - ref|| / ||ref||; bounds: 3e-3 fp32 (tf32 inside fla's kernels), 3e-2 bf16 (projections and norms
+in bf16 too), gradients x2. Not yet run on a GPU:
 the first run sets the measured values (VLT_GPU_ERRLOG=path appends every error to a file).
 """
 import copy

@@ -73,7 +73,8 @@ def engine_options(items) -> dict:
         elif v == "none" and key != "pdl":
             out[key] = None
         else:
-            raise ValueError(f"--engine-option {item!r}: {key} takes true or false" + (" or none" if key != "pdl" else ""))
+            raise ValueError(f"--engine-option {item!r}: {key} takes true or false"
+                             + (" or none" if key != "pdl" else ""))
     return out
 
 
@@ -91,7 +92,7 @@ def _run(args) -> int:
     from vlt.evaluation.report import table, write_report
     from vlt.evaluation.runner import check_vocabulary, evaluate, summarise, swa_window
     from vlt.evaluation.samples import Skips, read_samples
-    from vlt.generate_cli import _image_processor, load_for_inference, prompt_record, system_prompt
+    from vlt.generate_cli import image_processor, load_for_inference, prompt_record, system_prompt
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1 (got {args.limit})")
     engine_kwargs = engine_options(args.engine_option)
@@ -99,7 +100,7 @@ def _run(args) -> int:
     ckpt = Path(args.ckpt).expanduser()
     model, tok = load_for_inference(args.ckpt, device, args.dtype)
     check_vocabulary(model, tok, str(ckpt))
-    proc = _image_processor(ckpt, model, args.max_pixels) if model.vision is not None else None
+    proc = image_processor(ckpt, model, args.max_pixels) if model.vision is not None else None
     system = system_prompt(args, prompt_record(ckpt))
     skips = Skips()
     samples = read_samples(args.data, args.images, skips, fps=args.fps)

@@ -78,7 +78,6 @@ def image_processor(ckpt: Path, model, max_pixels):
     return ImageProcessor(**kw)
 
 
-_image_processor = image_processor  # old name, still imported by vlt/eval_cli.py and tests/test_evaluation.py
 
 
 def _frames(video: list[str]) -> list[Path]:

@@ -75,13 +75,14 @@ def wall_time(fn, rep_ms, grads=()):
 def run_tiny(args) -> int:
     """``--tiny``: every mixer's fwd+bwd and decode step at tiny shapes on the CPU (what runs, not how fast)."""
     import torch
+    from vlt.bench.common import versions   # here: vlt.bench.common imports this module
     from vlt.layers import create_mixer
     for k, v in TINY_SHAPES.items():
         setattr(args, k, v)
     os.makedirs(args.out, exist_ok=True)
     machine = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     report = {"command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]), "machine": machine,
-              "versions": _versions(), "tiny": True,
+              "versions": versions(), "tiny": True,
               "timer": "wall clock on the CPU: a smoke run of every mixer, not a speed measurement",
               "shapes": {k: getattr(args, k) for k in ("hidden_size", "num_heads", "num_kv_heads", "head_dim",
                                                        "expand_v", "window", "dtype")},
@@ -92,7 +93,7 @@ def run_tiny(args) -> int:
         print(f"--tiny skips {skipped}: no CPU path (fla mixers on CPU: {cpu_mixers()})", file=sys.stderr)
     for name in [n for n in args.mixers if n not in skipped]:
         torch.manual_seed(0)
-        m = create_mixer(name, **_mixer_opts(name, args))
+        m = create_mixer(name, **mixer_opts(name, args))
         params = list(m.parameters())
         for T in args.seq_lens:
             x = torch.randn(1, T, args.hidden_size)
@@ -256,6 +257,7 @@ def raw_kernels(name, args, kwargs, grad: bool, flex_options):
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from vlt.kernels.backends import RECURRENT_MAX_T
     out = {}
     leaves = []
 
@@ -268,7 +270,7 @@ def raw_kernels(name, args, kwargs, grad: bool, flex_options):
         q, k, v, g, beta = (leaf(t) for t in args[:5])
         l2 = kwargs.get("qk_l2norm", False)
         h0 = kwargs.get("initial_state")
-        if grad or q.shape[1] > 8:
+        if grad or q.shape[1] > RECURRENT_MAX_T:
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fn
             out["fla chunk_gated_delta_rule"] = (lambda: fn(q, k, v, g, beta, initial_state=h0,
                                                              use_qk_l2norm_in_kernel=l2), leaves)
@@ -281,7 +283,7 @@ def raw_kernels(name, args, kwargs, grad: bool, flex_options):
         q, k, v = (leaf(t) for t in args[:3])
         g = args[3] if len(args) > 3 else kwargs.get("g")
         h0 = kwargs.get("initial_state")
-        if grad or q.shape[1] > 8:
+        if grad or q.shape[1] > RECURRENT_MAX_T:
             from fla.ops.simple_gla import chunk_simple_gla as fn
             out["fla chunk_simple_gla"] = (lambda: fn(q, k, v, g=g, initial_state=h0), leaves)
         else:
@@ -330,7 +332,7 @@ def raw_kernels(name, args, kwargs, grad: bool, flex_options):
 
 # -- the benchmark --------------------------------------------------------------------------------
 
-def _mixer_opts(name, a):
+def mixer_opts(name, a):
     if name in FLA_MIXERS:
         from vlt.layers.registry import get_mixer_class, mixer_options
         allowed = mixer_options(get_mixer_class(name))
@@ -348,20 +350,9 @@ def _mixer_opts(name, a):
     return opts
 
 
-def _versions():
-    import torch
-    v = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-         "cudnn": torch.backends.cudnn.version()}
-    for mod in ("triton", "fla", "tilelang", "flash_attn"):
-        try:
-            v[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - absent or without a version: recorded as such
-            v[mod] = None
-    return v
-
-
 def run_bench_mixers(args) -> int:
     import torch
+    from vlt.bench.common import versions
     if args.tiny:
         return run_tiny(args)
     if not torch.cuda.is_available():
@@ -372,7 +363,7 @@ def run_bench_mixers(args) -> int:
     dtype = getattr(torch, args.dtype)
     os.makedirs(args.out, exist_ok=True)
     report = {"command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
-              "machine": torch.cuda.get_device_name(), "versions": _versions(),
+              "machine": torch.cuda.get_device_name(), "versions": versions(),
               "shapes": {k: getattr(args, k) for k in ("hidden_size", "num_heads", "num_kv_heads", "head_dim",
                                                        "expand_v", "window", "dtype")},
               "batch": 1, "results": []}
@@ -396,7 +387,7 @@ def run_bench_mixers(args) -> int:
     from vlt.layers import state_nbytes
     for name in args.mixers:
         torch.manual_seed(0)
-        m = create_mixer(name, **_mixer_opts(name, args)).to("cuda", dtype)
+        m = create_mixer(name, **mixer_opts(name, args)).to("cuda", dtype)
         params = list(m.parameters())
         if name in FLA_MIXERS:
             bench_fla_mixer(m, name, args, dtype, record, state_nbytes)
@@ -433,8 +424,8 @@ def run_bench_mixers(args) -> int:
                     if name != "swa_gdn":
                         for label, (f, _) in raw_kernels(calls[0][0], calls[0][2], calls[0][3], False, []).items():
                             record(name, "raw", label, "decode", T, f)
-                del state, calls
-        del m, params
+                state = calls = None
+        m = params = None
         torch.cuda.empty_cache()
     report["goals"] = goals(report["results"], args)
     with open(path, "w") as f:
@@ -448,7 +439,7 @@ def bench_fla_mixer(m, name, args, dtype, record, state_nbytes):
     """The rows of one fla-backed mixer (see the module docstring): vlt's forward and decode step
     against fla's own layer forward on the same module, fwd+bwd and decode, plus the state's bytes."""
     import torch
-    from vlt.layers.fla_mixers import _OneLayerCache, _to_fla
+    from vlt.layers.fla_mixers import OneLayerCache, to_fla_cache
     params = list(m.parameters())
     dev = params[0].device
     fla_fwd = type(m).fla_class.forward
@@ -476,7 +467,7 @@ def bench_fla_mixer(m, name, args, dtype, record, state_nbytes):
                 record(name, "mixer", name, "decode eager", T, lambda: m.step(x1, state), extra=extra)
                 if name != "mamba2":   # fla's Mamba2 decode without mamba_ssm is its torch loop, not a kernel
                     def fla_step():
-                        cache = _OneLayerCache(_to_fla(m, state), state["seen"])
+                        cache = OneLayerCache(to_fla_cache(m, state), state["seen"])
                         return fla_fwd(m, x1, past_key_values=cache, use_cache=True)[0]
                     record(name, "raw", f"fla.layers.{m.fla_class.__name__}", "decode", T, fla_step)
             del state
@@ -543,7 +534,8 @@ def plot(report, path):
     for ax, mode in zip(axes, ("fwd+bwd", "decode")):
         series = sorted({(r["mixer"], r["kind"], r["op"]) for r in rows if r["mode"] == mode})
         for mixer, kind, op in series:
-            pts = sorted((r["T"], r["ms"]) for r in rows if (r["mixer"], r["kind"], r["op"], r["mode"]) == (mixer, kind, op, mode))
+            key = (mixer, kind, op, mode)
+            pts = sorted((r["T"], r["ms"]) for r in rows if (r["mixer"], r["kind"], r["op"], r["mode"]) == key)
             style = {"mixer": "-o", "core": "--s", "raw": ":^"}[kind]
             ax.plot(*zip(*pts), style, label=f"{mixer} {kind}: {op}"[:60], markersize=4)
         ax.set(xscale="log", yscale="log", xlabel="T (tokens; decode: context)", ylabel="ms (median)",

@@ -159,7 +159,8 @@ def study_stats(runs: dict, window: int | None, reference: str | None = None, n_
                 reps[n][b] = m[s][:, idx].mean()
 
         def stats(point: float, rep: np.ndarray, per_seed) -> dict:
-            return {"mean": float(point), "lo": float(np.quantile(rep, alpha)), "hi": float(np.quantile(rep, 1 - alpha)),
+            return {"mean": float(point), "lo": float(np.quantile(rep, alpha)),
+                    "hi": float(np.quantile(rep, 1 - alpha)),
                     "n_rows": len(ids), "n_seeds": len(per_seed), "per_seed": [float(x) for x in per_seed]}
         groups[g] = {n: stats(mats[n].mean(), reps[n], mats[n].mean(axis=1)) for n in names}
         if reference is not None and reference in names:
@@ -189,13 +190,14 @@ def markdown(result: dict) -> str:
              "| layout | layers | params | MLP width | seeds | train s/run |", "|---|---|---:|---:|---:|---:|"]
     for n, v in lay.items():
         wall = sum(r["wall_s"] for r in v["runs"]) / max(1, len(v["runs"]))
-        lines.append(f"| {n} | `{v['pattern']}` | {v['params']:,} | {v['intermediate_size'] or '-'} | {len(v['runs'])} | "
-                     f"{wall:.0f} |")
+        lines.append(f"| {n} | `{v['pattern']}` | {v['params']:,} | {v['intermediate_size'] or '-'} | "
+                     f"{len(v['runs'])} | {wall:.0f} |")
     groups = list(st["groups"])
     lines += ["", "| group | n | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
     for g in groups:
         row = st["groups"][g]
-        lines.append(f"| {g} | {next(iter(row.values()))['n_rows']} | " + " | ".join(_cell(row[n]) for n in names) + " |")
+        n_rows = next(iter(row.values()))["n_rows"]
+        lines.append(f"| {g} | {n_rows} | " + " | ".join(_cell(row[n]) for n in names) + " |")
     if st["differences"]:
         others = [n for n in names if n != st["reference"]]
         lines += ["", f"## Differences: layout - {st['reference']} (points, paired over eval rows)", "",

@@ -18,7 +18,8 @@ def markdown(summary: dict, title: str = "vlt eval") -> str:
              "| task | metric | n | score | exact |", "|---|---|---:|---:|---:|"]
     for t, r in summary["tasks"].items():
         lines.append(f"| {t} | {r['metric']} | {r['n']} | {_pct(r['score'])} | {_pct(r['exact'])} |")
-    lines += ["", "## By prompt length (tokens)", "", "| task | length | n | score | exact |", "|---|---|---:|---:|---:|"]
+    lines += ["", "## By prompt length (tokens)", "", "| task | length | n | score | exact |",
+              "|---|---|---:|---:|---:|"]
     for t, buckets in summary["by_length"].items():
         for b, r in buckets.items():
             lines.append(f"| {t} | {b} | {r['n']} | {_pct(r['score'])} | {_pct(r['exact'])} |")

@@ -10,8 +10,8 @@ decoding is greedy, so a prediction is exactly what ``vlt generate`` prints for 
 
 Per sample the result records the prompt length (its length bucket) and, where the sample says
 where its evidence is (a ``needle`` video's ``needle_frame``, a still's ``evidence_image``, or
-``evidence_distance`` in tokens in its meta), the distance in tokens from the evidence to the end of the prompt and that distance over
-the model's smallest SWA window: past 1x, a window layer no longer sees the evidence.
+``evidence_distance`` in tokens in its meta), the distance in tokens from the evidence to the end of
+the prompt and that distance over the model's smallest SWA window: past 1x, a window layer no longer sees the evidence.
 """
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def prepare(raw: RawSample, tok, proc, system, has_vision: bool, skips: Skips) -
     return Prepared(raw, ids, _evidence_distance(raw, ids, tok))
 
 
-def _media(p: Prepared, proc, device, dtype):
+def media_inputs(p: Prepared, proc, device, dtype):
     tensors = []
     for load in p.raw.images + p.raw.frames:  # tensors follow the text order: stills, then the video
         with load() as im:
@@ -166,7 +166,7 @@ def evaluate(model, tok, samples, *, image_processor, system=None, batch_size: i
         batch, prompts = [], []
         for p in prepared[start:start + engine.batch_size]:
             try:
-                media = _media(p, image_processor, p0.device, p0.dtype)
+                media = media_inputs(p, image_processor, p0.device, p0.dtype)
             except Exception as e:  # a file that passed its header check but does not decode
                 skips.add("unreadable_image", f"{p.raw.source}: {type(e).__name__}: {e}")
                 continue
@@ -214,12 +214,16 @@ def summarise(results: list[dict], skips: Skips, window: int | None) -> dict:
             "tasks": tasks, "window": window,
             "by_length": {t: {b: agg(rs) for b, rs in sorted(bs.items(), key=lambda kv: _bucket_key(kv[0]))}
                           for t, bs in sorted(by_len.items())},
-            "by_distance": {t: {b: agg_dist(rs) for b, rs in sorted(bs.items(), key=lambda kv: _DIST_ORDER.get(kv[0], 9))}
+            "by_distance": {t: {b: agg_dist(rs) for b, rs in sorted(bs.items(), key=_distance_bucket_order)}
                             for t, bs in sorted(by_dist.items())},
             "skipped": skips.as_dict()}
 
 
 _DIST_ORDER = {"in window": 0, "1-2x window": 1, "2-4x window": 2, ">4x window": 3, "no window": 4}
+
+
+def _distance_bucket_order(item) -> int:
+    return _DIST_ORDER.get(item[0], 9)
 
 
 def _bucket_key(b: str) -> int:

@@ -21,7 +21,7 @@ from typing import Callable
 
 from PIL import Image
 
-from vlt.data.shards import IMAGE_EXTS, _load_rows, resolve_shards
+from vlt.data.shards import IMAGE_EXTS, load_rows, resolve_shards
 
 _IMG_RE = re.compile(r"^img(\d+)\.(?:jpg|jpeg|png|webp)$")
 _FRM_RE = re.compile(r"^frm(\d+)\.(?:jpg|jpeg|png|webp)$")
@@ -145,7 +145,7 @@ def read_llava_samples(path: str, image_dir: str | None, skips: Skips, fps: floa
     root = Path(image_dir).expanduser() if image_dir else jp.parent
     if image_dir and not root.is_dir():
         raise FileNotFoundError(f"--images {image_dir!r} is not a directory")
-    for n, row, err in _load_rows(jp):
+    for n, row, err in load_rows(jp):
         where = f"{jp.name}:{n}"
         if err is not None:
             skips.add(err[0], f"{where}: {err[1]}")
