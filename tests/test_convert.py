@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlt.convert import (check_teacher_dir, convert_to_student, load_teacher, teacher_forward,
+from vlt.convert import (check_teacher_dir, convert_to_student, load_hf_teacher, teacher_forward,
                          vlm_from_teacher_config)
 from vlt.positions import mrope_positions
 from vlt.qwen_vision import pixel_inputs
@@ -24,7 +24,7 @@ IMG, VID, VS, VE = 261, 262, 259, 260
 
 @pytest.fixture(scope="module")
 def teacher(teacher_dir):
-    return load_teacher(teacher_dir)
+    return load_hf_teacher(teacher_dir)
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,7 @@ def test_config_mapping_errors(teacher, teacher_dir):
 
 def test_checkpoint_errors(teacher_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a directory"):
-        load_teacher(tmp_path / "nope")
+        load_hf_teacher(tmp_path / "nope")
     bad = tmp_path / "bad"
     shutil.copytree(teacher_dir, bad)
     cfg = json.loads((bad / "config.json").read_text())
@@ -210,14 +210,14 @@ def test_checkpoint_errors(teacher_dir, tmp_path):
     (bad / "weights.bin").rename(bad / "model.safetensors")
     (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "llava"}))
     with pytest.raises(ValueError, match="expected 'qwen2_5_vl'"):
-        load_teacher(bad)
+        load_hf_teacher(bad)
     cfg["text_config"]["intermediate_size"] = 96
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"mlp\.(gate|up|down)_proj\.weight.*\(128, 64\)"):
-        load_teacher(bad)
+        load_hf_teacher(bad)
     (bad / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        load_teacher(bad)
+        load_hf_teacher(bad)
 
 
 def test_import_as_vlt_teacher(teacher, teacher_dir, pils):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from vlt.convert import convert_to_student, load_teacher
+from vlt.convert import convert_to_student, load_hf_teacher
 from vlt.export import load_pretrained_vlt, save_pretrained_vlt
 
 IMG, VS, VE = 261, 259, 260
@@ -15,7 +15,7 @@ LAYOUT = [{"mixer": "swa", "window": 6}, "gdn", {"mixer": "gdn", "expand_v": 1.0
 @pytest.fixture()
 def student(teacher_dir):
     torch.manual_seed(0)
-    model, _ = convert_to_student(load_teacher(teacher_dir), layout=LAYOUT, init="mimic",
+    model, _ = convert_to_student(load_hf_teacher(teacher_dir), layout=LAYOUT, init="mimic",
                                   mixers={"gdn": {"conv_size": 3}})
     with torch.no_grad():  # "training" moved the new parameters away from their init
         for n, p in model.named_parameters():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlt.convert import convert_to_student, load_teacher
+from vlt.convert import convert_to_student, load_hf_teacher
 from vlt.inference import generate_eager as generate, sample_next
 from vlt.layers import state_nbytes
 
@@ -18,7 +18,7 @@ WINDOW = 8
 @pytest.fixture(scope="module")
 def student(teacher_dir):
     torch.manual_seed(0)
-    model, _ = convert_to_student(load_teacher(teacher_dir), layout="[swa, gdn, linear, full]", window=WINDOW,
+    model, _ = convert_to_student(load_hf_teacher(teacher_dir), layout="[swa, gdn, linear, full]", window=WINDOW,
                                   init="transfer")
     return model.eval()
 

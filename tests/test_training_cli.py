@@ -158,7 +158,7 @@ def test_ddp_two_cpu_processes_split_samples_evenly(tmp_path):
 def test_distillation_from_a_qwen2_5_vl_checkpoint_directory(tmp_path):
     """Stage I from a real (tiny, random) Qwen2.5-VL saved by transformers: its tokenizer feeds the
     data module, the student keeps its vision tower, and both phases run through the CLI."""
-    from vlt.convert import make_tiny_teacher
+    from vlt.testing import make_tiny_teacher
     teacher = make_tiny_teacher(tmp_path / "qwen", num_layers=4)
     distill = ["--model=vlt.training.Distillation", f"--model.init_args.teacher={teacher}",
                "--model.init_args.student_layout=[swa, gdn, gdn, gdn]",

@@ -6,7 +6,7 @@ import torch
 
 from vlt.config import VLMConfig
 from vlt.model import VLM
-from vlt.student import convert, teacher_like
+from vlt.convert import convert_to_student, teacher_like
 from vlt.training import Distillation, InstructionTuning, kl_distill_loss, layer_mse_loss
 from vlt.training.freezing import apply_trainable, check_new_params_train, trainable_table
 
@@ -71,7 +71,7 @@ def test_convert_copies_teacher_and_marks_new_params():
     torch.manual_seed(0)
     t_cfg = VLMConfig.from_name("tiny-hybrid", decoder={**TINY["decoder"], "layout": "[full] * 2"})
     teacher = VLM(t_cfg)
-    student, new = convert(teacher, "[full, gdn]", init="transfer")
+    student, new = convert_to_student(teacher, "[full, gdn]", init="transfer")
     assert new and all(n.startswith("layers.1.mixer.") for n in new)
     torch.testing.assert_close(student.layers[0].mixer.q_proj.weight, teacher.layers[0].mixer.q_proj.weight)
     torch.testing.assert_close(student.layers[1].mlp.up_proj.weight, teacher.layers[1].mlp.up_proj.weight)

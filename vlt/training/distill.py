@@ -64,7 +64,10 @@ def layer_mse_loss(student_outs, teacher_outs, scale: float, cosine_weight: floa
     return combine_layer_terms([m for m, _ in pairs], [c for _, c in pairs], scale, cosine_weight)
 
 
-def load_teacher(teacher, tokens=None) -> VLM:
+def load_vlt_teacher(teacher, tokens=None) -> VLM:
+    """The vlt ``VLM`` a distillation run learns from: built from a config dict (full attention in every
+    layer), read from a vlt checkpoint / export directory, or imported from a Qwen2.5-VL directory
+    (``vlt.convert.import_qwen2_5_vl``; ``vlt.convert.load_hf_teacher`` is the transformers model itself)."""
     if isinstance(teacher, dict):
         teacher = dict(teacher)  # {model_name?, layout?, ...model config overrides}
         cfg = build_config(teacher.pop("model_name", None), teacher, tokens, teacher.pop("layout", None))
@@ -73,7 +76,7 @@ def load_teacher(teacher, tokens=None) -> VLM:
         return VLM(cfg)
     path = Path(str(teacher)).expanduser()
     if (path / "config.json").is_file() and not (path / "vlt_config.json").is_file():
-        from vlt.convert import import_qwen2_5_vl  # a transformers Qwen2.5-VL directory
+        from vlt.convert.qwen import import_qwen2_5_vl  # a transformers Qwen2.5-VL directory
         return import_qwen2_5_vl(str(path))
     from vlt.checkpoint import load_model_state
     cfg, state = load_model_state(path, role="teacher")
@@ -90,7 +93,7 @@ class Distillation(VLTModule):
         Args:
             teacher: a model config dict (full attention), a vlt checkpoint / export dir, or a Qwen2.5-VL dir.
             student_layout: the student's layout; layers that are not attention there are converted.
-            init: ``mimic`` or ``transfer`` for converted layers (see vlt.student).
+            init: ``mimic`` or ``transfer`` for converted layers (see vlt.convert.student).
             phase: ``layer`` (teacher-forced layer MSE) or ``kl`` (end-to-end logit KL).
             kl_positions: ``all`` non-padding positions or ``assistant`` positions only.
             teacher_dtype: ``auto`` (bf16 on CUDA, fp32 elsewhere), ``bfloat16`` or ``float32``.
@@ -106,11 +109,11 @@ class Distillation(VLTModule):
         self.converted = [i for i, b in enumerate(self.model.layers) if b.mixer_name not in ("full", "swa")]
 
     def build_model(self):
-        from vlt.student import convert
+        from vlt.convert.student import convert_to_student
         hp = self.hparams
-        teacher = load_teacher(self._teacher_spec, hp.tokens).eval().requires_grad_(False)
+        teacher = load_vlt_teacher(self._teacher_spec, hp.tokens).eval().requires_grad_(False)
         object.__setattr__(self, "teacher", teacher)  # not a submodule: never trained, never checkpointed
-        student, self._new = convert(teacher, hp.student_layout, hp.student_mixers, hp.init)
+        student, self._new = convert_to_student(teacher, hp.student_layout, hp.student_mixers, hp.init)
         return student
 
     def initial_new_params(self):

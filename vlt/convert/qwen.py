@@ -1,29 +1,23 @@
-"""Qwen2.5-VL teacher import and student conversion.
+"""Qwen2.5-VL (transformers) on the vlt side: load a local checkpoint as a teacher, map its config,
+convert it (``vlt.convert.convert_to_student`` is the entry point; mimic/transfer are described in
+``vlt.convert.student``), import it whole, and run it on a vlt batch.
 
-- ``load_teacher(path)``: a local Qwen2.5-VL checkpoint (config.json + safetensors) as a frozen,
-  eval-mode ``Qwen2_5_VLForConditionalGeneration`` (through transformers, never from a hub).
+- ``load_hf_teacher(path)``: a local Qwen2.5-VL checkpoint (config.json + safetensors) as a frozen,
+  eval-mode ``Qwen2_5_VLForConditionalGeneration`` (through transformers, never from a hub). Not to be
+  confused with ``vlt.training.distill.load_vlt_teacher``, which builds the vlt ``VLM`` a distillation
+  run learns from (and calls ``import_qwen2_5_vl`` for such a directory).
+- ``vlm_from_teacher_config(hf_config, layout, mixers, window)``: the ``VLMConfig`` with the teacher's
+  shapes.
+- ``convert_hf_teacher(teacher_or_path, layout, mixers, init, window)``: what ``convert_to_student`` runs
+  for a transformers teacher: vision tower, merger, embeddings, MLPs and norms copied; attention
+  layers of the layout (``full``/``swa``) get the teacher's q/k/v/o (with biases) and M-RoPE; every
+  other mixer is initialised by ``init`` (``vlt.convert.student``).
+- ``import_qwen2_5_vl(path)``: the teacher as a vlt ``VLM`` (every layer ``full``), same logits.
 - ``teacher_forward(teacher, batch, layer_io=False)``: run it on a vlt batch (input_ids, list of
   normalised images, optional packed ``cu_seqlens``) -> logits and, for layer-wise distillation, each
   decoder layer's input and output. Video frames are fed as images, as the student sees them.
-- ``convert_to_student(teacher, layout, mixers, init, window)``: a vlt ``VLM`` with the teacher's
-  vision tower, merger, embeddings, MLPs and norms; attention layers of the layout (``full``/``swa``)
-  get the teacher's q/k/v/o (with biases) and M-RoPE; every other mixer is initialised by ``init``:
-
-  * ``mimic`` (InfiniteVL): the mixer's ``mimic_init`` (GDN: beta 0.5, decay ~0.999, identity convs),
-    projections random;
-  * ``transfer`` (Mamba-in-the-Llama / RADLADS): ``mimic_init`` for the gates, then q/k/v/o copied
-    from the teacher's attention with KV heads repeated for GQA. Where a value head is wider than the
-    teacher's (GDN ``expand_v=2``: 2 * head_dim), the teacher's head fills the first ``head_dim``
-    channels of that head in v_proj and o_proj; the extra channels keep their random v_proj rows and
-    get zero o_proj columns: at init they add nothing to o_proj's output directly (they do enter the
-    per-head gated RMSNorm's scale) yet still receive gradient.
-    Teacher q/k/v biases are dropped (GDN and linear projections have none).
-
-  It returns the model and the names of parameters *not* copied from the teacher (in full), which
-  training must not freeze.
-- ``import_qwen2_5_vl(path)``: the teacher as a vlt ``VLM`` (every layer ``full``), same logits.
-- ``make_tiny_teacher(dir)``: a random tiny Qwen2.5-VL with a byte-level tokenizer (Qwen's special
-  tokens and chat template) and image processor, for tests and smoke runs.
+- ``QWEN_SPECIAL_TOKENS`` / ``QWEN_CHAT_TEMPLATE``: Qwen2.5-VL's special tokens and chat template
+  (``vlt.testing`` builds tiny tokenizers with them).
 """
 from __future__ import annotations
 
@@ -36,7 +30,7 @@ from torch import nn
 
 from vlt.config import DecoderConfig, VisionConfig, VLMConfig
 from vlt.qwen_vision import pixel_inputs
-from vlt.student import INITS, attention_weights, init_mixer_from_attention, recording_copy
+from vlt.convert.student import INITS, attention_weights, init_mixer_from_attention, recording_copy
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +56,7 @@ def check_teacher_dir(path) -> Path:
     return p
 
 
-def load_teacher(path, dtype=torch.float32, device=None, attn_implementation: str = "sdpa"):
+def load_hf_teacher(path, dtype=torch.float32, device=None, attn_implementation: str = "sdpa"):
     """The checkpoint as a frozen ``Qwen2_5_VLForConditionalGeneration`` in eval mode."""
     from transformers import Qwen2_5_VLForConditionalGeneration
     p = check_teacher_dir(path)
@@ -137,13 +131,14 @@ def vlm_from_teacher_config(hf_config, layout=None, mixers: dict | None = None, 
 
 
 # ---- conversion ----------------------------------------------------------------------------------------
-def convert_to_student(teacher_or_path, layout=None, mixers: dict | None = None, init: str = "mimic",
+def convert_hf_teacher(teacher_or_path, layout=None, mixers: dict | None = None, init: str = "mimic",
                        window: int | None = None):
-    """(student ``VLM``, names of parameters not copied from the teacher). See the module docstring."""
+    """(student ``VLM``, names of parameters not copied from the teacher) from a transformers Qwen2.5-VL
+    (or its directory); ``layout`` defaults to every layer ``full``. Called by ``convert_to_student``."""
     from vlt.model import VLM
     if init not in INITS:
         raise ValueError(f"init={init!r}; allowed: {list(INITS)}")
-    teacher = teacher_or_path if isinstance(teacher_or_path, nn.Module) else load_teacher(teacher_or_path)
+    teacher = teacher_or_path if isinstance(teacher_or_path, nn.Module) else load_hf_teacher(teacher_or_path)
     cfg = vlm_from_teacher_config(teacher.config, layout, mixers, window)
     student = VLM(cfg)
     t_lm, t_vis = teacher.model.language_model, teacher.model.visual
@@ -168,8 +163,8 @@ def convert_to_student(teacher_or_path, layout=None, mixers: dict | None = None,
 
 def import_qwen2_5_vl(path, dtype=torch.float32):
     """The checkpoint as a vlt ``VLM`` with ``full`` attention in every layer: the same function as the
-    HF model (fp32 logits agree to ~1e-6), usable as a vlt teacher or converted with vlt.student."""
-    model, _ = convert_to_student(load_teacher(path))
+    HF model (fp32 logits agree to ~1e-6), usable as a vlt teacher or converted with convert_to_student."""
+    model, _ = convert_hf_teacher(load_hf_teacher(path))
     return model.to(dtype)
 
 
@@ -240,7 +235,7 @@ def _teacher_forward_one(teacher, input_ids, images, layer_io):
     return out
 
 
-# ---- a tiny real checkpoint for tests and smoke runs -------------------------------------------------
+# ---- Qwen2.5-VL's tokens and chat template ---------------------------------------------------------
 QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                        "<|image_pad|>", "<|video_pad|>")
 # Qwen2-VL / Qwen2.5-VL's chat template (tokenizer_config.json of the released checkpoints).
@@ -255,54 +250,3 @@ QWEN_CHAT_TEMPLATE = (
     "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
     "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
     "<|im_start|>assistant\n{% endif %}")
-
-
-def make_tiny_teacher(out_dir, num_layers: int = 4, hidden_size: int = 64, seed: int = 0,
-                      tokenizer: bool = True) -> Path:
-    """Save a random tiny Qwen2.5-VL (+ byte-level tokenizer with Qwen's specials at 256..262 and
-    chat template, + image processor) to ``out_dir``; the vocabulary has 272 entries."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    heads = 4
-    hd = hidden_size // heads
-    sec = [hd // 8, (hd // 2 - hd // 8) // 2]
-    sec.append(hd // 2 - sum(sec))
-    ids = {t: 256 + i for i, t in enumerate(QWEN_SPECIAL_TOKENS)}
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=272, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=2,
-                         rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=ids["<|endoftext|>"],
-                         eos_token_id=ids["<|im_end|>"],
-                         rope_parameters={"rope_type": "default", "mrope_section": sec, "rope_theta": 1e6}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden_size,
-                           window_size=56, fullatt_block_indexes=[1], patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(cfg)
-    with torch.no_grad():  # HF's init leaves tiny models near-uniform; widen so logits are distinct
-        for n, p in model.named_parameters():
-            if p.dim() == 2 and "visual" not in n:
-                p.normal_(0, 0.1)
-    model.save_pretrained(str(out))
-    if tokenizer:
-        _save_tiny_tokenizer(out)
-    return out
-
-
-def _save_tiny_tokenizer(out: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(QWEN_SPECIAL_TOKENS))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=QWEN_CHAT_TEMPLATE)
-    fast.save_pretrained(str(out))
-    Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 64).save_pretrained(str(out))

@@ -1,20 +1,29 @@
-"""Turn a full-attention vlt VLM (the teacher, or a teacher imported from Qwen2.5-VL) into a
-student with another layout.
+"""Student conversion: a full-attention teacher -> a vlt ``VLM`` with another layout, of the same depth.
 
-Everything outside the converted mixers is copied: vision tower, projector, embeddings, MLPs,
-norms, and the mixers of layers whose type does not change. A layer that becomes ``swa`` keeps
-the teacher's q/k/v/o (same shapes). A layer that becomes another mixer is initialised by:
+The one entry point is ``convert_to_student(teacher, layout=None, mixers=None, init="mimic", window=None)``;
+``teacher`` is a vlt ``VLM`` with attention (``full``/``swa``) in every layer, a transformers
+``Qwen2_5_VLForConditionalGeneration`` (``vlt.convert.load_hf_teacher``), or the path of a local Qwen2.5-VL
+directory. It returns ``(student, new)``: the student and the names of the parameters *not* copied from
+the teacher (in full), which training must not leave frozen.
 
-- ``mimic`` (InfiniteVL): the mixer's own init, then ``mimic_init()`` where it has one (GDN:
-  beta 0.5, decay ~0.999, identity convs);
-- ``transfer`` (Mamba-in-the-Llama, RADLADS): q/k/v/o copied from the attention layer where the
-  shapes allow (KV heads repeated to the query heads; a wider value/o projection gets the
-  teacher's head in the first ``head_dim`` channels of each value head and silent o_proj columns
-  for the rest), after ``mimic_init()`` for the gates. Teacher q/k/v biases are dropped (GDN and
-  linear projections have none).
+Everything outside the converted mixers is copied: vision tower, projector/merger, embeddings, MLPs,
+norms (and ``lm_head`` when untied). A layer that stays attention (``full``/``swa``) keeps the teacher's
+q/k/v/o with their biases (and M-RoPE from a Qwen2.5-VL teacher). Every other mixer is initialised by
+``init``:
 
-Returns the student and the names of the parameters that did not come from the teacher, which the
-training code refuses to leave frozen.
+- ``mimic`` (InfiniteVL): the mixer's own init, then its ``mimic_init()`` where it has one (GDN:
+  beta 0.5, decay ~0.999, identity convs; kda/gdn2/deltanet likewise); projections stay random;
+- ``transfer`` (Mamba-in-the-Llama, RADLADS): ``mimic_init()`` for the gates, then q/k/v/o copied from
+  the teacher's attention where the shapes allow, KV heads repeated to the query heads (GQA). Where a
+  value head is wider than the teacher's (GDN ``expand_v=2``: 2 * head_dim), the teacher's head fills
+  the first ``head_dim`` channels of that head in v_proj and o_proj; the extra channels keep their
+  random v_proj rows and get zero o_proj columns: at init they add nothing to o_proj's output directly
+  (they do enter the per-head gated RMSNorm's scale) yet still receive gradient. Teacher q/k/v biases
+  are dropped (GDN and linear projections have none).
+
+``window`` sets the ``swa`` (and ``swa_gdn``) window; ``mixers`` adds or overrides per-mixer options.
+The building blocks (``recording_copy``, ``attention_weights``, ``init_mixer_from_attention``) serve
+both teacher kinds; ``vlt.convert.qwen`` maps a Qwen2.5-VL's modules onto them.
 """
 from __future__ import annotations
 
@@ -22,9 +31,9 @@ import copy
 import logging
 
 import torch
+from torch import nn
 
 from vlt.config import VLMConfig
-from vlt.model import VLM
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +41,29 @@ INITS = ("mimic", "transfer")
 ATTENTION = ("full", "swa")
 
 
+def convert_to_student(teacher, layout=None, mixers: dict | None = None, init: str = "mimic",
+                       window: int | None = None):
+    """(student ``VLM``, names of parameters not copied from the teacher); see the module docstring."""
+    from vlt.model import VLM
+    if init not in INITS:
+        raise ValueError(f"init={init!r}; allowed: {list(INITS)}")
+    if isinstance(teacher, VLM):
+        return _convert_vlm(teacher, layout, _with_window(mixers, window), init)
+    from vlt.convert.qwen import convert_hf_teacher  # a transformers Qwen2.5-VL model, or its directory
+    return convert_hf_teacher(teacher, layout, mixers, init, window)
+
+
+def _with_window(mixers: dict | None, window: int | None) -> dict | None:
+    if window is None:
+        return mixers
+    out = {"swa": {"window": window}, "swa_gdn": {"window": window}}
+    for key, opts in (mixers or {}).items():
+        out.setdefault(key, {}).update(opts or {})
+    return out
+
+
 def student_config(teacher_cfg: VLMConfig, layout, mixers: dict | None = None) -> VLMConfig:
+    """The teacher's config with the student's layout and per-mixer options merged in."""
     d = teacher_cfg.to_dict()
     d["decoder"]["layout"] = layout
     d["decoder"]["num_layers"] = None
@@ -42,13 +73,12 @@ def student_config(teacher_cfg: VLMConfig, layout, mixers: dict | None = None) -
     return VLMConfig.from_dict(d)
 
 
-def convert(teacher: VLM, layout, mixers: dict | None = None, init: str = "mimic") -> tuple[VLM, list[str]]:
-    if init not in INITS:
-        raise ValueError(f"init={init!r}; allowed: {list(INITS)}")
-    cfg = student_config(teacher.config, layout, mixers)
+def _convert_vlm(teacher, layout, mixers: dict | None, init: str):
+    from vlt.model import VLM
+    cfg = student_config(teacher.config, layout if layout is not None else teacher.layout, mixers)
     if len(cfg.layers()) != len(teacher.layers):
-        raise ValueError(f"student layout has {len(cfg.layers())} layers but the teacher has {len(teacher.layers)}; "
-                         "conversion keeps depth - give one mixer per teacher layer")
+        raise ValueError(f"student layout has {len(cfg.layers())} layers but the teacher has "
+                         f"{len(teacher.layers)}; conversion keeps depth - give one mixer per teacher layer")
     student = VLM(cfg)
     t_params = dict(teacher.named_parameters())
     copy, copied = recording_copy()
@@ -61,7 +91,8 @@ def convert(teacher: VLM, layout, mixers: dict | None = None, init: str = "mimic
         copy(p, t_params[name], name)
     for i, (s_block, t_block) in enumerate(zip(student.layers, teacher.layers)):
         if t_block.mixer_name not in ATTENTION:
-            raise ValueError(f"teacher layer {i} is {t_block.mixer_name!r}; conversion starts from attention layers")
+            raise ValueError(f"teacher layer {i} is {t_block.mixer_name!r}; conversion starts from attention "
+                             "layers")
         attn = t_block.mixer
         init_mixer_from_attention(s_block.mixer, attention_weights(attn), attn.num_heads, attn.num_kv_heads,
                                   attn.head_dim, init, f"layers.{i}.mixer.", copy)
@@ -91,7 +122,7 @@ def attention_weights(attn) -> dict:
 
 def init_mixer_from_attention(mixer, weights: dict, num_heads: int, num_kv_heads: int, head_dim: int, init: str,
                               prefix: str, copy):
-    """Initialise one student mixer from a teacher attention layer (see the module docstring).
+    """Initialise one student mixer from a teacher attention layer by ``init`` (see the module docstring).
 
     ``copy(dst, src, name)`` copies a whole tensor and records ``name`` as coming from the teacher."""
     from vlt.layers.attention import Attention
@@ -121,7 +152,6 @@ def init_mixer_from_attention(mixer, weights: dict, num_heads: int, num_kv_heads
 def _transfer_qkvo(mixer, weights, H, Hkv, d, prefix, copy):
     """q/k/v/o into a non-attention mixer, per head, KV heads repeated for GQA; a wider value head
     (GDN expand_v = 2) gets the teacher's head in its first ``d`` channels and silent o_proj columns."""
-    from torch import nn
     D = weights["q_proj"][0].shape[1]
     rep = lambda w: w.view(Hkv, d, D).repeat_interleave(H // Hkv, 0).reshape(H * d, D)  # noqa: E731
     src = {"q_proj": weights["q_proj"][0], "k_proj": rep(weights["k_proj"][0]), "v_proj": rep(weights["v_proj"][0])}
@@ -135,7 +165,8 @@ def _transfer_qkvo(mixer, weights, H, Hkv, d, prefix, copy):
         elif R % H == 0 and R // H >= d:  # wider heads: fill each head's first d channels
             dst.weight.view(H, R // H, D)[:, :d] = w.view(H, d, D)
         else:
-            log.warning("transfer: %s%s has %d rows, cannot map %d teacher heads of %d; left at init", prefix, proj, R, H, d)
+            log.warning("transfer: %s%s has %d rows, cannot map %d teacher heads of %d; left at init",
+                        prefix, proj, R, H, d)
     dst = getattr(mixer, "o_proj", None)
     if isinstance(dst, nn.Linear):
         C = dst.weight.shape[1]
