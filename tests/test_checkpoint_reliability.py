@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import vlt.checkpoint as ckpt_mod
+import vlt.checkpoint.lightning as ckpt_mod
 from vlt.checkpoint import AtomicCheckpointIO, CheckpointSpaceError, load_model_state, newest_checkpoint
 from vlt.cli import _rewrite_argv, find_last_checkpoint, main
 

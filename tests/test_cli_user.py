@@ -158,7 +158,7 @@ def test_user_mixer_module_trains_reruns_and_exports(tmp_path, capsys):
     assert main(["export", "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--out", "exp"]) == 0
     meta = json.loads((tmp_path / "exp" / "vlt_config.json").read_text())
     assert meta["imports"] == [mod] and meta["model"]["imports"] == [mod]
-    load = subprocess.run([sys.executable, "-c", "from vlt.export import load_pretrained_vlt; "
+    load = subprocess.run([sys.executable, "-c", "from vlt.checkpoint.export import load_pretrained_vlt; "
                            "print(load_pretrained_vlt('exp')[0].layout)"],
                           cwd=tmp_path, env=env, capture_output=True, text=True)
     assert load.returncode == 0 and f"shift_{os.getpid()}" in load.stdout, load.stderr[-2000:]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vlt.convert import convert_to_student, load_hf_teacher
-from vlt.export import load_pretrained_vlt, save_pretrained_vlt
+from vlt.checkpoint.export import load_pretrained_vlt, save_pretrained_vlt
 
 IMG, VS, VE = 261, 259, 260
 LAYOUT = [{"mixer": "swa", "window": 6}, "gdn", {"mixer": "gdn", "expand_v": 1.0}, "full"]
@@ -54,7 +54,7 @@ def test_round_trip_is_exact(student, teacher_dir, tmp_path):
     assert sd.keys() == ld.keys() and all(torch.equal(sd[k], ld[k]) for k in sd)
     assert torch.equal(logits(loaded), logits(student))
     assert tok is not None and tok.image_pad_id == loaded.config.image_token_id
-    from vlt.export import read_state
+    from vlt.checkpoint.export import read_state
     from vlt.model import VLM
     from vlt.config import VLMConfig
     meta, state = read_state(out)  # for code that builds the model itself (training's init_from)

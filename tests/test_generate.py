@@ -111,7 +111,7 @@ def test_generate_cli_end_to_end(student, teacher_dir, tmp_path, capsys):
     pytest.importorskip("vlt.data.tokenizer")
     from vlt.data.image import ImageProcessor
     from vlt.data.tokenizer import build_prompt_ids, load_tokenizer
-    from vlt.export import save_pretrained_vlt
+    from vlt.checkpoint.export import save_pretrained_vlt
     from vlt.generate_cli import add_generate_args, run_generate
     ckpt = save_pretrained_vlt(student, tmp_path / "export", tokenizer_dir=teacher_dir)
     rng = np.random.default_rng(0)
@@ -144,7 +144,7 @@ def test_generate_cli_end_to_end(student, teacher_dir, tmp_path, capsys):
 def test_generate_uses_the_training_runs_system_prompt(student, teacher_dir, tmp_path, capsys):
     """An export that records training without a system prompt is prompted without one by default
     (the flag still overrides); one without a record falls back to Qwen's default."""
-    from vlt.export import save_pretrained_vlt
+    from vlt.checkpoint.export import save_pretrained_vlt
     from vlt.generate_cli import add_generate_args, run_generate
 
     def run(ckpt, *extra):

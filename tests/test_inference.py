@@ -243,14 +243,14 @@ def test_chat_cli_streams_answers(tmp_path):
     import argparse
     import io
     from vlt.chat_cli import add_chat_args, run_chat
-    from vlt.export import save_pretrained_vlt
+    from vlt.checkpoint.export import save_pretrained_vlt
     out = save_pretrained_vlt(tiny("[swa, gdn]"), tmp_path / "m", tokenizer_dir="byte", prompt={"system": ""})
     args = add_chat_args(argparse.ArgumentParser()).parse_args(["--ckpt", str(out), "--max-new-tokens", "3",
                                                                 "--device", "cpu"])
     buf = io.StringIO()
     assert run_chat(args, stdin=io.StringIO("hello\n/image /nope.png\nagain\n/quit\nignored\n"), stdout=buf) == 0
     # exactly the two turns' answers (the missing image is skipped, nothing after /quit), as the API gives them
-    from vlt.export import load_pretrained_vlt
+    from vlt.checkpoint.export import load_pretrained_vlt
     from vlt.inference import ChatSession
     model, tok = load_pretrained_vlt(out)
     chat = ChatSession(model, tok, system="")

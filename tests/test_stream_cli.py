@@ -14,7 +14,7 @@ from vlt.model import VLM
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-    from vlt.export import save_pretrained_vlt
+    from vlt.checkpoint.export import save_pretrained_vlt
     torch.manual_seed(0)
     model = VLM(VLMConfig.from_name("tiny-hybrid", decoder={"mrope_section": [4, 6, 6], "head_dim": 32})).eval()
     return save_pretrained_vlt(model, tmp_path_factory.mktemp("stream") / "export", tokenizer_dir="byte",
@@ -44,7 +44,7 @@ def _run(*argv):
 
 def test_stream_a_video_file_answers_as_the_api(export, tmp_path, capsys):
     from vlt.data.video import iter_frames
-    from vlt.export import load_pretrained_vlt
+    from vlt.checkpoint.export import load_pretrained_vlt
     from vlt.generate_cli import image_processor
     from vlt.inference import VideoStream
     video = _video(tmp_path / "clip.mp4")

@@ -118,7 +118,7 @@ def test_long_lora_saves_adapters_only_and_checks_layout(tmp_path, capsys):
     keys = list(ckpt["state_dict"])
     assert keys and all("lora_" in k for k in keys)
     # export: adapters rebuilt on the init_from base; merged and unmerged exports compute the same
-    from vlt.export import load_pretrained_vlt
+    from vlt.checkpoint.export import load_pretrained_vlt
     last = versions(tmp_path)[-1] / "checkpoints" / "last.ckpt"
     assert main(["export", "--ckpt", str(last), "--out", str(tmp_path / "merged"), "--merge-lora"]) == 0
     assert main(["export", "--ckpt", str(last), "--out", str(tmp_path / "adapters")]) == 0

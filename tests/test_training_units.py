@@ -88,7 +88,7 @@ def test_convert_copies_teacher_and_marks_new_params():
 
 
 def test_init_from_with_mismatching_layout_is_a_clear_error(tmp_path):
-    from vlt.export import save_pretrained_vlt
+    from vlt.checkpoint.export import save_pretrained_vlt
     m = InstructionTuning(model_name="tiny-hybrid", model=TINY, layout="[swa, gdn]")
     path = save_pretrained_vlt(m.model, tmp_path / "exp")
     with pytest.raises(ValueError, match=r"layout differs: this recipe has \['gdn', 'gdn'\]"):

@@ -47,7 +47,7 @@ def launch(args: list[str], cwd: Path, log) -> subprocess.Popen:
 
 
 def final_state(run: Path) -> dict:
-    from vlt.checkpoint import newest_checkpoint
+    from vlt.checkpoint.lightning import newest_checkpoint
     path, step = newest_checkpoint(run)
     c = torch.load(path, weights_only=False, map_location="cpu")
     return {"step": step, "path": str(path), "state": c["state_dict"], "opt": c["optimizer_states"][0]["state"]}

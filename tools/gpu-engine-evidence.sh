@@ -41,7 +41,7 @@ import argparse, dataclasses, torch
 from PIL import Image
 import numpy as np
 from vlt.bench.common import add_common_args, model_config, setup
-from vlt.export import save_pretrained_vlt
+from vlt.checkpoint.export import save_pretrained_vlt
 from vlt.model import build_vlm
 a = add_common_args(argparse.ArgumentParser()).parse_args(["--device", "cuda"])
 dev, dt = setup(a)

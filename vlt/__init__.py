@@ -69,15 +69,15 @@ def create_model(name_or_config="tiny-hybrid", **overrides):
 
 
 def save_pretrained(model, out_dir, tokenizer_dir=None, merge_lora: bool = False, prompt: dict | None = None):
-    """Write ``model`` as a self-describing export directory; see ``vlt.export.save_pretrained_vlt``."""
-    from vlt.export import save_pretrained_vlt
+    """Write ``model`` as a self-describing export directory; see ``vlt.checkpoint.export.save_pretrained_vlt``."""
+    from vlt.checkpoint.export import save_pretrained_vlt
     return save_pretrained_vlt(model, out_dir, tokenizer_dir=tokenizer_dir, merge_lora=merge_lora, prompt=prompt)
 
 
 def load_pretrained(path, dtype=None, device=None, load_adapter: bool = True):
     """(VLM in eval mode, tokenizer or None) from an export directory; see
-    ``vlt.export.load_pretrained_vlt``."""
-    from vlt.export import load_pretrained_vlt
+    ``vlt.checkpoint.export.load_pretrained_vlt``."""
+    from vlt.checkpoint.export import load_pretrained_vlt
     return load_pretrained_vlt(path, dtype=dtype, device=device, load_adapter=load_adapter)
 
 

@@ -90,7 +90,7 @@ def find_last_checkpoint(argv: list[str], keyword: str = "last") -> list[str]:
     resumed run keeps rotating the same files instead of adding two more per launch. With
     ``last_or_none`` and no checkpoint yet the run starts fresh (one restart command for
     preemptible jobs); with ``last`` that is an error."""
-    from vlt.checkpoint import newest_checkpoint
+    from vlt.checkpoint.lightning import newest_checkpoint
 
     root = "."
     for i, a in enumerate(argv):
@@ -127,7 +127,7 @@ def lightning_main():
     from lightning.pytorch.plugins.io import TorchCheckpointIO
     from lightning.pytorch.cli import LightningCLI
 
-    from vlt.checkpoint import AtomicCheckpointIO
+    from vlt.checkpoint.lightning import AtomicCheckpointIO
     from vlt.cli_errors import UserConfigError, argument_error_message, debug, instantiation_error_message
     from vlt.layers.registry import import_user_modules
     from vlt.layout import check_backends
@@ -267,7 +267,7 @@ MODEL_TOOLS = (
      "generate answers on shards or a LLaVA JSONL and score them (JSON + MD + PNG)"),
     ("compare", "vlt.compare_cli", "add_compare_args", "run_compare",
      "train layouts at an equal parameter budget, evaluate each, table + plot with intervals"),
-    ("export", "vlt.export_cli", "add_export_args", "run_export",
+    ("export", "vlt.checkpoint.cli", "add_export_args", "run_export",
      "a .ckpt -> a model directory for vlt generate / init_from"))
 
 

@@ -168,7 +168,7 @@ def _last_loss(run: Path) -> float | None:
 def train_and_eval(args, s: dict, spec: dict, test_dir: Path, name: str, lay: dict, seed: int) -> dict:
     from vlt.cli import main as vlt_main
     from vlt.eval_cli import main as eval_main
-    from vlt.export_cli import export_checkpoint
+    from vlt.checkpoint.cli import export_checkpoint
     run = Path(args.out) / "runs" / f"{name}-s{seed}"
     argv = _fit_argv(args, s, spec, lay, seed, run)
     key = hashlib.sha1(json.dumps([argv, s["max_new_tokens"], str(test_dir), args.eval_arg]).encode()).hexdigest()

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from vlt.checkpoint import describe_mismatch, load_model_state
+from vlt.checkpoint.lightning import describe_mismatch, load_model_state
 from vlt.config import VLMConfig, deep_update
 from vlt.model import VLM, checkpointed_blocks, shift_labels
 from vlt.training.flops import StepFlops, image_sizes, peak_tflops_for, segment_lengths

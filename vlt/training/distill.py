@@ -78,7 +78,7 @@ def load_vlt_teacher(teacher, tokens=None) -> VLM:
     if (path / "config.json").is_file() and not (path / "vlt_config.json").is_file():
         from vlt.convert.qwen import import_qwen2_5_vl  # a transformers Qwen2.5-VL directory
         return import_qwen2_5_vl(str(path))
-    from vlt.checkpoint import load_model_state
+    from vlt.checkpoint.lightning import load_model_state
     cfg, state = load_model_state(path, role="teacher")
     model = VLM(VLMConfig.from_dict(cfg))
     model.load_state_dict(state)

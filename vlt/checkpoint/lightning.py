@@ -1,5 +1,6 @@
-"""Reading model weights + config from what vlt writes: Lightning ``.ckpt`` files (which carry the
-model config and layout) and exported directories (``vlt_config.json`` + ``model.safetensors``).
+"""Lightning checkpoints (``.ckpt``) of ``vlt fit``: writing them safely, and reading model weights +
+config back from them (they carry the model config and layout) or from an export directory
+(``vlt.checkpoint.export``: ``vlt_config.json`` + ``model.safetensors``).
 
 Checkpoint writes go through ``AtomicCheckpointIO``: written beside the target as
 ``.<name>.tmp-<pid>``, fsynced, then renamed, so a crash mid-write never replaces a good checkpoint
@@ -134,10 +135,10 @@ def load_model_state(path: str | os.PathLike, role: str = "init_from") -> tuple[
         accepted += ", or a Qwen2.5-VL directory saved by transformers (config.json + *.safetensors)"
     if not p.exists():
         raise FileNotFoundError(f"{role} {str(p)!r} does not exist; give {accepted}")
-    if p.is_dir():  # an export directory (vlt.export): tied weights restored, format checked there
+    if p.is_dir():  # an export directory (vlt.checkpoint.export): tied weights restored, format checked there
         if not (p / "vlt_config.json").is_file():
             raise FileNotFoundError(f"{role} {str(p)!r} is a directory without vlt_config.json; give {accepted}")
-        from vlt.export import read_state
+        from vlt.checkpoint.export import read_state
         meta, state = read_state(p)
         return meta["model"], state
     try:

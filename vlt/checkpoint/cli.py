@@ -22,9 +22,9 @@ def add_export_args(p: argparse.ArgumentParser):
 def export_checkpoint(ckpt_path, out_dir, tokenizer=None, merge_lora=False) -> Path:
     import torch
 
-    from vlt.checkpoint import load_model_state
+    from vlt.checkpoint.export import save_pretrained_vlt
+    from vlt.checkpoint.lightning import load_model_state
     from vlt.config import VLMConfig
-    from vlt.export import save_pretrained_vlt
     from vlt.model import VLM
 
     path = Path(ckpt_path).expanduser()
