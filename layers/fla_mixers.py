@@ -250,7 +250,7 @@ def mixer_class(name: str) -> type:
     body = {"__init__": init, "fla_class": fla_cls, "kind": kind, "__module__": __name__,
             "state_grows": kind in ("nsa", "moba"),
             "__doc__": f"fla.layers.{fla_cls.__name__} as a vlt mixer ({name!r})."}
-    if kind in _MIMIC:  # conversion from attention (vlt/student.py) calls it before copying q/k/v/o
+    if kind in _MIMIC:  # conversion from attention (vlt/convert/student.py) calls it before copying q/k/v/o
         body["mimic_init"] = _MIMIC[kind]
     cls = type(f"Fla{fla_cls.__name__}", (FlaMixer, fla_cls), body)
     return register_mixer(name)(cls)

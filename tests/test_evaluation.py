@@ -66,7 +66,7 @@ def test_metric_choice_and_buckets():
 # --------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-    from vlt.export import save_pretrained_vlt
+    from vlt.checkpoint.export import save_pretrained_vlt
     torch.manual_seed(0)
     model = VLM(VLMConfig.from_name("tiny-hybrid", decoder={"mrope_section": [4, 6, 6], "head_dim": 32,
                                                               "mixers": {"swa": {"window": WINDOW}}})).eval()
@@ -87,7 +87,7 @@ def _eager_tokens(export, data, images=None):
     """Each evaluable sample's greedy tokens from the eager reference loop, prompt by prompt."""
     from vlt.evaluation.runner import media_inputs, prepare
     from vlt.evaluation.samples import Skips, read_samples
-    from vlt.export import load_pretrained_vlt
+    from vlt.checkpoint.export import load_pretrained_vlt
     from vlt.generate_cli import image_processor
     from vlt.inference import generate_eager
     model, tok = load_pretrained_vlt(export)
@@ -300,7 +300,7 @@ def test_bad_inputs_are_clear_errors(export, tmp_path, capsys):
     # same size, but its image token is another id than the tokenizer's <|image_pad|>
     (dict(image_token_id=250), "image_token_id=250 but its tokenizer's id is 261")])
 def test_a_checkpoint_of_another_vocabulary(tmp_path, capsys, overrides, message):
-    from vlt.export import save_pretrained_vlt
+    from vlt.checkpoint.export import save_pretrained_vlt
     torch.manual_seed(0)
     model = VLM(VLMConfig.from_name("tiny-hybrid", **overrides)).eval()
     ckpt = save_pretrained_vlt(model, tmp_path / "other", tokenizer_dir="byte")

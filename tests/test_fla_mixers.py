@@ -206,9 +206,9 @@ def test_transfer_from_attention_into_kda_and_gdn2():
     """Stage I conversion: q/k/v/o copied from the teacher's attention (KV heads repeated over the
     query heads; GDN-2 with expand_v 2 gets each teacher head in the first head_dim channels of its
     value head and silent o_proj columns for the rest), the gates at the mimic init."""
-    from vlt.student import convert
+    from vlt.convert import convert_to_student
     teacher = _teacher()
-    student, new = convert(teacher, "[kda, gdn2, full]", mixers={"gdn2": {"expand_v": 2.0}}, init="transfer")
+    student, new = convert_to_student(teacher, "[kda, gdn2, full]", mixers={"gdn2": {"expand_v": 2.0}}, init="transfer")
     Hq, Hkv, d, Dm = 4, 2, 8, 32
     for i in (0, 1):
         t, s = teacher.layers[i].mixer, student.layers[i].mixer
@@ -231,8 +231,8 @@ def test_transfer_from_attention_into_kda_and_gdn2():
 @pytest.mark.parametrize("init", ["mimic", "transfer"])
 def test_converted_kda_gdn2_student_runs_with_mimic_gates(init):
     from fla.ops.kda.gate import naive_kda_gate
-    from vlt.student import convert
-    student, new = convert(_teacher(), "[kda, gdn2, full]", init=init)
+    from vlt.convert import convert_to_student
+    student, new = convert_to_student(_teacher(), "[kda, gdn2, full]", init=init)
     x = torch.randn(1, 6, 32)
     for m in (student.layers[0].mixer, student.layers[1].mixer):
         # beta (and GDN-2's write gate) 0.5, decay exp(-1e-3) per channel, identity convs

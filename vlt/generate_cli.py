@@ -1,10 +1,11 @@
 """``vlt generate --ckpt DIR --image PATH --prompt "..."``: chat with a saved vlt model.
 
-The directory is one written by ``vlt.export.save_pretrained_vlt`` (or a Qwen2.5-VL checkpoint,
-imported as a full-attention vlt model so the teacher can be compared with its student); its tokenizer (Qwen's ChatML
-specials) builds the prompt with vlt.data's template (``<|im_start|>`` turns, each image expanded to
-``<|vision_start|><|image_pad|> x N<|vision_end|>``, video frames as timestamped images), and its
-preprocessor_config.json (if any) sets the image resize limits and normalisation. The export's
+The directory is one written by ``vlt.checkpoint.export.save_pretrained_vlt`` (or a Qwen2.5-VL
+checkpoint, imported as a full-attention vlt model so the teacher can be compared with its student);
+its tokenizer (Qwen's ChatML specials) builds the prompt with vlt.data's template (``<|im_start|>``
+turns, each image expanded to ``<|vision_start|><|image_pad|> x N<|vision_end|>``, video frames as
+timestamped images), and its preprocessor_config.json (if any) sets the image resize limits and
+normalisation. The export's
 ``prompt`` record (the training run's system prompt and image limits) is the default, so the model
 is prompted as it was trained; ``--system`` / ``--max-pixels`` override it.
 
@@ -126,12 +127,12 @@ def run_generate(args) -> int:
 
 def load_for_inference(ckpt_arg: str, device: str, dtype: str | None):
     """(model, tokenizer) from an export directory or a transformers Qwen2.5-VL directory."""
-    from vlt.export import load_pretrained_vlt
+    from vlt.checkpoint.export import load_pretrained_vlt
     ckpt = Path(ckpt_arg).expanduser()
     if not (ckpt / "vlt_config.json").is_file() and (ckpt / "config.json").is_file():
         # a transformers Qwen2.5-VL directory: run it as is (full attention), e.g. to compare with a student
-        from vlt.convert import import_qwen2_5_vl
-        from vlt.export import DTYPES, load_tokenizer_from
+        from vlt.checkpoint.export import DTYPES, load_tokenizer_from
+        from vlt.convert.qwen import import_qwen2_5_vl
         model = import_qwen2_5_vl(ckpt, DTYPES[dtype or "float32"]).to(device).eval()
         tok = load_tokenizer_from(ckpt, {"tokenizer": "hf"})
     else:
