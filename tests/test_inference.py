@@ -8,18 +8,10 @@ from vlt.config import VLMConfig
 from vlt.inference import InferenceEngine, generate, generate_eager
 from vlt.layers import TensorSpec, TokenMixer, list_mixers, register_mixer, state_nbytes
 from vlt.model import VLM
+from vlt.testing import TINY_IMAGE_TOKEN_ID, tiny_model
 
-IMG = 261  # tiny-hybrid's <|image_pad|> id
-MIXER_OPTS = {"swa": {"window": 6}, "swa_gdn": {"window": 6},
-              "hybrid": {"branches": [{"mixer": "swa", "window": 5}, "gdn"]}}
-
-
-def tiny(layout, mrope=False, seed=0):
-    torch.manual_seed(seed)
-    dec = {"layout": layout, "mixers": MIXER_OPTS}
-    if mrope:
-        dec.update(mrope_section=[4, 6, 6], head_dim=32)
-    return VLM(VLMConfig.from_name("tiny-hybrid", decoder=dec)).eval()
+IMG = TINY_IMAGE_TOKEN_ID  # tiny-hybrid's <|image_pad|> id
+tiny = tiny_model  # tiny(layout, mrope=False, seed=0): vlt.testing's seeded tiny-hybrid VLM, small windows
 
 
 def rel(a, b):

@@ -3,19 +3,11 @@ packing, and the errors a bad batch gets."""
 import pytest
 import torch
 
-from vlt.config import VLMConfig
 from vlt.layers import state_nbytes
-from vlt.model import VLM, shift_labels
+from vlt.model import shift_labels
+from vlt.testing import TINY_IMAGE_TOKEN_ID, tiny_model
 
-IMG = 261  # tiny-hybrid's <|image_pad|> id
-
-
-def tiny_model(layout="[swa, gdn, linear, full]", mrope=False, seed=0):
-    torch.manual_seed(seed)
-    dec = {"layout": layout, "mixers": {"swa": {"window": 6}, "swa_gdn": {"window": 6}}}
-    if mrope:
-        dec.update(mrope_section=[4, 6, 6], head_dim=32)
-    return VLM(VLMConfig.from_name("tiny-hybrid", decoder=dec)).eval()
+IMG = TINY_IMAGE_TOKEN_ID  # tiny-hybrid's <|image_pad|> id
 
 
 def batch_with_image(B=2, n_text=10):
