@@ -16,7 +16,9 @@ Every consumer decodes through it: ``vlt generate`` / ``vlt chat`` (``vlt.infere
   in length. ``full`` attention layers hold ``capacity`` tokens (prompt + new tokens).
 - Decode on CUDA: vlt's fused kernels where they apply (batch-1 GEMVs with norms / SwiGLU / residual
   fused in, the fused GDN step, the split decode attention with RoPE and the K/V write inside, PDL on
-  Hopper), the whole step captured in one CUDA graph per step size (``capture``). On CPU the same
+  Hopper), the small ops between them compiled, and the whole step captured in one CUDA graph per
+  step size (``capture``) from that size's second use (its first runs as is: a one-off size, such as
+  a question's tokens, costs no compile or capture). On CPU the same
   steps run eagerly (the kernels' torch references), so the tests exercise the engine everywhere.
 - Every index lives on the device: no host sync inside a step.
 """
