@@ -5,6 +5,7 @@
 #   tests     the engine's and kernels' GPU tests
 #   infer     vlt bench infer (hybrid, full): prefill, decode vs context, batched decode, end-to-end generate
 #   stream    vlt bench stream (hybrid): VideoStream.add_frame per frame, $FRAMES frames
+#   streamfp32  engine vs eager logits after 3 frames in fp32 (separates bf16 rounding from a bug)
 #   generate  a random InfiniteVL-4B-shaped export with the Qwen2.5-VL tower, then the whole `vlt generate`
 #             command (4K-token prompt + one 448x448 image, 256 new tokens) twice: a fresh process with cold
 #             caches, then again with the caches the first left
@@ -35,6 +36,10 @@ for part in "$@"; do
       echo "stream rc=$?"; grep -A12 "SUMMARY" "$OUT/stream.log"
       cp "$work/stream.json" "$OUT/stream_h200.json" 2>/dev/null; cp "$work/stream.png" "$OUT/stream_h200.png" 2>/dev/null
       cp "$work"/profile_stream_*.txt "$OUT/" 2>/dev/null;;
+    streamfp32)
+      timeout -k 10 ${T_STREAM:-240} python3 -m vlt.bench.stream --layouts hybrid --dtype float32 --frames 3 \
+        --eager-frames 3 --check-frames 3 --out "$work/fp32" > "$OUT/stream_fp32.log" 2>&1
+      echo "streamfp32 rc=$?"; grep -A6 "SUMMARY" "$OUT/stream_fp32.log";;
     generate)
       python3 - <<'PY' > "$OUT/generate.log" 2>&1
 import argparse, dataclasses, torch
