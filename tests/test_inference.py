@@ -272,3 +272,45 @@ def test_compiled_steps_match_eager(layout):
     assert got._compiled and not ref._compiled
     for x, y in zip(_leaves(got.export_state()["layers"]), _leaves(ref.export_state()["layers"])):
         assert rel(x, y) < 1e-5
+
+
+@register_mixer("test_growing_mean")
+class GrowingMean(TokenMixer):
+    """A mixer whose state grows per token by concatenation (as fla's nsa / moba caches do):
+    y_t = W mean(x_1..x_t). No engine step is registered for it."""
+    state_grows = True
+
+    def __init__(self, hidden_size: int, num_heads: int, layer_idx=None):
+        super().__init__()
+        self.o_proj = torch.nn.Linear(hidden_size, hidden_size)
+
+    def state_spec(self, batch_size, capacity, dtype=torch.bfloat16):
+        return {"x": TensorSpec((batch_size, capacity, self.o_proj.in_features), dtype)}
+
+    def forward(self, x, *, state=None, cu_seqlens=None, position_ids=None, use_cache=False):
+        seen = torch.cat([state["x"], x], 1) if state is not None else x
+        t = torch.arange(1, seen.shape[1] + 1, dtype=x.dtype)[None, :, None]
+        y = self.o_proj((seen.cumsum(1) / t)[:, -x.shape[1]:])
+        return y, ({"x": seen, "seen": seen.shape[1]} if use_cache else None)
+
+
+def test_a_growing_state_without_a_step_is_refused_and_vlt_generate_falls_back(tmp_path, capsys):
+    """The engine names the layers whose state grows by concatenation (its generic step holds constant
+    shapes only) before allocating anything; `vlt generate` (engine auto) then decodes eagerly and
+    says why, with the same tokens as --engine eager."""
+    import argparse
+    from vlt.checkpoint.export import save_pretrained_vlt
+    from vlt.generate_cli import add_generate_args, run_generate
+    from vlt.inference import EngineUnsupported
+    model = tiny("[swa, test_growing_mean]")
+    with pytest.raises(EngineUnsupported, match=r"layers \[1\] \(\['test_growing_mean'\]\).*--engine eager"):
+        InferenceEngine(model, capacity=64)
+    ckpt = save_pretrained_vlt(model, tmp_path / "export", tokenizer_dir="byte")
+    outs = []
+    for engine in ("auto", "eager"):
+        args = add_generate_args(argparse.ArgumentParser()).parse_args(
+            ["--ckpt", str(ckpt), "--prompt", "hello", "--max-new-tokens", "6", "--engine", engine])
+        assert run_generate(args) == 0
+        outs.append(capsys.readouterr())
+    assert "the eager path: layers [1]" in outs[0].err and "eager on cpu" in outs[0].err
+    assert outs[0].out == outs[1].out

@@ -186,7 +186,15 @@ def _run(args) -> int:
     streamer = TextStreamer(tok, eos)
     load_s = time.perf_counter() - t_load
     t0 = time.perf_counter()
-    if args.engine == "eager":
+    engine_kind = "eager" if args.engine == "eager" else "engine"
+    if args.engine == "auto":
+        from vlt.inference import EngineUnsupported, check_engine_support
+        try:
+            check_engine_support(model)
+        except EngineUnsupported as e:
+            print(f"[vlt generate] the eager path: {e}", file=sys.stderr)
+            engine_kind = "eager"
+    if engine_kind == "eager":
         from vlt.inference import generate_eager
         new, state = generate_eager(model, ids, images, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, top_p=args.top_p, eos_token_id=eos,
@@ -207,7 +215,7 @@ def _run(args) -> int:
     streamer.close()
     n = new.shape[1]
     decode_s = end - streamer.first
-    print(f"[vlt generate] {args.engine if args.engine != 'auto' else 'engine'} on {device}: load {load_s:.2f} s; "
+    print(f"[vlt generate] {engine_kind} on {device}: load {load_s:.2f} s; "
           f"prompt {ids.shape[1]} tokens ({len(images)} images), time to first token {streamer.first - t0:.3f} s; "
           f"{n} new tokens, {(n - 1) / decode_s if n > 1 and decode_s > 0 else float('nan'):.1f} tokens/s; "
           f"decode state {sum(per_layer)} bytes {per_kind}", file=sys.stderr)

@@ -32,7 +32,7 @@ from vlt.kernels import gdn_decode, pdl
 from vlt.kernels import gemv as gemv_kernel
 from vlt.layers import pack_linears
 from vlt.layers.rotary import rope_cos_sin
-from vlt.inference.steps import StepContext, head, mixer_out, step_for, tensors
+from vlt.inference.steps import GenericStep, StepContext, head, mixer_out, step_for, tensors
 
 
 class InferenceEngine:
@@ -45,6 +45,7 @@ class InferenceEngine:
         ``pack``: stack the projections that read one input into one GEMM (None: with ``fused``;
         parameters keep names and shapes, so LoRA targets and state dicts are unaffected)."""
         p = next(model.parameters())
+        check_engine_support(model)
         self.model, self.device, self.dtype = model.eval(), p.device, p.dtype
         cuda = self.device.type == "cuda"
         self.batch_size, self.capacity = batch_size, capacity
@@ -274,6 +275,25 @@ class InferenceEngine:
             out = fn()
         self.restore(snap)
         self._graphs[key] = (g.replay, out)
+
+
+class EngineUnsupported(ValueError):
+    """The model has a layer the engine cannot decode (``vlt generate --engine auto`` then runs eager)."""
+
+
+def check_engine_support(model):
+    """A mixer whose state grows per token (a KV cache extended by concatenation: fla's nsa, moba) needs
+    a step of its own: the generic step writes each new state into the preallocated shapes, which
+    only fit states of constant shape. Raised before anything is allocated or packed."""
+    bad = [(i, b.mixer_name)
+           for i, b in enumerate(model.layers)
+           if getattr(b.mixer, "state_grows", False) and isinstance(step_for(b.mixer), GenericStep)]
+    if bad:
+        raise EngineUnsupported(
+            f"layers {[i for i, _ in bad]} ({sorted({n for _, n in bad})}) keep a state that grows per token and "
+            "have no engine step (vlt.inference.register_step); the engine's generic step holds states of "
+            "constant shape only. Decode them with the eager path (vlt generate --engine eager; in Python "
+            "vlt.inference.generate_eager) or register a step for the mixer")
 
 
 def _seen(tree) -> int:
