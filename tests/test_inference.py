@@ -261,7 +261,7 @@ def test_compiled_steps_match_eager(layout):
     ref, got = InferenceEngine(model, capacity=64), InferenceEngine(model, capacity=64, compile="eager")
     for eng in (ref, got):
         eng.prefill(torch.arange(5, 14))
-    for i in range(5):          # sizes of T > 1 (a new one recompiles with T dynamic) and decode
+    for i in range(5):          # sizes of T > 1 (each compiles on its second use) and decode
         T = (3, 4, 3, 4, 6)[i]
         x = model.embed_tokens(torch.randint(0, 200, (1, T)))
         pos = text_positions(torch.zeros(1, T, dtype=torch.long), None, ref.next_pos[:1])
