@@ -6,8 +6,8 @@ answers these with GEMM tiles of width 8 and, for long rows, split-K plus a sepa
 kernel, well below the copy bandwidth on the smaller matrices (``vlt bench decode-kernels``;
 figures in benchmarks/README.md). This kernel gives each program BN whole rows, streams them in
 [BN, BK] tiles with fp32 accumulation and writes BN outputs: no split-K and no second kernel. Tile
-sizes come from a measured table or one default tile (Tiles, below). Around the product it applies what a pre-norm decoder block does
-next to it, so those ops need no kernels of their own:
+sizes come from a measured table or one default tile (Tiles, below). Around the product it applies
+what a pre-norm decoder block does next to it, so those ops need no kernels of their own:
 
 - prologue ``rmsnorm``: y = W rmsnorm(x) (each program recomputes the row's statistics: K values
   from L2, negligible next to its share of the weight);
