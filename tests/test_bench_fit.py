@@ -26,6 +26,18 @@ def test_bench_fit_tiny_runs_every_stage(tmp_path, monkeypatch):
     assert rows["stage3_long_lora"]["length"] == 512
 
 
+def test_summary_leaves_out_the_warm_up_and_the_profiled_step():
+    from vlt.bench.fit import summarise
+    steps = [{"perf/tokens_per_s": t, "perf/first_step_s": 9.0} for t in (1.0, 10.0, 12.0, 11.0, 3.0)]
+    plain = summarise("stage2_sft", {"steps": steps, "flops_parts": {}}, wall=1.0)
+    profiled = summarise("stage2_sft", {"steps": steps, "flops_parts": {}, "profile": {"kernels_per_call": 5}}, 1.0)
+    assert plain["tokens_per_s"] == 10.5 and "profile" not in plain          # median of 10, 12, 11, 3
+    assert profiled["tokens_per_s"] == 11.0 and profiled["profile"]["kernels_per_call"] == 5
+    fast_tail = [dict(s, **{"perf/tokens_per_s": t}) for s, t in zip(steps, (1.0, 10.0, 12.0, 11.0, 99.0))]
+    assert summarise("s", {"steps": fast_tail, "flops_parts": {}, "profile": {"x": 1}}, 1.0)["tokens_per_s"] == 11.0
+    assert summarise("s", {"steps": fast_tail, "flops_parts": {}}, 1.0)["tokens_per_s"] == 11.5
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["ce", "kl"])

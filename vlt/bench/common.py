@@ -196,13 +196,23 @@ def kernel_profile(fn, path: str, reps: int = 1, rows: int = 30) -> dict:
     total device time to ``path`` (a text table); returns a summary (kernel launches and device ms per
     call, the top kernels' share) for the JSON. Where a goal is missed this says where the time goes."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with cuda_profiler() as prof:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
+    return write_kernel_table(prof, path, reps, rows)
+
+
+def cuda_profiler():
+    from torch.profiler import ProfilerActivity, profile
+    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+
+def write_kernel_table(prof, path: str, reps: int = 1, rows: int = 30) -> dict:
+    """The kernels of a finished ``cuda_profiler()`` sorted by device time, as ``kernel_profile`` writes them."""
+    import torch
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     total_us = sum(e.time_range.elapsed_us() for e in events)
     by_name = {}

@@ -58,16 +58,21 @@ def add_bench_fit_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=None, help="loader workers (default: the recipe's)")
     p.add_argument("--no-retry", action="store_true", help="no second attempt with every block checkpointed")
     p.add_argument("--out", default="bench_out")
+    p.add_argument("--profile", action="store_true", help="kernel profile of the last optimizer step per stage "
+                   "(left out of the medians): profile_fit_<stage>.txt in --out, its summary in the JSON")
     p.add_argument("--set", action="append", default=[], metavar="ARG",
                    help="extra `vlt fit` argument for every stage, e.g. --set=--model.init_args.loss_impl=torch")
     return p
 
 
 class FitRecorder(L.Callback):
-    """Collects what the module logs each step (perf/*) and the last step's FLOPs per part."""
+    """Collects what the module logs each step (perf/*) and the last step's FLOPs per part; with
+    ``profile_file``, a kernel profile of the last step (forward, backward, optimizer), which the
+    throughput medians then leave out (the profiler's own overhead)."""
 
-    def __init__(self, out_file: str):
+    def __init__(self, out_file: str, profile_file: str | None = None):
         self.out_file, self.steps, self._last = out_file, [], None
+        self.profile_file, self._prof, self.profile = profile_file, None, None
 
     def _take(self, trainer):
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("perf/", "train/loss"))}
@@ -77,14 +82,26 @@ class FitRecorder(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx:
             self._take(trainer)
+        if self.profile_file and batch_idx == trainer.max_steps - 1 and pl_module.device.type == "cuda":
+            import torch
+            from vlt.bench.common import cuda_profiler
+            torch.cuda.synchronize()
+            self._prof = cuda_profiler().__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._last = batch
+        if self._prof is not None:
+            import torch
+            from vlt.bench.common import write_kernel_table
+            torch.cuda.synchronize()
+            self._prof.__exit__(None, None, None)
+            self.profile, self._prof = write_kernel_table(self._prof, self.profile_file, rows=40), None
 
     def on_train_end(self, trainer, pl_module):
         self._take(trainer)
         parts = pl_module.count_step_flops(self._last).as_dict() if self._last is not None else {}
-        Path(self.out_file).write_text(json.dumps({"steps": self.steps, "flops_parts": parts}))
+        Path(self.out_file).write_text(json.dumps({"steps": self.steps, "flops_parts": parts,
+                                                   "profile": self.profile}))
         self._last = None
 
 
@@ -124,6 +141,8 @@ def stage_args(stage: str, args, tmp: Path) -> list[str]:
              f"--trainer.logger.init_args.save_dir={tmp}",
              "--checkpoint.save_last=false", "--checkpoint.save_top_k=0", "--checkpoint.every_n_train_steps=0",
              "--trainer.callbacks+=vlt.bench.fit.FitRecorder", f"--trainer.callbacks.out_file={tmp}/rec.json"]
+    if args.profile:
+        argv.append(f"--trainer.callbacks.profile_file={Path(args.out).resolve()}/profile_fit_{stage}.txt")
     if args.num_workers is not None:
         argv.append(f"--data.init_args.num_workers={args.num_workers}")
     if args.tiny:
@@ -159,12 +178,16 @@ def summarise(stage, rec, wall) -> dict:
 
     def series(key):
         return [s[key] for s in steps if key in s]
+    cut = -1 if rec.get("profile") else None  # the profiled last step runs under the profiler's overhead
+
+    def timed_steps(vals):  # the first step compiles kernels for new shapes; leave it out when others exist
+        vals = vals[:cut] if len(vals) >= 3 else vals
+        return vals[1:] if len(vals) >= 3 else vals
     tps = series("perf/tokens_per_s")
-    timed = tps[1:] if len(tps) >= 3 else tps  # the second step can still compile kernels for new shapes
+    timed = timed_steps(tps)
 
     def med(key):
-        vals = series(key)
-        vals = vals[1:] if len(vals) >= 3 else vals
+        vals = timed_steps(series(key))
         return round(statistics.median(vals), 4) if vals else None
     parts = rec.get("flops_parts", {})
     total = sum(v["fwd"] + v["bwd"] for v in parts.values())
@@ -178,7 +201,8 @@ def summarise(stage, rec, wall) -> dict:
                 first_step_s=round(first[0], 2) if first else None,
                 first_step_since_build_s=round(built[0], 2) if built else None,
                 step_tflop=round(total / 1e12, 4), vision_share_of_flops=round(vision / total, 4) if total else None,
-                flops_parts=parts, wall_s=round(wall, 1), loss=series("train/loss")[-1:] or None)
+                flops_parts=parts, wall_s=round(wall, 1), loss=series("train/loss")[-1:] or None,
+                **({"profile": rec["profile"]} if rec.get("profile") else {}))
 
 
 def run_bench_fit(args) -> int:

@@ -174,7 +174,9 @@ class InferenceEngine:
     # -- the step ---------------------------------------------------------------------------------------
     def _jit(self, fn):
         if fn not in self._compiled:
-            self._compiled[fn] = torch.compile(fn, backend=self.compile, dynamic=False)
+            # dynamic=None: a new step size first recompiles with that size as a symbol, so later sizes
+            # (a stream's timestamps growing a digit, questions of any length) reuse that compile
+            self._compiled[fn] = torch.compile(fn, backend=self.compile, dynamic=None)
         return self._compiled[fn]
 
     def _context(self, T: int, pos) -> StepContext:
