@@ -174,9 +174,7 @@ class InferenceEngine:
     # -- the step ---------------------------------------------------------------------------------------
     def _jit(self, fn):
         if fn not in self._compiled:
-            # dynamic=None: a new step size first recompiles with that size as a symbol, so later sizes
-            # (a stream's timestamps growing a digit, questions of any length) reuse that compile
-            self._compiled[fn] = torch.compile(fn, backend=self.compile, dynamic=None)
+            self._compiled[fn] = torch.compile(fn, backend=self.compile, dynamic=False)
         return self._compiled[fn]
 
     def _context(self, T: int, pos) -> StepContext:

@@ -338,9 +338,6 @@ def attend_tokens(m, cache, x, norm, tok, cos, sin):
     return y
 
 
-# Outside compiled graphs: eager SDPA takes cuDNN's kernel for this boolean mask, Inductor the sm80
-# memory-efficient one, 1.8x slower (the H200 stream profile, 9 SWA layers over an 8K ring).
-@torch.compiler.disable
 def gqa_sdpa(q, k, v, mask):
     """q [B, T, Hq, D], k/v [B, L, Hkv, D] (any strides), mask [B, T, L] bool -> [B, T, Hq, D].
     The G = Hq / Hkv query heads of a KV head become G*T query rows of one head, so SDPA runs GQA

@@ -91,7 +91,8 @@ class VLTModule(L.LightningModule):
                 its name, vlt.training.flops.DENSE_BF16_PEAK; none on the CPU).
             max_nonfinite_skips: a step with a non-finite loss or gradient norm is skipped (weights and
                 optimizer state untouched, counted as ``train/skipped_nonfinite``); this many in a row stop the run.
-            fused_adamw: AdamW's fused kernel (default: on when the parameters are on CUDA).
+            fused_adamw: AdamW's fused kernel (default: on when the parameters are on CUDA, except under
+                16-mixed, whose GradScaler would have to unscale inside the fused step, after clipping).
             loss_impl: the fused LM-head losses: ``auto`` (Liger-Kernel on CUDA when installed, else
                 vlt's chunked torch path), ``torch`` or ``liger`` (vlt.training.losses).
         """
@@ -246,10 +247,29 @@ class VLTModule(L.LightningModule):
     def on_validation_end(self):
         self._t0 = None  # nor is a validation pass
 
+    def _grad_scaler(self):
+        trainer = self._trainer  # None outside a Trainer
+        return getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Lightning's mixed-precision plugin refuses to clip for any optimizer that unscales gradients
+        # itself (fused AdamW), also under bf16-mixed where there is no GradScaler and nothing to
+        # unscale. Without a scaler the gradients are the true ones: clip them here, as Lightning's base
+        # precision plugin would. With a scaler (16-mixed), or another plugin (FSDP's), Lightning's own path stands.
+        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+        from lightning.pytorch.utilities import GradClipAlgorithmType
+        plugin = self.trainer.precision_plugin
+        if ((gradient_clip_val or 0) > 0 and type(plugin) is MixedPrecision and plugin.scaler is None
+                and getattr(optimizer, "_step_supports_amp_scaling", False)):
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val,
+                                     GradClipAlgorithmType(gradient_clip_algorithm or "norm"))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def on_before_optimizer_step(self, optimizer):
         # a non-finite loss or gradient (on any rank) clears the gradients: the optimizer skips this step
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # 16-mixed handles overflow itself
+        scaler = self._grad_scaler()  # 16-mixed handles overflow itself
         _, norm = self._nonfinite.check(params, self.global_step, grad_scaler=scaler is not None)
         if norm is not None:
             self.log("train/grad_norm", norm)
@@ -284,8 +304,13 @@ class VLTModule(L.LightningModule):
             (no_decay if exempt else decay).append(p)
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         params = [p for g in groups for p in g["params"]]
-        fused = hp.fused_adamw if hp.fused_adamw is not None else bool(params) and all(
+        scaled = self._grad_scaler() is not None
+        fused = hp.fused_adamw if hp.fused_adamw is not None else bool(params) and not scaled and all(
             p.device.type == "cuda" for p in params)  # one kernel for all tensors instead of a loop of ops
+        if fused and scaled and (self.trainer.gradient_clip_val or 0) > 0:
+            raise ValueError("model.fused_adamw=true with precision 16-mixed and trainer.gradient_clip_val > 0: the "
+                             "fused step unscales the gradients itself, after clipping would have run on scaled "
+                             "ones; use precision bf16-mixed, fused_adamw false, or gradient_clip_val 0")
         opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=tuple(hp.betas), fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm, floor = hp.warmup_steps, hp.min_lr_ratio
