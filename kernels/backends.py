@@ -84,4 +84,7 @@ def resolve_backend(op: str, backend: str, device: torch.device | str) -> str:
     if key not in _logged and not torch.compiler.is_compiling():
         _logged.add(key)
         log.info("vlt.kernels: %s uses backend %r on %s", op, chosen, device.type)
+        if chosen == "fla":  # before fla's first launch: its autotune picks from vlt's table for this GPU
+            from vlt.kernels.fla_tables import use_shipped_tables
+            use_shipped_tables(device)
     return chosen

@@ -40,6 +40,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from vlt.kernels.fla_tables import use_shipped_tables
 from vlt.layers.base import TensorSpec, TokenMixer, check_positive_int
 
 #: short name -> fla.layers class name. What each carries in vlt's state is in ``_SPECS``.
@@ -159,6 +160,7 @@ class FlaMixer(TokenMixer):
     @torch.compiler.disable
     def fla_forward(self, x, state, cu_seqlens, use_cache):
         """fla's own forward, the state converted to fla's layer cache and back."""
+        use_shipped_tables(x.device)  # once per process: fla's autotuners read vlt's table for this GPU
         seen = 0 if state is None else state["seen"]
         if self.kind == "moba" and state is not None:
             import fla.layers.moba as fla_moba

@@ -17,6 +17,9 @@ work=/tmp/enginework; mkdir -p "$work"; cd "$work"   # outside the checkout: see
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" \
   | tee -a "$OUT/machine.txt"
 export TRITON_CACHE_AUTOTUNING=1
+# each process that exits normally merges its fla autotune picks into $OUT/fla_configs (fla's format): commit them
+# as kernels/fla_configs/<GPU>/ and a fresh machine skips those timings (vlt.kernels.fla_tables)
+export VLT_DUMP_FLA_CONFIGS=${VLT_DUMP_FLA_CONFIGS:-$OUT/fla_configs}
 for part in "$@"; do
   echo "=== $part $(date +%T)"
   case $part in

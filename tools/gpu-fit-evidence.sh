@@ -20,9 +20,12 @@ work=/tmp/fitbench; mkdir -p "$work"
 cd "$work"
 python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" \
   | tee "$OUT/machine.txt"
-python3 -c "import liger_kernel; print('liger-kernel', liger_kernel.__version__)" >> "$OUT/machine.txt" 2>/dev/null \
+python3 -c "from importlib.metadata import version; import liger_kernel; print('liger-kernel', version('liger-kernel'))" >> "$OUT/machine.txt" 2>/dev/null \
   || echo "liger-kernel: not installed (the fused losses run vlt's torch path)" >> "$OUT/machine.txt"
 export TRITON_CACHE_AUTOTUNING=1
+# each process that exits normally merges its fla autotune picks into $OUT/fla_configs (fla's format): commit them
+# as kernels/fla_configs/<GPU>/ and a fresh machine skips those timings (vlt.kernels.fla_tables)
+export VLT_DUMP_FLA_CONFIGS=${VLT_DUMP_FLA_CONFIGS:-$OUT/fla_configs}
 extra=()
 if [ "${T_TESTS:-120}" != 0 ]; then
   echo "=== gpu tests $(date +%T)"
