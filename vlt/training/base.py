@@ -252,13 +252,20 @@ class VLTModule(L.LightningModule):
         return getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        # Lightning's mixed-precision plugin refuses to clip for any optimizer that unscales gradients
-        # itself (fused AdamW), also under bf16-mixed where there is no GradScaler and nothing to
-        # unscale. Without a scaler the gradients are the true ones: clip them here, as Lightning's base
-        # precision plugin would. With a scaler (16-mixed), or another plugin (FSDP's), Lightning's own path stands.
-        from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+        # Two cases Lightning's own clipping refuses, both hit by the shipped recipes (gradient_clip_val 1.0):
+        # - FSDP: clipping by norm needs the norm over every rank's shards, which only the root FSDP
+        #   module computes; Lightning's FSDP precision plugin raises instead (Lightning issue #19235).
+        # - fused AdamW (vlt's default on CUDA): the mixed-precision plugin refuses any optimizer that
+        #   unscales gradients itself, also under bf16-mixed where there is no GradScaler and nothing to
+        #   unscale. Without a scaler the gradients are the true ones: clip them as the base plugin would.
+        # Otherwise (16-mixed with its scaler, fp32, value clipping) Lightning's own path stands.
+        from lightning.pytorch.plugins.precision import FSDPPrecision, MixedPrecision, Precision
         from lightning.pytorch.utilities import GradClipAlgorithmType
         plugin = self.trainer.precision_plugin
+        by_norm = GradClipAlgorithmType(gradient_clip_algorithm or "norm") == GradClipAlgorithmType.NORM
+        if (gradient_clip_val or 0) > 0 and by_norm and isinstance(plugin, FSDPPrecision):
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
         if ((gradient_clip_val or 0) > 0 and type(plugin) is MixedPrecision and plugin.scaler is None
                 and getattr(optimizer, "_step_supports_amp_scaling", False)):
             Precision.clip_gradients(plugin, optimizer, gradient_clip_val,

@@ -1,7 +1,9 @@
-"""Fused AdamW (the default on CUDA) with the recipes' gradient clipping. Lightning's mixed-precision
-plugin refuses to clip for an optimizer that unscales gradients itself, also under bf16-mixed where
-nothing is scaled, so every shipped recipe failed at its first step on a GPU (found on the H200).
-vlt clips itself when there is no GradScaler; these run the fused kernel on the CPU."""
+"""The recipes' gradient clipping (gradient_clip_val 1.0) where Lightning's own clipping refuses:
+- fused AdamW (the default on CUDA): Lightning's mixed-precision plugin refuses to clip for an
+  optimizer that unscales gradients itself, also under bf16-mixed where nothing is scaled, so every
+  shipped recipe failed at its first step on a GPU (found on the H200). vlt clips itself when there
+  is no GradScaler; these run the fused kernel on the CPU.
+- FSDP (the README's multi-GPU command): clipping by norm goes through the root FSDP module."""
 import copy
 
 import lightning as L
@@ -62,3 +64,30 @@ def test_fused_adamw_with_a_grad_scaler_and_clipping_is_a_clear_error(batches):
         trained(batches, plugins=scaled, fused_adamw=True)
     trainer, _ = trained(batches, plugins=scaled, gradient_clip_val=0)  # no clipping: the default stays unfused
     assert not trainer.optimizers[0].defaults["fused"]
+
+
+def test_under_fsdp_the_norm_is_clipped_by_the_root_fsdp_module(batches, monkeypatch):
+    """Lightning's FSDP precision plugin refuses norm clipping (Lightning issue #19235) and
+    torch.nn.utils.clip_grad_norm_ would see one rank's shards only: the root FSDP module's
+    clip_grad_norm_ takes the norm over all of them. Lightning runs FSDP on GPUs only, so the
+    dispatch is checked with a stand-in trainer; value clipping stays with Lightning."""
+    import types
+
+    from lightning.pytorch.plugins.precision import FSDPPrecision
+    _, tokens = batches
+    module = InstructionTuning(model_name="tiny-hybrid", model=TINY, tokens=tokens)
+    calls = []
+    root = types.SimpleNamespace(clip_grad_norm_=lambda v: calls.append(v))
+    plugin = FSDPPrecision("bf16-mixed")
+    trainer = types.SimpleNamespace(precision_plugin=plugin, strategy=types.SimpleNamespace(model=root),
+                                    gradient_clip_val=None, gradient_clip_algorithm=None)
+    monkeypatch.setattr(module, "_trainer", trainer)
+    opt = torch.optim.AdamW(module.parameters())
+    module.configure_gradient_clipping(opt, 1.0, "norm")
+    module.configure_gradient_clipping(opt, 1.0, None)     # the Trainer's default algorithm is norm
+    module.configure_gradient_clipping(opt, 0.0, "norm")   # no clipping asked
+    assert calls == [1.0, 1.0]
+    p = next(module.parameters())
+    p.grad = torch.full_like(p, 5.0)
+    module.configure_gradient_clipping(opt, 0.5, "value")  # local: Lightning's plugin clamps each grad
+    assert calls == [1.0, 1.0] and p.grad.abs().max().item() <= 0.5
