@@ -76,3 +76,12 @@ def test_torch_path_bf16_autocast_close_to_fp32_cuda():
     torch.testing.assert_close(loss, ref, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(gh, rh, rtol=5e-2, atol=1e-4)
     torch.testing.assert_close(gw, rw, rtol=5e-2, atol=1e-4)
+
+
+def test_first_step_trace_prints_each_phase_in_order(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["bench", "fit", "--tiny", "--stages", "stage2_sft", "--trace-first-step", "30", "--out", str(tmp_path)])
+    phases = [line.split(" at ")[0][len("FIT-PHASE "):] for line in capsys.readouterr().out.splitlines()
+              if line.startswith("FIT-PHASE ")]
+    assert rc == 0 and phases == ["fit start (model built)", "train start (model on device)", "first batch loaded",
+                                  "forward done", "backward done", "first optimizer step done"]

@@ -8,7 +8,7 @@
 # Writes to $OUT: fit.json + fit.png (every stage that ran), fit_<stage>.log, gpu_tests_fit.log, machine.txt.
 # Variables: STEPS (per 8K stage, default 4), LONG_STEPS (stage 3, default 3), STAGES, T_STAGE (s, default 240; stage 3
 # gets T_LONG, default T_STAGE + 25), T_TESTS (s, default 120; 0 skips the tests), FIT_ARGS
-# (e.g. --profile). A cold H200 spends minutes of the first
+# (e.g. --profile), TRACE_S (s between stack dumps until the first step is done, default 60; phases in the log). A cold H200 spends minutes of the first
 # stage in Triton compiles and fla autotuning; TRITON_CACHE_AUTOTUNING keeps the timings for the later processes.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -42,9 +42,10 @@ for stage in ${STAGES:-stage1_layer stage1_kl stage2_sft stage3_long_lora}; do
   if [ "$stage" = stage3_long_lora ]; then steps=${LONG_STEPS:-3}; limit=${T_LONG:-$((limit + 25))}; fi
   echo "=== $stage $(date +%T) (steps $steps, limit ${limit}s)"
   # Lightning traps SIGTERM, so -k: a stage past its limit is killed and the next one still runs
-  timeout -k 10 "$limit" python3 -m vlt.bench.fit --stages "$stage" --steps "$steps" --out "$work" ${FIT_ARGS:-} "${extra[@]}" \
+  timeout -k 10 "$limit" python3 -m vlt.bench.fit --stages "$stage" --steps "$steps" --out "$work" \
+    --trace-first-step "${TRACE_S:-60}" ${FIT_ARGS:-} "${extra[@]}" \
     > "$OUT/fit_$stage.log" 2>&1
-  echo "$stage rc=$?"; grep -E "^FIT " "$OUT/fit_$stage.log" | tail -2 | cut -c1-400
+  echo "$stage rc=$?"; grep -E "^FIT-PHASE " "$OUT/fit_$stage.log"; grep -E "^FIT " "$OUT/fit_$stage.log" | tail -2 | cut -c1-400
   cp "$work/fit.json" "$OUT/fit.json" 2>/dev/null; cp "$work"/profile_fit_*.txt "$OUT/" 2>/dev/null
 done
 python3 - "$work" <<'PY' || true

@@ -60,6 +60,9 @@ def add_bench_fit_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench_out")
     p.add_argument("--profile", action="store_true", help="kernel profile of the last optimizer step per stage "
                    "(left out of the medians): profile_fit_<stage>.txt in --out, its summary in the JSON")
+    p.add_argument("--trace-first-step", type=float, default=0, metavar="S",
+                   help="until the first optimizer step ends: print each phase's time (data, forward, backward, "
+                   "step) and every S seconds the Python stacks (what a cold start compiles or autotunes)")
     p.add_argument("--set", action="append", default=[], metavar="ARG",
                    help="extra `vlt fit` argument for every stage, e.g. --set=--model.init_args.loss_impl=torch")
     return p
@@ -70,9 +73,37 @@ class FitRecorder(L.Callback):
     ``profile_file``, a kernel profile of the last step (forward, backward, optimizer), which the
     throughput medians then leave out (the profiler's own overhead)."""
 
-    def __init__(self, out_file: str, profile_file: str | None = None):
+    def __init__(self, out_file: str, profile_file: str | None = None, trace_first_step: float = 0):
         self.out_file, self.steps, self._last = out_file, [], None
         self.profile_file, self._prof, self.profile = profile_file, None, None
+        self.trace, self._t0, self._first_done = trace_first_step, time.perf_counter(), False
+
+    # -- where a cold first step goes: printed as it happens, so a run stopped by a time limit still says
+    def _phase(self, name):
+        if self.trace and not self._first_done:
+            print(f"FIT-PHASE {name} at {time.perf_counter() - self._t0:.1f}s", flush=True)
+
+    def on_fit_start(self, trainer, pl_module):
+        self._phase("fit start (model built)")
+
+    def on_train_start(self, trainer, pl_module):
+        if self.trace:
+            import faulthandler
+            faulthandler.dump_traceback_later(self.trace, repeat=True, file=sys.__stderr__)
+        self._phase("train start (model on device)")
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self._phase("forward done")
+
+    def on_after_backward(self, trainer, pl_module):
+        self._phase("backward done")
+
+    def _first_step_done(self):
+        self._phase("first optimizer step done")
+        if self.trace and not self._first_done:
+            import faulthandler
+            faulthandler.cancel_dump_traceback_later()
+        self._first_done = True
 
     def _take(self, trainer):
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("perf/", "train/loss"))}
@@ -82,6 +113,8 @@ class FitRecorder(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx:
             self._take(trainer)
+        else:
+            self._phase("first batch loaded")
         if self.profile_file and batch_idx == trainer.max_steps - 1 and pl_module.device.type == "cuda":
             import torch
             from vlt.bench.common import cuda_profiler
@@ -90,6 +123,8 @@ class FitRecorder(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._last = batch
+        if not self._first_done:
+            self._first_step_done()
         if self._prof is not None:
             import torch
             from vlt.bench.common import write_kernel_table
@@ -143,6 +178,8 @@ def stage_args(stage: str, args, tmp: Path) -> list[str]:
              "--trainer.callbacks+=vlt.bench.fit.FitRecorder", f"--trainer.callbacks.out_file={tmp}/rec.json"]
     if args.profile:
         argv.append(f"--trainer.callbacks.profile_file={Path(args.out).resolve()}/profile_fit_{stage}.txt")
+    if args.trace_first_step:
+        argv.append(f"--trainer.callbacks.trace_first_step={args.trace_first_step}")
     if args.num_workers is not None:
         argv.append(f"--data.init_args.num_workers={args.num_workers}")
     if args.tiny:
