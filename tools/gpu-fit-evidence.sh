@@ -5,11 +5,13 @@
 # torch path): when Liger fails there, every stage runs with loss_impl=torch and machine.txt says so.
 # On the GPU machine, from the repo root:
 #   bash .whl/install.sh && export PYTHONPATH=/tmp/site; source tools/devpath.sh; bash tools/gpu-fit-evidence.sh
-# Writes to $OUT: fit.json + fit.png (every stage that ran), fit_<stage>.log, gpu_tests_fit.log, machine.txt.
-# Variables: STEPS (per 8K stage, default 4), LONG_STEPS (stage 3, default 3), STAGES, T_STAGE (s, default 240; stage 3
-# gets T_LONG, default T_STAGE + 25), T_TESTS (s, default 120; 0 skips the tests), FIT_ARGS
-# (e.g. --profile), TRACE_S (s between stack dumps until the first step is done, default 60; phases in the log). A cold H200 spends minutes of the first
-# stage in Triton compiles and fla autotuning; TRITON_CACHE_AUTOTUNING keeps the timings for the later processes.
+# Writes to $OUT: fit.json + fit.png (every stage that ran), fit_<stage>.log, gpu_tests_fit.log, machine.txt,
+# fla_configs/ (fla's autotune picks, see vlt.kernels.fla_tables).
+# Variables: STEPS (per 8K stage, default 4), LONG_STEPS (stage 3, default 3), STAGES, T_STAGE (s, default 240),
+# T_LONG (stage 3, default T_STAGE + 25), T_TESTS (s, default 120; 0 skips the tests), FIT_ARGS (e.g. --profile),
+# TRACE_S (s between Python stack dumps until the first step is done, default 60; its phases are in the log).
+# On a fresh H200 a 4B stage had no first step after 230-290 s (2026-12-01): Triton compiles and fla's autotuning.
+# TRITON_CACHE_AUTOTUNING keeps the timings for the later processes on the same machine.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 repo=$(pwd)
