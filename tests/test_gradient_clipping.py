@@ -10,21 +10,15 @@ import lightning as L
 import pytest
 import torch
 
-from vlt.cli import token_info
-from vlt.data.datamodule import VLTDataModule
-from vlt.data.shards import write_synthetic
 from vlt.training import InstructionTuning
 
 TINY = {"decoder": {"hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "num_kv_heads": 2}}
 
 
 @pytest.fixture(scope="module")
-def batches(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fa") / "color"
-    write_synthetic(str(d), "color", 16, seed=0, image_size=28)
-    dm = VLTDataModule(train_shards=str(d), max_length=96, batch_size=2, num_workers=0)
-    dm.setup("fit")
-    return [b for _, b in zip(range(3), dm.train_dataloader())], token_info(dm)
+def batches(color_batches):
+    data, tokens = color_batches
+    return data[:3], tokens
 
 
 def trained(batches, precision="bf16-mixed", plugins=None, **kw):

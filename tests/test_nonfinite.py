@@ -15,9 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from vlt.checkpoint import AtomicCheckpointIO
-from vlt.cli import main, token_info
-from vlt.data.datamodule import VLTDataModule
-from vlt.data.shards import write_synthetic
+from vlt.cli import main
 from vlt.training import InstructionTuning
 from vlt.training.nonfinite import NonFiniteGuard, NonFiniteLossError, _any_rank
 
@@ -26,17 +24,8 @@ TINY = {"decoder": {"hidden_size": 32, "intermediate_size": 64, "num_heads": 4, 
 
 
 @pytest.fixture(scope="module")
-def batches(tmp_path_factory):
-    d = tmp_path_factory.mktemp("nf") / "color"
-    write_synthetic(str(d), "color", 48, seed=0, image_size=28)
-    dm = VLTDataModule(train_shards=str(d), max_length=96, batch_size=2, num_workers=0)
-    dm.setup("fit")
-    out = []
-    for b in dm.train_dataloader():
-        out.append(b)
-        if len(out) == 6:
-            break
-    return out, token_info(dm)
+def batches(color_batches):
+    return color_batches
 
 
 def poisoned(batch):
