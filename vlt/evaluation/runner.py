@@ -6,7 +6,9 @@
 Each sample's prompt is built with the training template (``build_prompt_ids``, the export's
 system prompt and image limits), ``batch_size`` prompts at a time go through one
 ``InferenceEngine`` (built once, with room for the longest prompt plus ``max_new_tokens``), and
-decoding is greedy, so a prediction is exactly what ``vlt generate`` prints for that prompt.
+decoding is greedy, so a prediction is exactly what ``vlt generate`` prints for that prompt. A model
+the engine cannot hold (a layer whose state grows per token without an engine step: fla's nsa, moba)
+is decoded by the eager loop instead, one sample at a time, with a warning saying so.
 
 Per sample the result records the prompt length (its length bucket) and, where the sample says
 where its evidence is (a ``needle`` video's ``needle_frame``, a still's ``evidence_image``, or
@@ -15,6 +17,7 @@ the prompt and that distance over the model's smallest SWA window: past 1x, a wi
 """
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from collections import defaultdict
@@ -25,6 +28,8 @@ import torch
 from vlt.data.tokenizer import build_prompt_ids
 from vlt.evaluation.samples import RawSample, Skips
 from vlt.evaluation.scoring import distance_bucket, exact_match, length_bucket, mean, metric_for, score
+
+log = logging.getLogger("vlt")
 
 
 @dataclass
@@ -139,7 +144,7 @@ def evaluate(model, tok, samples, *, image_processor, system=None, batch_size: i
     ``samples`` fills (rows it dropped), added to by this function."""
     from tqdm import tqdm
 
-    from vlt.inference import InferenceEngine, generate
+    from vlt.inference import EngineUnsupported, InferenceEngine, check_engine_support
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"--batch-size and --max-new-tokens must be >= 1 (got {batch_size}, {max_new_tokens})")
     skips = skips if skips is not None else Skips()
@@ -157,14 +162,21 @@ def evaluate(model, tok, samples, *, image_processor, system=None, batch_size: i
                          f"{f'; --tasks {sorted(tasks)}' if tasks else ''}); check --data, --images and --tasks")
     p0 = next(model.parameters())
     capacity = max(len(p.ids) for p in prepared) + max_new_tokens
-    engine = InferenceEngine(model, batch_size=min(batch_size, len(prepared)), capacity=capacity,
-                             **(engine_kwargs or {}))
+    try:
+        check_engine_support(model)
+        engine = InferenceEngine(model, batch_size=min(batch_size, len(prepared)), capacity=capacity,
+                                 **(engine_kwargs or {}))
+        batch_size = engine.batch_size
+    except EngineUnsupported as e:  # a layer whose state grows per token (fla's nsa, moba): the eager loop
+        engine, batch_size = None, 1
+        log.warning("vlt eval: %s. Decoding with the eager path instead, one sample at a time (same greedy "
+                    "answers, slower)", e)
     stop = {tok.eos_id, tok.pad_id}
     results = []
     bar = tqdm(total=len(prepared), desc="eval", unit="sample", disable=not progress, file=sys.stderr)
-    for start in range(0, len(prepared), engine.batch_size):
+    for start in range(0, len(prepared), batch_size):
         batch, prompts = [], []
-        for p in prepared[start:start + engine.batch_size]:
+        for p in prepared[start:start + batch_size]:
             try:
                 media = media_inputs(p, image_processor, p0.device, p0.dtype)
             except Exception as e:  # a file that passed its header check but does not decode
@@ -173,13 +185,22 @@ def evaluate(model, tok, samples, *, image_processor, system=None, batch_size: i
             batch.append(p)
             prompts.append((torch.tensor(p.ids, dtype=torch.long), media))
         if prompts:
-            new = generate(engine, prompts, max_new_tokens=max_new_tokens, eos_token_id=sorted(stop)).cpu()
-            for p, row in zip(batch, new.tolist()):
+            for p, row in zip(batch, _generate_rows(engine, model, prompts, max_new_tokens, sorted(stop))):
                 cut = next((i for i, t in enumerate(row) if t in stop), len(row))
                 results.append(_result(p, tok.decode(row[:cut]).strip(), row[:cut], metric))
-        bar.update(len(prepared[start:start + engine.batch_size]))
+        bar.update(len(prepared[start:start + batch_size]))
     bar.close()
     return results, skips
+
+
+def _generate_rows(engine, model, prompts, max_new_tokens: int, stop: list[int]) -> list[list[int]]:
+    """Greedy new tokens per prompt: batched through the engine, or (engine None) the eager loop."""
+    from vlt.inference import generate, generate_eager
+    if engine is not None:
+        return generate(engine, prompts, max_new_tokens=max_new_tokens, eos_token_id=stop).cpu().tolist()
+    device = next(model.parameters()).device
+    return [generate_eager(model, ids[None].to(device), images=media, max_new_tokens=max_new_tokens,
+                           eos_token_id=stop)[0].tolist() for ids, media in prompts]
 
 
 def _result(p: Prepared, prediction: str, tokens: list, metric: str) -> dict:
