@@ -172,20 +172,22 @@ def test_phenomenon_rows_and_their_verdicts():
 
 
 def test_gpu_phenomena_script_in_its_cpu_mode(tmp_path):
-    """tools/gpu-phenomena.sh with PHENOMENA_TINY=1: both studies, the table and the copied files."""
+    """tools/gpu-phenomena.sh with PHENOMENA_TINY=1 ROWS="1 2": both studies, the table and the copied files
+    (row 3, the distillation study: tests/test_distill_study.py)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PHENOMENA_TINY": "1", "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
-           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "ROWS": "1 2"}
     proc = subprocess.run(["bash", str(root / "tools" / "gpu-phenomena.sh")], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "out"
     table = json.loads((out / "phenomena.json").read_text())
     assert table["missing"] == [] and [r["group"] for r in table["rows"]] == ["needle / >4x window", "dense_ocr"]
+    assert [r["row"] for r in table["rows"]] == [1, 2] and not (out / "distillation").exists()
     assert [(r["layout"], r["baseline"]) for r in table["rows"]] == [("hybrid_1to3", "swa"), ("hybrid_1to3", "gdn")]
     assert all(r["command"].startswith("vlt compare") and r["steps"] == 3 for r in table["rows"])
     assert "| 2 | linear attention alone underperforms on dense OCR |" in (out / "phenomena.md").read_text()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 17's phenomenon table, rows 1 and 2, on one GPU with small models (tiny-hybrid shapes, 4 layers,
-# equal parameter budgets by MLP width), each row one `vlt compare` study:
+# Issue 17's phenomenon table on one GPU with small models (tiny-hybrid shapes, 4 layers). Rows 1 and 2
+# are one `vlt compare` study each (equal parameter budgets by MLP width):
 #   1. hybrid 1:3 vs swa on needle recall with the evidence far beyond the window
 #      (needle, code_kind=color: the one frame with a shape among noise frames; SWA window 32 for every
 #      layout. The evidence at 46 tokens (1.4x the window, inside what 4 stacked SWA layers reach,
@@ -8,18 +8,32 @@
 #      beyond that reach: the row is the ">4x window" group); expected hybrid >= swa + 20 points
 #   2. hybrid 1:3 vs gdn on dense OCR (4 labelled 2-digit strings in a 112x112 image, the question
 #      names one); expected hybrid >= gdn + 10 points
-# Writes $OUT/phenomena.json + phenomena.md (the table, verdicts, the command behind each row) and
-# each study's compare.json / compare.md / compare.png and per-run eval.json, plus logs.
+# Row 3 is the distillation study (python -m vlt.evaluation.distill_study, its docstring says how):
+#   3. a full-attention teacher trained on the task mix; the hybrid 1:3 converted from it (stage I layer
+#      phase + KL, then SFT) vs the same hybrid trained from scratch: steps to 95% of the teacher's
+#      generation accuracy (the student's include stage I), expected student / scratch <= 10%. Both SFT
+#      runs stop at the bar, so scratch only runs as long as it needs (up to SCRATCH_STEPS)
+# Writes $OUT/phenomena.json + phenomena.md (the table, verdicts, the command behind each row), each
+# compare study's compare.json / .md / .png and per-run eval.json, the distillation's distill.json / .png
+# and per-run curve.jsonl (accuracy by step), plus logs.
 #
-#   OUT=/path/out bash tools/gpu-phenomena.sh             # on the GPU machine, from a checkout
+#   ROWS="1 2" OUT=/path/out bash tools/gpu-phenomena.sh   # on the GPU machine, from a checkout: <= 9 minutes
+#   ROWS=3 OUT=/path/out bash tools/gpu-phenomena.sh       # row 3: estimated 6-8 minutes, cut at DISTILL_TIMEOUT
 #   PHENOMENA_TINY=1 OUT=/tmp/ph bash tools/gpu-phenomena.sh   # the same logic on a CPU in ~1 minute
 #
+# ROWS (default "1 2 3") picks the rows to run; the other rows of an existing $OUT/phenomena.json are
+# kept, so rows measured by two commands end in one table (copy the first command's phenomena.json into
+# the second's $OUT). All three rows take ~17 minutes: more than one 10-minute device command.
 # Knobs (environment): NEEDLE_STEPS, OCR_STEPS (optimizer steps per run, default 500), SEEDS (default
 # "0"), NEEDLE_TRAIN / OCR_TRAIN (training samples), NEEDLE_BATCH / OCR_BATCH (rows per step),
-# EVAL_N (test samples per study), NEEDLE_TIMEOUT / OCR_TIMEOUT (seconds per study, default 300 / 240,
-# so both fit one 10-minute command), WORKERS (loader processes, default 6), WORK (runs, data,
-# checkpoints; default /tmp/vlt-phenomena). A study cut by its timeout keeps its finished runs; running the script
-# again with the same settings and WORK reuses them and trains only what is missing.
+# EVAL_N (test samples per study and per row-3 evaluation), NEEDLE_TIMEOUT / OCR_TIMEOUT (seconds per
+# study, default 300 / 240, so both fit one 10-minute command), WORKERS (loader processes, default 6),
+# WORK (runs, data, checkpoints; default /tmp/vlt-phenomena). Row 3: TEACHER_STEPS (500), LAYER_STEPS
+# and KL_STEPS (stage I, 25 each), STUDENT_STEPS (500) and SCRATCH_STEPS (1000): the most SFT steps,
+# EVAL_EVERY (25; the step counts above must be multiples of it), STUDENT_LR (default: the recipe's),
+# DISTILL_TRAIN (20000 samples), DISTILL_BATCH (32 rows), DISTILL_TIMEOUT (540 s); the seed is SEEDS' first.
+# A study cut by its timeout keeps its finished runs; running the script again with the same settings and
+# WORK reuses them and trains only what is missing (row 3 also reports from the runs it finished).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/phenomena_out}
@@ -27,27 +41,58 @@ WORK=${WORK:-/tmp/vlt-phenomena}
 PY=${PYTHON:-python}
 TINY=${PHENOMENA_TINY:-0}
 SEEDS=${SEEDS:-0}
+ROWS=${ROWS:-1 2 3}
 NEEDLE_TIMEOUT=${NEEDLE_TIMEOUT:-300}
 OCR_TIMEOUT=${OCR_TIMEOUT:-240}
-mkdir -p "$OUT" "$WORK"
+DISTILL_TIMEOUT=${DISTILL_TIMEOUT:-540}
+
+fail() { echo "gpu-phenomena: error: $*" >&2; exit 2; }
+for r in $ROWS; do
+  case $r in 1|2|3) ;; *) fail "ROWS='$ROWS': '$r' is not a row (allowed: 1 2 3, e.g. ROWS=\"1 2\")";; esac
+done
+[ -n "${ROWS// /}" ] || fail "ROWS is empty (allowed: 1 2 3, e.g. ROWS=\"1 2\")"
+want() { [[ " $ROWS " == *" $1 "* ]]; }
 
 if [ "$TINY" = 1 ]; then   # CPU check of this script's logic: a few steps, tiny data, window 16
   NEEDLE_STEPS=${NEEDLE_STEPS:-3}; OCR_STEPS=${OCR_STEPS:-3}; NEEDLE_TRAIN=${NEEDLE_TRAIN:-16}
   OCR_TRAIN=${OCR_TRAIN:-16}; EVAL_N=${EVAL_N:-6}; FRAMES=8; DISTANCES="[40, 100]"; WINDOW=16
   CONTROL="needle / 2-4x window"   # 46 tokens at window 16
-  DEVICE=(--set=--trainer.accelerator=cpu --set=--trainer.precision=32-true --set=--data.init_args.num_workers=0
-          --device cpu)
+  FIT=(--set=--trainer.accelerator=cpu --set=--trainer.precision=32-true --set=--data.init_args.num_workers=0)
+  DEVICE=("${FIT[@]}" --device cpu)
   NEEDLE_BATCH=${NEEDLE_BATCH:-2}; OCR_BATCH=${OCR_BATCH:-2}
+  TEACHER_STEPS=${TEACHER_STEPS:-4}; LAYER_STEPS=${LAYER_STEPS:-2}; KL_STEPS=${KL_STEPS:-2}
+  STUDENT_STEPS=${STUDENT_STEPS:-4}; SCRATCH_STEPS=${SCRATCH_STEPS:-4}; EVAL_EVERY=${EVAL_EVERY:-2}
+  DISTILL_TRAIN=${DISTILL_TRAIN:-32}; DISTILL_BATCH=${DISTILL_BATCH:-2}
 else
   NEEDLE_STEPS=${NEEDLE_STEPS:-500}; OCR_STEPS=${OCR_STEPS:-500}; NEEDLE_TRAIN=${NEEDLE_TRAIN:-4000}
   OCR_TRAIN=${OCR_TRAIN:-16000}; EVAL_N=${EVAL_N:-300}; FRAMES=32; DISTANCES="[40, 320, 448]"; WINDOW=32
   CONTROL="needle / 1-2x window"
-  DEVICE=(--set=--trainer.accelerator=gpu --set=--trainer.devices=1 --set=--data.init_args.num_workers=${WORKERS:-6}
-          --device cuda)
-  # rows of 1024 (needle, ~2 samples each) / 512 tokens (dense OCR, ~5 each) per step: a 1.3M-parameter
-  # model is launch-bound on an H200, so wide batches buy samples at little cost per step
+  FIT=(--set=--trainer.accelerator=gpu --set=--trainer.devices=1 --set=--data.init_args.num_workers=${WORKERS:-6})
+  DEVICE=("${FIT[@]}" --device cuda)
+  # rows of 1024 (needle, ~2 samples each) / 512 tokens (dense OCR, ~5 each; the mix ~10) per step: a
+  # 1.3M-parameter model is launch-bound on an H200, so wide batches buy samples at little cost per step
   NEEDLE_BATCH=${NEEDLE_BATCH:-32}; OCR_BATCH=${OCR_BATCH:-32}
+  TEACHER_STEPS=${TEACHER_STEPS:-500}; LAYER_STEPS=${LAYER_STEPS:-25}; KL_STEPS=${KL_STEPS:-25}
+  STUDENT_STEPS=${STUDENT_STEPS:-500}; SCRATCH_STEPS=${SCRATCH_STEPS:-1000}; EVAL_EVERY=${EVAL_EVERY:-25}
+  DISTILL_TRAIN=${DISTILL_TRAIN:-20000}; DISTILL_BATCH=${DISTILL_BATCH:-32}
 fi
+for k in NEEDLE_STEPS OCR_STEPS NEEDLE_TRAIN OCR_TRAIN NEEDLE_BATCH OCR_BATCH EVAL_N NEEDLE_TIMEOUT OCR_TIMEOUT \
+         DISTILL_TIMEOUT TEACHER_STEPS LAYER_STEPS KL_STEPS STUDENT_STEPS SCRATCH_STEPS EVAL_EVERY DISTILL_TRAIN \
+         DISTILL_BATCH; do
+  [[ ${!k} =~ ^[1-9][0-9]*$ ]] || fail "$k='${!k}' must be a positive whole number"
+done
+SEED=${SEEDS%% *}
+DISTILL=(--num-train "$DISTILL_TRAIN" --num-eval "$EVAL_N" --seed "$SEED" --teacher-steps "$TEACHER_STEPS"
+         --layer-steps "$LAYER_STEPS" --kl-steps "$KL_STEPS" --student-steps "$STUDENT_STEPS"
+         --scratch-steps "$SCRATCH_STEPS" --eval-every "$EVAL_EVERY" --eval-batch-size 64 --max-new-tokens 8
+         ${STUDENT_LR:+--student-lr "$STUDENT_LR"} --set=--trainer.limit_val_batches=0
+         --set=--trainer.enable_progress_bar=false --set=--trainer.log_every_n_steps=25
+         --set=--data.init_args.batch_size=$DISTILL_BATCH "${FIT[@]}")
+if want 3; then   # a bad combination (a step count off the evaluation grid) fails now, not minutes in
+  $PY -m vlt.evaluation.distill_study --out "$WORK/distillation" "${DISTILL[@]}" --check \
+    || fail "row 3 settings (TEACHER_STEPS -> --teacher-steps, EVAL_EVERY -> --eval-every, ...)"
+fi
+mkdir -p "$OUT" "$WORK"
 # the same for every run: no validation pass (the studies' scores come from vlt eval on the test
 # split), quiet logs; the eval engine eager (no graph capture or compile time for 1M-parameter models)
 COMMON=(--config layouts/base --seeds $SEEDS --num-val 0 --num-eval "$EVAL_N" --eval-batch-size 64
@@ -56,6 +101,20 @@ COMMON=(--config layouts/base --seeds $SEEDS --num-val 0 --num-eval "$EVAL_N" --
         --set=--trainer.log_every_n_steps=25
         --eval-arg=--engine-option=graphs=false --eval-arg=--engine-option=compile=none
         --eval-arg=--engine-option=fused=false "${DEVICE[@]}")
+
+table() {  # rebuild the selected rows of $OUT/phenomena.json + .md from what WORK holds now
+  $PY -m vlt.evaluation.phenomena --out "$OUT" --work "$WORK" --rows $ROWS --control "$CONTROL" "$@"
+}
+
+copy_runs() {  # study, then files to copy from each of its runs (no checkpoints)
+  local name=$1; shift
+  for r in "$WORK/$name"/runs/*/; do
+    [ -d "$r" ] || continue
+    local d="$OUT/$name/runs/$(basename "$r")"; mkdir -p "$d"
+    for f in "$@"; do cp "$r"/$f "$d/" 2>/dev/null; done
+    cp "$r"/lightning_logs/version_*/metrics.csv "$d/" 2>/dev/null
+  done
+}
 
 study() {  # name, timeout in seconds, then vlt compare arguments
   local name=$1 limit=$2; shift 2
@@ -69,50 +128,42 @@ study() {  # name, timeout in seconds, then vlt compare arguments
   echo "[gpu-phenomena] $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/phenomena.log"
   mkdir -p "$OUT/$name"
   cp "$WORK/$name"/compare.{json,md,png} "$OUT/$name/" 2>/dev/null
-  for r in "$WORK/$name"/runs/*/; do   # per run: eval summary, predictions, run record, metrics (no checkpoints)
-    [ -d "$r" ] || continue
-    local d="$OUT/$name/runs/$(basename "$r")"; mkdir -p "$d"
-    cp "$r"/run.json "$r"/eval/eval.json "$r"/eval/eval.md "$r"/eval/predictions.jsonl "$d/" 2>/dev/null
-    cp "$r"/lightning_logs/version_*/metrics.csv "$d/" 2>/dev/null
-  done
+  copy_runs "$name" run.json eval/eval.json eval/eval.md eval/predictions.jsonl
+  table --quiet   # after each study: a later one cut by the device's own limit leaves this row written
   return $rc
 }
 
-study needle_beyond_window "$NEEDLE_TIMEOUT" --layouts hybrid_1to3 swa --task needle --steps "$NEEDLE_STEPS" \
-  --num-train "$NEEDLE_TRAIN" --param num_frames=$FRAMES --param code_kind=color \
-  --param "distances=$DISTANCES" --max-new-tokens 4 --set=--data.init_args.max_length=1024 \
-  --set=--data.init_args.batch_size=$NEEDLE_BATCH "${COMMON[@]}"
-rc1=$?
-study dense_ocr "$OCR_TIMEOUT" --layouts hybrid_1to3 gdn --task dense_ocr --steps "$OCR_STEPS" --num-train "$OCR_TRAIN" \
-  --param image_size=112 --param num_strings=4 --param length=2 --max-new-tokens 4 \
-  --set=--data.init_args.max_length=512 --set=--data.init_args.batch_size=$OCR_BATCH "${COMMON[@]}"
-rc2=$?
+rc1=-; rc2=-; rc3=-   # "-": not run (not in ROWS)
+if want 1; then
+  study needle_beyond_window "$NEEDLE_TIMEOUT" --layouts hybrid_1to3 swa --task needle --steps "$NEEDLE_STEPS" \
+    --num-train "$NEEDLE_TRAIN" --param num_frames=$FRAMES --param code_kind=color \
+    --param "distances=$DISTANCES" --max-new-tokens 4 --set=--data.init_args.max_length=1024 \
+    --set=--data.init_args.batch_size=$NEEDLE_BATCH "${COMMON[@]}"
+  rc1=$?
+fi
+if want 2; then
+  study dense_ocr "$OCR_TIMEOUT" --layouts hybrid_1to3 gdn --task dense_ocr --steps "$OCR_STEPS" \
+    --num-train "$OCR_TRAIN" --param image_size=112 --param num_strings=4 --param length=2 --max-new-tokens 4 \
+    --set=--data.init_args.max_length=512 --set=--data.init_args.batch_size=$OCR_BATCH "${COMMON[@]}"
+  rc2=$?
+fi
+if want 3; then
+  t0=$SECONDS
+  echo "[gpu-phenomena] distillation: python -m vlt.evaluation.distill_study ${DISTILL[*]}" \
+    | tee -a "$OUT/phenomena.log"
+  # KILL for the same reason; the row is then built from the runs and curve points written so far
+  timeout --signal=KILL "$DISTILL_TIMEOUT" $PY -m vlt.evaluation.distill_study --out "$WORK/distillation" \
+    "${DISTILL[@]}" > "$OUT/distillation.log" 2>&1
+  rc3=$?
+  echo "[gpu-phenomena] distillation: exit $rc3 after $((SECONDS - t0)) s" | tee -a "$OUT/phenomena.log"
+  table --quiet   # also (re)writes WORK/distillation/distill.json + .png from the runs on disk
+  mkdir -p "$OUT/distillation"
+  cp "$WORK/distillation"/{distill.json,distill.png,study.json} "$OUT/distillation/" 2>/dev/null
+  copy_runs distillation run.json curve.jsonl
+fi
 
-OUT="$OUT" WORK="$WORK" CONTROL="$CONTROL" $PY - <<'EOF'
-import json, os
-from pathlib import Path
-from vlt.evaluation.compare import phenomena_markdown, phenomenon_row
-out, work = Path(os.environ["OUT"]), Path(os.environ["WORK"])
-rows, missing = [], []
-for name, args in (
-        ("needle_beyond_window", dict(title="window attention loses evidence beyond the window",
-                                      group="needle / >4x window", layout="hybrid_1to3", baseline="swa", margin=0.20,
-                                      control=os.environ["CONTROL"])),
-        ("dense_ocr", dict(title="linear attention alone underperforms on dense OCR", group="dense_ocr",
-                           layout="hybrid_1to3", baseline="gdn", margin=0.10))):
-    f = work / name / "compare.json"
-    try:
-        if not f.is_file():
-            raise ValueError(f"the study did not finish (no {f.name}): see {name}.log")
-        rows.append(phenomenon_row(json.loads(f.read_text()), **args))
-    except ValueError as e:
-        missing.append({"study": name, "why": str(e)})
-(out / "phenomena.json").write_text(json.dumps({"rows": rows, "missing": missing}, indent=2))
-md = phenomena_markdown(rows) + "".join(f"\nNo row from {m['study']}: {m['why']}\n" for m in missing)
-(out / "phenomena.md").write_text(md)
-print(md)
-EOF
-rc3=$?
-echo "[gpu-phenomena] done: needle exit $rc1, dense_ocr exit $rc2, table exit $rc3; results in $OUT" \
-  | tee -a "$OUT/phenomena.log"
-[ $rc1 = 0 ] && [ $rc2 = 0 ] && [ $rc3 = 0 ]
+table
+rct=$?
+echo "[gpu-phenomena] done (rows $ROWS): needle exit $rc1, dense_ocr exit $rc2, distillation exit $rc3," \
+  "table exit $rct; results in $OUT" | tee -a "$OUT/phenomena.log"
+for rc in $rc1 $rc2 $rc3 $rct; do [ "$rc" = 0 ] || [ "$rc" = - ] || exit 1; done
