@@ -250,15 +250,18 @@ def test_chat_cli_streams_answers(tmp_path):
     assert all(expected) and buf.getvalue() == "".join(a + "\n" for a in expected)
 
 
-@pytest.mark.parametrize("layout", ["[swa, gdn, linear, full]", "[swa_gdn, gdn]"])
-def test_compiled_steps_match_eager(layout):
+@pytest.mark.parametrize("layout,dynamic", [("[swa, gdn, linear, full]", False), ("[swa_gdn, gdn]", False),
+                                            ("[swa, gdn, linear, full]", True)])
+def test_compiled_steps_match_eager(layout, dynamic):
     """The pieces the engine compiles on CUDA (generic mixer steps, attention over T new tokens, the
     MLP half, RoPE tables) traced by dynamo (backend "eager": the same graphs, no code generation):
     frames of several tokens and single-token decode steps give the uncompiled engine's logits and
-    states. The first use of a step size runs uncompiled, its later uses compiled."""
+    states. The first use of a step size runs uncompiled, its later uses compiled (``dynamic``: with
+    automatic dynamic shapes, the size 6 reusing the symbolic compile of the sizes before)."""
     from vlt.positions import text_positions
     model = tiny(layout)
-    ref, got = InferenceEngine(model, capacity=64), InferenceEngine(model, capacity=64, compile="eager")
+    ref = InferenceEngine(model, capacity=64)
+    got = InferenceEngine(model, capacity=64, compile="eager", dynamic_sizes=dynamic)
     for eng in (ref, got):
         eng.prefill(torch.arange(5, 14))
     for i in range(5):          # sizes of T > 1 (each compiles on its second use) and decode

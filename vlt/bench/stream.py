@@ -37,6 +37,8 @@ def add_bench_stream_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--no-graph", action="store_true", help="no CUDA graphs (decoder step and vision tower)")
     p.add_argument("--profile", action="store_true", help="kernel profiles of a frame (add_frame) and of its vision "
                    "tower alone after the stream: profile_stream_{frame,vision}_<layout>.txt")
+    p.add_argument("--dynamic-sizes", action="store_true", help="the engine's compiled steps with automatic "
+                   "dynamic shapes (InferenceEngine dynamic_sizes): one recompile for all later frame sizes")
     add_compile_arg(p)
     return p
 
@@ -44,14 +46,15 @@ def add_bench_stream_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser
 def _stream(model, args, device, n_frames, tokens_per_frame):
     from vlt.data.image import ImageProcessor
     from vlt.data.tokenizer import load_tokenizer
-    from vlt.inference import VideoStream
+    from vlt.inference import InferenceEngine, VideoStream
     h, w = args.grid_hw
     px = 28 * h * 28 * w
     grows = any(getattr(b.mixer, "state_grows", False) for b in model.layers)
+    engine = InferenceEngine(model, capacity=(n_frames + 2) * (tokens_per_frame + 16) if grows else None,
+                             graphs=False if args.no_graph or device.type != "cuda" else None,
+                             compile=step_compile_backend(args, device), dynamic_sizes=args.dynamic_sizes)
     return VideoStream(model, load_tokenizer("byte"), image_processor=ImageProcessor(min_pixels=px, max_pixels=px),
-                       fps=args.fps, system="", capacity=(n_frames + 2) * (tokens_per_frame + 16) if grows else None,
-                       graphs=False if args.no_graph or device.type != "cuda" else None,
-                       compile=step_compile_backend(args, device))
+                       fps=args.fps, system="", engine=engine)
 
 
 def _layout(model, res, args, device, dtype, frames):

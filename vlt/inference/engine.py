@@ -37,13 +37,19 @@ from vlt.inference.steps import GenericStep, StepContext, head, mixer_out, step_
 
 class InferenceEngine:
     def __init__(self, model, *, batch_size: int = 1, capacity: int | None = None, graphs: bool | None = None,
-                 fused: bool | None = None, compile: str | None = "auto", pack: bool | None = None, pdl: bool = True):
+                 fused: bool | None = None, compile: str | None = "auto", pack: bool | None = None, pdl: bool = True,
+                 dynamic_sizes: bool = False):
         """``capacity``: tokens a ``full`` attention layer holds (None: only constant-state layouts).
         ``graphs``: capture steps in CUDA graphs (None: on CUDA). ``fused``: vlt's decode kernels
         (None: on CUDA with Triton). ``compile``: torch.compile backend for the small ops between the
         kernels (RoPE tables, the residual/MLP half, generic steps; "auto": inductor on CUDA).
         ``pack``: stack the projections that read one input into one GEMM (None: with ``fused``;
-        parameters keep names and shapes, so LoRA targets and state dicts are unaffected)."""
+        parameters keep names and shapes, so LoRA targets and state dicts are unaffected).
+        ``dynamic_sizes``: compile with automatic dynamic shapes: the second step size recompiles once with
+        the size as a symbol and later sizes reuse it (a stream's timestamps widening, questions of any
+        length), where static compiles cost one compile per size. Off by default: on the H200 stream
+        (2026-12-01, together with SDPA moved out of the compiled step) the later stall went from 9 s to
+        0.45 s but the first from 9 s to 14 s, and it was not measured alone."""
         p = next(model.parameters())
         check_engine_support(model)
         self.model, self.device, self.dtype = model.eval(), p.device, p.dtype
@@ -56,7 +62,7 @@ class InferenceEngine:
         self.pdl = pdl
         if compile == "auto":
             compile = "inductor" if cuda else None
-        self.compile = compile
+        self.compile, self.dynamic_sizes = compile, dynamic_sizes
         self._compiled: dict = {}        # fn -> its torch.compile'd copy (one per function, shared by layers)
         self._plain = False               # this run: no compile (a step size's first use)
         if compile:
@@ -174,7 +180,7 @@ class InferenceEngine:
     # -- the step ---------------------------------------------------------------------------------------
     def _jit(self, fn):
         if fn not in self._compiled:
-            self._compiled[fn] = torch.compile(fn, backend=self.compile, dynamic=False)
+            self._compiled[fn] = torch.compile(fn, backend=self.compile, dynamic=None if self.dynamic_sizes else False)
         return self._compiled[fn]
 
     def _context(self, T: int, pos) -> StepContext:
