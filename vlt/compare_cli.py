@@ -99,7 +99,7 @@ def _settings(args) -> dict:
     return s
 
 
-def _base_model(config: str) -> tuple[str | None, dict | None]:
+def base_model(config: str) -> tuple[str | None, dict | None]:
     """The base recipe's model_name and model overrides (the shape every layout starts from)."""
     import yaml
 
@@ -116,7 +116,7 @@ def _base_model(config: str) -> tuple[str | None, dict | None]:
 def plan(args, s: dict) -> dict:
     """{layout: {pattern, mixers, intermediate_size, params, deviation}} at the common depth and budget."""
     from vlt.evaluation.compare import count_params, default_depth, match_budget, read_layout_recipe, tile_layout
-    model_name, model = _base_model(args.config)
+    model_name, model = base_model(args.config)
     recipes = [read_layout_recipe(x) for x in s["layouts"]]
     if args.mixers:
         try:

@@ -187,9 +187,9 @@ def _layouts(args) -> tuple[list[str], list[str], dict]:
 
 def _params(config: str, teacher_layers: list[str], layers: list[str], mixers: dict) -> dict:
     """Parameter counts as vlt fit builds the models (the student keeps the teacher's MLP width)."""
-    from vlt.compare_cli import _base_model
+    from vlt.compare_cli import base_model
     from vlt.evaluation.compare import count_params
-    model_name, model = _base_model(config)
+    model_name, model = base_model(config)
     return {"teacher": count_params(model_name, model, teacher_layers, {}),
             "student": count_params(model_name, model, layers, mixers)}
 
