@@ -150,14 +150,14 @@ def test_eval_on_synthetic_shards(export, tmp_path, capsys):
 
 
 def test_a_model_the_engine_cannot_hold_is_evaluated_by_the_eager_loop(tmp_path, caplog):
-    """A layer whose state grows per token with no engine step (fla's nsa / moba; here a test mixer with
-    a CPU path) makes the engine refuse the model: `vlt eval` says so and decodes each sample with the
-    eager loop, giving the eager loop's greedy answers."""
-    import growing_mixer  # noqa: F401  (registers test_growing_mean)
+    """A layer whose growing state the engine cannot hold (its state_spec does not follow the capacity;
+    a test mixer) makes the engine refuse the model: `vlt eval` says so and decodes each sample with
+    the eager loop, giving the eager loop's greedy answers."""
+    import growing_mixer  # noqa: F401  (registers test_growing_unsized)
     from vlt.checkpoint.export import save_pretrained_vlt
     from vlt.data.shards import write_synthetic
     torch.manual_seed(0)
-    model = VLM(VLMConfig.from_name("tiny-hybrid", decoder={"layout": "[swa, test_growing_mean]",
+    model = VLM(VLMConfig.from_name("tiny-hybrid", decoder={"layout": "[swa, test_growing_unsized]",
                                                               "mrope_section": [4, 6, 6], "head_dim": 32})).eval()
     export = save_pretrained_vlt(model, tmp_path / "export", tokenizer_dir="byte",
                                  prompt={"system": "", "min_pixels": 56 * 56, "max_pixels": 56 * 56})
@@ -166,7 +166,7 @@ def test_a_model_the_engine_cannot_hold_is_evaluated_by_the_eager_loop(tmp_path,
     with caplog.at_level("WARNING", logger="vlt"):
         assert _vlt("--ckpt", export, "--data", shards, "--max-new-tokens", 5, "--batch-size", 3,
                     "--out", tmp_path / "out") == 0
-    assert "test_growing_mean" in caplog.text and "eager path" in caplog.text
+    assert "test_growing_unsized" in caplog.text and "eager path" in caplog.text
     preds = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 3
     assert {p["id"]: p["tokens"] for p in preds} == {k: v[0] for k, v in _eager_tokens(export, shards).items()}

@@ -281,16 +281,37 @@ def test_compiled_steps_match_eager(layout, dynamic):
 import growing_mixer  # noqa: E402,F401  (registers test_growing_mean: tests/growing_mixer.py)
 
 
-def test_a_growing_state_without_a_step_is_refused_and_vlt_generate_falls_back(tmp_path, capsys):
-    """The engine names the layers whose state grows by concatenation (its generic step holds constant
-    shapes only) before allocating anything; `vlt generate` (engine auto) then decodes eagerly and
-    says why, with the same tokens as --engine eager."""
+@pytest.mark.parametrize("mixer", ["test_growing_mean", "test_growing_window"])
+def test_a_growing_state_decodes_through_the_engine_like_the_eager_loop(mixer):
+    """A mixer whose state grows per token and has no step of its own (fla's nsa / moba; here test
+    mixers with a CPU path, one keeping a window so it holds fewer tokens than it has seen) decodes
+    through the engine's GrowingStateStep: batch 2 with prompts of different lengths gives each prompt's
+    eager greedy tokens, the exported state equals the eager state, and no CUDA graph is asked for."""
+    model = tiny(f"[swa, {mixer}]")
+    prompts = [torch.arange(5, 14), torch.arange(30, 34)]
+    eng = InferenceEngine(model, batch_size=2, capacity=64)
+    assert not eng.graphs
+    got = generate(eng, [(p, None) for p in prompts], max_new_tokens=6)
+    for row, p in enumerate(prompts):
+        ref, state = generate_eager(model, p[None], max_new_tokens=6, return_state=True)
+        assert torch.equal(got[row], ref[0]), (row, got[row], ref[0])
+        # the engine's state after its last step holds the 6th token too (the eager loop stops before it)
+        ours = eng.export_state(row)["layers"][1]
+        assert torch.allclose(ours["x"][:, :state["layers"][1]["x"].shape[1]], state["layers"][1]["x"], atol=1e-6)
+    assert eng.layer_state_nbytes()[1] == 2 * 64 * model.config.decoder.hidden_size * 4  # fp32, capacity 64
+
+
+def test_a_growing_state_the_engine_cannot_hold_is_refused_and_vlt_generate_falls_back(tmp_path, capsys):
+    """A growing state whose state_spec does not follow the capacity: the engine names the layers
+    before allocating anything; `vlt generate` (engine auto) then decodes eagerly and says why, with
+    the same tokens as --engine eager."""
     import argparse
     from vlt.checkpoint.export import save_pretrained_vlt
     from vlt.generate_cli import add_generate_args, run_generate
     from vlt.inference import EngineUnsupported
-    model = tiny("[swa, test_growing_mean]")
-    with pytest.raises(EngineUnsupported, match=r"layers \[1\] \(\['test_growing_mean'\]\).*--engine eager"):
+    model = tiny("[swa, test_growing_unsized]")
+    refused = r"layers \[1\] \(\['test_growing_unsized'\]\).*capacity.*--engine eager"
+    with pytest.raises(EngineUnsupported, match=refused):
         InferenceEngine(model, capacity=64)
     ckpt = save_pretrained_vlt(model, tmp_path / "export", tokenizer_dir="byte")
     outs = []

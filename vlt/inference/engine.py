@@ -20,7 +20,9 @@ Every consumer decodes through it: ``vlt generate`` / ``vlt chat`` (``vlt.infere
   step size (``capture``) from that size's second use (its first runs as is: a one-off size, such as
   a question's tokens, costs no compile or capture). On CPU the same
   steps run eagerly (the kernels' torch references), so the tests exercise the engine everywhere.
-- Every index lives on the device: no host sync inside a step.
+- Every index lives on the device: no host sync inside a step - except for a layer whose state grows
+  per token without a step of its own (fla's nsa, moba: ``vlt.inference.growing_step``), which reads
+  its rows' lengths on the host; a model with one runs without CUDA graphs.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from vlt.kernels import gdn_decode, pdl
 from vlt.kernels import gemv as gemv_kernel
 from vlt.layers import pack_linears
 from vlt.layers.rotary import rope_cos_sin
-from vlt.inference.steps import GenericStep, StepContext, head, mixer_out, step_for, tensors
+from vlt.inference.steps import StepContext, capturable, head, mixer_out, step_for, tensors
 
 
 class InferenceEngine:
@@ -58,6 +60,13 @@ class InferenceEngine:
         self.graphs = cuda if graphs is None else graphs
         if self.graphs and not cuda:
             raise ValueError("graphs=True needs the model on a CUDA device")
+        held_on_host = [i for i, b in enumerate(model.layers) if not capturable(b.mixer)]
+        if held_on_host and self.graphs:
+            if graphs:
+                raise ValueError(f"graphs=True: layers {held_on_host} have a state that grows per token with no "
+                                 "step of their own (vlt.inference.growing_step), which no CUDA graph can hold; "
+                                 "leave graphs to the engine (None) or register a step for the mixer")
+            self.graphs = False
         self.fused = (cuda and gdn_decode.triton is not None) if fused is None else fused
         self.pdl = pdl
         if compile == "auto":
@@ -286,18 +295,22 @@ class EngineUnsupported(ValueError):
 
 
 def check_engine_support(model):
-    """A mixer whose state grows per token (a KV cache extended by concatenation: fla's nsa, moba) needs
-    a step of its own: the generic step writes each new state into the preallocated shapes, which
-    only fit states of constant shape. Raised before anything is allocated or packed."""
-    bad = [(i, b.mixer_name)
-           for i, b in enumerate(model.layers)
-           if getattr(b.mixer, "state_grows", False) and isinstance(step_for(b.mixer), GenericStep)]
+    """A mixer whose state grows per token (``state_grows``) with no step of its own is held by
+    ``GrowingStateStep`` along the dimension of its ``state_spec`` that follows the capacity; one whose
+    spec has no such dimension cannot be held. Raised before anything is allocated or packed."""
+    from vlt.inference.growing_step import GROWING, growing_dims
+    bad = []
+    for i, b in enumerate(model.layers):
+        for m in (b.mixer, *getattr(b.mixer, "branches", ())):
+            if step_for(m) is GROWING:
+                try:
+                    growing_dims(m)
+                except ValueError as e:
+                    bad.append((i, b.mixer_name, str(e)))
     if bad:
         raise EngineUnsupported(
-            f"layers {[i for i, _ in bad]} ({sorted({n for _, n in bad})}) keep a state that grows per token and "
-            "have no engine step (vlt.inference.register_step); the engine's generic step holds states of "
-            "constant shape only. Decode them with the eager path (vlt generate --engine eager; in Python "
-            "vlt.inference.generate_eager) or register a step for the mixer")
+            f"layers {[i for i, _, _ in bad]} ({sorted({n for _, n, _ in bad})}): {bad[0][2]}. Decode them with the "
+            "eager path (vlt generate --engine eager; in Python vlt.inference.generate_eager)")
 
 
 def _seen(tree) -> int:

@@ -5,7 +5,8 @@ on the engine's preallocated cache, updating it in place with every index on the
 engine can capture the whole decoder in one CUDA graph. ``register_step(MixerClass)`` binds a
 ``MixerStep`` to a class and its subclasses (looked up along the MRO, so ``swa`` inherits ``full``'s
 step and ``swa_gdn`` the hybrid's); any other mixer, a user's own included, gets ``GenericStep``:
-its own forward on the cached state, the new state copied back in place.
+its own forward on the cached state, the new state copied back in place; one whose state grows per
+token (``state_grows``: fla's nsa, moba) gets ``GrowingStateStep`` (vlt.inference.growing_step).
 
 A ``MixerStep`` answers four things:
 - ``allocate``: the cache of one layer, from the mixer's ``state_spec`` (plus any bookkeeping);
@@ -52,7 +53,15 @@ def step_for(mixer) -> "MixerStep":
     for cls in type(mixer).__mro__:
         if cls in _STEPS:
             return _STEPS[cls]
+    if getattr(mixer, "state_grows", False):
+        from vlt.inference.growing_step import GROWING
+        return GROWING
     return GENERIC
+
+
+def capturable(mixer) -> bool:
+    """Whether the mixer's step (and its branches' steps) can run inside a CUDA graph."""
+    return step_for(mixer).capturable and all(capturable(b) for b in getattr(mixer, "branches", ()))
 
 
 @dataclass
@@ -139,6 +148,8 @@ class MixerStep:
     #: groups of the mixer's Linears that read the same input, stacked into one GEMM for decode
     #: (``InferenceEngine(pack=True)``, ``vlt.layers.pack_linears``)
     packed: tuple = ()
+    #: False: the step reads lengths on the host or changes shapes per token, so no CUDA graph holds it
+    capturable: bool = True
 
     def allocate(self, mixer, batch: int, capacity: int, dtype, device):
         return allocate_spec(mixer.state_spec(batch, capacity, dtype), device)
