@@ -299,6 +299,14 @@ def test_a_growing_state_decodes_through_the_engine_like_the_eager_loop(mixer):
         ours = eng.export_state(row)["layers"][1]
         assert torch.allclose(ours["x"][:, :state["layers"][1]["x"].shape[1]], state["layers"][1]["x"], atol=1e-6)
     assert eng.layer_state_nbytes()[1] == 2 * 64 * model.config.decoder.hidden_size * 4  # fp32, capacity 64
+    # a snapshot carries the held lengths too (vlt stream's ask() restores one after each answer)
+    before = eng.export_state(0)["layers"][1]["x"]
+    snap = eng.snapshot()
+    eng.decode(torch.tensor([7, 8]))
+    eng.restore(snap)
+    assert torch.equal(eng.export_state(0)["layers"][1]["x"], before)
+    eng.reset()
+    assert eng.export_state(0)["layers"][1]["x"].shape[1] == 0
 
 
 def test_a_growing_state_the_engine_cannot_hold_is_refused_and_vlt_generate_falls_back(tmp_path, capsys):

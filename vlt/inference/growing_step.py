@@ -5,8 +5,9 @@ The mixer's ``state_spec(batch, capacity)`` gives its tensors at the engine's ca
 that grows is the one whose size follows the capacity (found by asking for the spec at two
 capacities), and a tensor without one is a constant-shape part of the state, copied whole. Each step
 runs the mixer's own forward, row by row, on the prefix each row holds (``held``: what the mixer
-returned last, which is shorter than the tokens seen when the mixer keeps a window), and writes the
-state it returns back into the preallocated tensors.
+returned last, which is shorter than the tokens seen when the mixer keeps a window; a host tensor in
+the cache, so snapshots and resets carry it), and writes the state it returns back into the
+preallocated tensors.
 
 The held lengths live on the host and the shapes change every token, so this step is neither compiled
 nor captured: an engine holding such a layer runs without CUDA graphs (``capturable = False``), one
@@ -69,12 +70,10 @@ class GrowingStateStep(MixerStep):
     capturable = False
 
     def allocate(self, mixer, batch, capacity, dtype, device):
+        # held: a host tensor (read without a device sync), so the engine's snapshot / restore and reset,
+        # which walk every tensor of the cache, carry it with the state
         return {"state": super().allocate(mixer, batch, capacity, dtype, device), "grow": growing_dims(mixer),
-                "held": [0] * batch, "name": type(mixer).__name__}
-
-    def reset(self, mixer, cache):
-        super().reset(mixer, cache["state"])
-        cache["held"] = [0] * len(cache["held"])
+                "held": torch.zeros(batch, dtype=torch.long), "name": type(mixer).__name__}
 
     def state_nbytes(self, mixer, cache) -> int:
         return sum(t.numel() * t.element_size() for t in tensors(cache["state"]))
@@ -97,7 +96,7 @@ class GrowingStateStep(MixerStep):
         cache["held"][row] = _held_length(state, cache["grow"])
 
     def _view(self, cache, row):
-        n = cache["held"][row]
+        n = int(cache["held"][row])
         return _zip(cache["state"], cache["grow"],
                     lambda t, d: t[row:row + 1] if d is None else t[row:row + 1].narrow(d, 0, n))
 
