@@ -26,7 +26,8 @@ CUDA too: ``EVERY_DEVICE``); any other raises a ValueError naming the mixer and 
 do run.
 
 Decode of the sparse-attention layers (nsa, moba) runs fla's forward on a key/value cache that
-grows by the new tokens each call; MoBA's decode attends to every cached key densely (fla's
+grows by the new tokens each call (``state_grows``; their ``state_spec`` gives it at a capacity, which
+is how the inference engine holds it); MoBA's decode attends to every cached key densely (fla's
 choice: its top-k block selection is for prefill) and needs flash-attn; without it a decode call
 is a ValueError saying so.
 """
