@@ -1,7 +1,7 @@
 """The recipes' gradient clipping (gradient_clip_val 1.0) where Lightning's own clipping refuses:
 - fused AdamW (the default on CUDA): Lightning's mixed-precision plugin refuses to clip for an
-  optimizer that unscales gradients itself, also under bf16-mixed where nothing is scaled, so every
-  shipped recipe failed at its first step on a GPU (found on the H200). vlt clips itself when there
+  optimizer that unscales gradients itself, also under bf16-mixed where nothing is scaled, so the
+  InfiniteVL recipes (bf16-mixed) failed at their first step on a GPU (found on the H200). vlt clips itself when there
   is no GradScaler; these run the fused kernel on the CPU.
 - FSDP (the README's multi-GPU command): clipping by norm goes through the root FSDP module."""
 import copy

@@ -252,7 +252,7 @@ class VLTModule(L.LightningModule):
         return getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        # Two cases Lightning's own clipping refuses, both hit by the shipped recipes (gradient_clip_val 1.0):
+        # Two cases Lightning's own clipping refuses, both hit by the InfiniteVL recipes (gradient_clip_val 1.0):
         # - FSDP: clipping by norm needs the norm over every rank's shards, which only the root FSDP
         #   module computes; Lightning's FSDP precision plugin raises instead (Lightning issue #19235).
         # - fused AdamW (vlt's default on CUDA): the mixed-precision plugin refuses any optimizer that
