@@ -7,8 +7,8 @@ Each sample's prompt is built with the training template (``build_prompt_ids``, 
 system prompt and image limits), ``batch_size`` prompts at a time go through one
 ``InferenceEngine`` (built once, with room for the longest prompt plus ``max_new_tokens``), and
 decoding is greedy, so a prediction is exactly what ``vlt generate`` prints for that prompt. A model
-the engine cannot hold (a layer whose state grows per token without an engine step: fla's nsa, moba)
-is decoded by the eager loop instead, one sample at a time, with a warning saying so.
+the engine refuses (``EngineUnsupported``: a growing state whose ``state_spec`` does not follow the
+capacity) is decoded by the eager loop instead, one sample at a time, with a warning saying so.
 
 Per sample the result records the prompt length (its length bucket) and, where the sample says
 where its evidence is (a ``needle`` video's ``needle_frame``, a still's ``evidence_image``, or
@@ -144,7 +144,7 @@ def evaluate(model, tok, samples, *, image_processor, system=None, batch_size: i
     ``samples`` fills (rows it dropped), added to by this function."""
     from tqdm import tqdm
 
-    from vlt.inference import EngineUnsupported, InferenceEngine, check_engine_support
+    from vlt.inference import EngineUnsupported, InferenceEngine
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"--batch-size and --max-new-tokens must be >= 1 (got {batch_size}, {max_new_tokens})")
     skips = skips if skips is not None else Skips()
@@ -162,12 +162,11 @@ def evaluate(model, tok, samples, *, image_processor, system=None, batch_size: i
                          f"{f'; --tasks {sorted(tasks)}' if tasks else ''}); check --data, --images and --tasks")
     p0 = next(model.parameters())
     capacity = max(len(p.ids) for p in prepared) + max_new_tokens
-    try:
-        check_engine_support(model)
+    try:  # the engine refuses a model it cannot hold before allocating anything
         engine = InferenceEngine(model, batch_size=min(batch_size, len(prepared)), capacity=capacity,
                                  **(engine_kwargs or {}))
         batch_size = engine.batch_size
-    except EngineUnsupported as e:  # a layer whose state grows per token (fla's nsa, moba): the eager loop
+    except EngineUnsupported as e:  # a growing state whose state_spec does not follow the capacity: eager
         engine, batch_size = None, 1
         log.warning("vlt eval: %s. Decoding with the eager path instead, one sample at a time (same greedy "
                     "answers, slower)", e)
