@@ -131,3 +131,26 @@ def test_bench_decode_kernels_needs_cuda(tmp_path):
     from vlt.cli import main
     with pytest.raises(SystemExit, match="CUDA device"):
         main(["bench", "decode-kernels", "--out", str(tmp_path)])
+
+
+def test_kernel_table_leaves_out_user_annotations(tmp_path):
+    """A GPU-side record_function range (Lightning's optimizer-step annotation wraps forward and
+    backward) spans kernels that are listed on their own: the table must not count it again."""
+    from types import SimpleNamespace
+
+    from vlt.bench.common import write_kernel_table
+
+    def ev(name, start, end, annotation=False):
+        tr = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
+        return SimpleNamespace(name=name, time_range=tr, is_user_annotation=annotation,
+                               device_type=torch.autograd.DeviceType.CUDA)
+
+    events = [ev("Optimizer.step#AdamW.step", 0, 1000, annotation=True),
+              ev("gemm", 0, 300), ev("gemm", 500, 800), ev("adamw", 900, 1000)]
+    prof = SimpleNamespace(events=lambda: events)
+    summary = write_kernel_table(prof, str(tmp_path / "table.txt"))
+    assert summary["kernels_per_call"] == 3
+    assert summary["device_ms_per_call"] == pytest.approx(0.7)
+    assert summary["busy_fraction"] == pytest.approx(0.7)   # 700 us of kernels over a 1000 us span
+    assert [row["kernel"] for row in summary["top"]] == ["gemm", "adamw"]
+    assert "Optimizer.step" not in (tmp_path / "table.txt").read_text()
