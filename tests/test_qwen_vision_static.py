@@ -1,5 +1,5 @@
 """StaticQwenVision (fixed grid, one SDPA call per layer) against transformers' own Qwen2.5-VL vision
-forward on a tiny random tower, fp32 on the CPU: equal windows, unequal windows (the masked path),
+forward on a tiny random tower, fp32 on the CPU: equal windows, unequal windows (the padded path),
 non-square grids and several frames per call."""
 import pytest
 import torch
@@ -16,7 +16,7 @@ PATCH_DIM = 3 * 2 * 14 * 14
 
 
 def _rel_err(a, b):
-    return float((a - b).norm() / b.norm())
+    return float((a - b).detach().norm() / b.detach().norm())
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def _hf_and_static(visual, grid, static=None):
 ])
 def test_static_matches_hf_forward(visual, grid, equal_windows):
     static = StaticQwenVision(visual, grid)
-    assert static.equal_windows is equal_windows and (static.window_mask is None) is equal_windows
+    assert static.equal_windows is equal_windows and (static.window_padding is None) is equal_windows
     out, ref = _hf_and_static(visual, grid, static)
     assert out.shape == ref.shape == (grid[0] * grid[1] * grid[2] // 4, TINY["out_hidden_size"])
     assert _rel_err(out, ref) < 1e-5
@@ -142,3 +142,30 @@ def test_video_stream_runs_the_static_tower_as_transformers_does(tmp_path):
         ours, ref = s._features(frame), model.vision([frame])
     assert len(s._vision) == 1       # the static tower was built for this frame size and used
     assert float((ours - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_tower_forward_batches_sizes_and_matches_hf_in_values_and_gradients():
+    """QwenVisionTower.forward (what training and vlt generate run) groups the images by size and runs
+    each group through StaticQwenVision: outputs in the callers' order and every parameter's gradient
+    equal HF's forward over the same images (sizes interleaved, one with unequal windows)."""
+    torch.manual_seed(0)
+    tower = QwenVisionTower(VisionConfig(kind="qwen2_5_vl", hf_config=TINY), TINY["out_hidden_size"])
+    with torch.no_grad():
+        for p in tower.parameters():
+            p.normal_(0, 0.3)
+    # 112x112 = merged 4x4 (equal windows); 140x112 = merged 5x4 (unequal); 56x168 = merged 2x6
+    images = [torch.randn(3, *hw) for hw in [(112, 112), (140, 112), (112, 112), (56, 168), (140, 112)]]
+    from vlt.qwen_vision import pixel_inputs
+    pixels, grid_thw = pixel_inputs(images)
+    ref = tower.visual(pixels, grid_thw=grid_thw).pooler_output
+    weight = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), list(tower.parameters()))
+    out = tower(images)
+    assert out.shape == ref.shape and _rel_err(out, ref) < 1e-5
+    grads = torch.autograd.grad((out * weight).sum(), list(tower.parameters()))
+    names = [n for n, _ in tower.named_parameters()]
+    for name, g, r in zip(names, grads, ref_grads):
+        assert _rel_err(g, r) < 1e-4, name
+    assert len(tower._grids) == 3                       # one table per image size
+    assert all(s.mlps == [None] * TINY["depth"] for s in tower._grids.values())  # parameters not re-pointed
+    assert "_grids" not in "".join(tower.state_dict())

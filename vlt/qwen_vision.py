@@ -8,7 +8,8 @@ raster order of its merged grid - exactly what the HF processor + ``model.visual
 - ``patchify`` reproduces ``Qwen2VLImageProcessor.patchify``: a still image becomes one temporal
   patch by repeating the frame ``temporal_patch_size`` (2) times; patches are grouped merge x merge
   (the merger's window ordering) and flattened as (channel, time, row, col);
-- ``grid_thw`` is (1, H / patch, W / patch) in *patch* units, as HF expects (LLM grid = that / merge).
+- ``grid_thw`` is (1, H / patch, W / patch) in *patch* units, as HF expects (LLM grid = that / merge);
+- the forward is ``StaticQwenVision``'s (vlt.qwen_vision_static), batched over the images of one size.
 
 Videos: vlt feeds every frame as its own image (one temporal patch per frame). HF's native video
 path instead stacks two consecutive frames into one temporal patch (half the tokens) and spaces the
@@ -81,7 +82,34 @@ class QwenVisionTower(nn.Module):
         self.temporal_patch_size = hf.temporal_patch_size
 
     def forward(self, images: list[torch.Tensor]) -> torch.Tensor:
-        pixels, grid_thw = pixel_inputs(images, self.patch_size, self.merge_size, self.temporal_patch_size)
-        p = next(self.visual.parameters())
-        out = self.visual(pixels.to(p.device, p.dtype), grid_thw=grid_thw.to(p.device))
-        return out.pooler_output
+        """[sum of each image's (H/28) * (W/28) tokens, out_dim], images in order.
+
+        Images of one size run together through ``StaticQwenVision`` (all of them in one SDPA call per
+        layer, the MLP modules as they are, so training and LoRA see HF's parameters): HF's own forward
+        makes one SDPA call per window and image and reads ``cu_seqlens`` back to the host, which on a 4B
+        stage-2 step at 8K tokens (about 23 images of 448x448) was 10,396 launches and left the H200
+        idle about 45% of the step (benchmarks/README.md). Same values as HF's forward (tested)."""
+        proj = self.visual.patch_embed.proj.weight
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            by_size.setdefault(tuple(im.shape[-2:]), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(images)
+        for idx in by_size.values():
+            rows, grids = pixel_inputs([images[i] for i in idx], self.patch_size, self.merge_size,
+                                       self.temporal_patch_size)
+            _, gh, gw = (int(v) for v in grids[0])
+            feats = self._grid(gh, gw, proj).features(rows.to(proj.device, proj.dtype), frames=len(idx))
+            for i, f in zip(idx, feats.split(gh * gw // self.merge_size ** 2)):
+                out[i] = f
+        return torch.cat(out, dim=0)
+
+    def _grid(self, gh: int, gw: int, proj: torch.Tensor):
+        """The per-size tables (window order, rotary), built once per image size, device and dtype."""
+        from vlt.qwen_vision_static import StaticQwenVision
+        key = (gh, gw, proj.device, proj.dtype)
+        grids = self.__dict__.setdefault("_grids", {})  # plain attribute: not a submodule, not in state_dict
+        if key not in grids:
+            if len(grids) >= 256:  # many resolutions (smart_resize): keep the tables bounded
+                grids.clear()
+            grids[key] = StaticQwenVision(self.visual, (1, gh, gw), align_mlp=False)
+        return grids[key]

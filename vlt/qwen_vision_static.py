@@ -10,8 +10,8 @@ qkv / proj and MLPs, the merger) with fixed shapes:
 - tokens are kept in HF's window order for the whole tower (merged units grouped window by window,
   windows in raster order, units in raster order inside a window), so a window is a contiguous run;
 - window layers: when every window holds the same number of tokens, the frame is reshaped to
-  [frames * windows, heads, window_len, head_dim] for one SDPA call; otherwise one SDPA call over the
-  frame with a precomputed block-diagonal boolean mask;
+  [frames * windows, heads, window_len, head_dim] for one SDPA call; otherwise every window is padded
+  to the longest one (a precomputed gather) and the padding keys are masked out, still one SDPA call;
 - full-attention layers (``fullatt_block_indexes``): one SDPA call over each frame's tokens;
 - the 2D rotary cos / sin table (fp32, as HF applies it) comes from the module's own ``inv_freq``;
 - the merger's output is put back into raster order of the merged grid by a precomputed inverse.
@@ -31,19 +31,30 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _block(blk, x, cos, sin, mask, seqs: int, seq_len: int, mlp=None):
-    """One vision block on x [frames, tokens, dim] (window order); attention over ``seqs`` sequences
-    of ``seq_len`` tokens (windows or whole frames), ``mask`` for unequal windows. ``mlp``: the
-    block MLP's aligned weights (``aligned_mlp``), or None to run the module."""
+def _block(blk, x, cos, sin, seq_len: int, padding=None, mlp=None):
+    """One vision block on x [frames, tokens, dim] (window order); attention within runs of ``seq_len``
+    consecutive tokens (a window, or the whole frame for full-attention layers). ``padding``, for
+    unequal windows: (gather [windows * L], scatter [tokens], key_mask [windows, 1, 1, L]) - every window
+    is padded to L = the longest window's length and its padding keys are masked out, so attention costs
+    windows * L^2 as HF's per-window loop does, not tokens^2 as a block-diagonal mask over the frame
+    would. ``mlp``: the block MLP's aligned weights (``aligned_mlp``), or None to run the module."""
     t, n, d = x.shape
     attn = blk.attn
     heads = attn.num_heads
     q, k, v = attn.qkv(blk.norm1(x)).view(t, n, 3, heads, d // heads).unbind(2)
     q = (q.float() * cos + _rotate_half(q.float()) * sin).to(v.dtype)
     k = (k.float() * cos + _rotate_half(k.float()) * sin).to(v.dtype)
-    q, k, v = (z.reshape(seqs, seq_len, heads, -1).transpose(1, 2) for z in (q, k, v))
+    mask = None
+    if padding is not None:
+        gather, scatter, key_mask = padding
+        q, k, v = (z[:, gather] for z in (q, k, v))          # [t, windows * L, heads, head_dim]
+        mask = key_mask.repeat(t, 1, 1, 1)
+    q, k, v = (z.reshape(-1, seq_len, heads, z.shape[-1]).transpose(1, 2) for z in (q, k, v))
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
-    x = x + attn.proj(o.transpose(1, 2).reshape(t, n, d))
+    o = o.transpose(1, 2).reshape(t, -1, d)
+    if padding is not None:
+        o = o[:, scatter]       # drop the padding rows (their outputs, and so their gradients)
+    x = x + attn.proj(o)
     h = blk.norm2(x)
     if mlp is None:
         return x + blk.mlp(h)
@@ -95,7 +106,7 @@ class StaticQwenVision:
     device). ``grid_thw``: (frames, patch rows, patch cols), rows and cols multiples of the merge size.
     """
 
-    def __init__(self, tower_or_visual, grid_thw, compile: str | None = None):
+    def __init__(self, tower_or_visual, grid_thw, compile: str | None = None, align_mlp: bool = True):
         visual = getattr(tower_or_visual, "visual", tower_or_visual)
         self.visual = visual
         # compile: a torch.compile backend for the block (one compiled copy serves every block of a
@@ -117,7 +128,9 @@ class StaticQwenVision:
         self.unit = m * m                              # patches per merged token
         self.patch_dim = proj.weight[0].numel()        # C * T * P * P
         self.full_layers = {int(i) for i in visual.fullatt_block_indexes}
-        self.mlps = [aligned_mlp(blk.mlp) for blk in visual.blocks]
+        # align_mlp=False (training): the MLP modules run as they are, so their parameters stay where the
+        # optimizer, FSDP and LoRA put them; aligned_mlp re-points them at padded buffers (inference)
+        self.mlps = [aligned_mlp(blk.mlp) if align_mlp else None for blk in visual.blocks]
 
         # Window order of the merged units: sort by (window row, window col, unit index) - the unit
         # index is raster order, which is also raster order inside a window.
@@ -132,10 +145,15 @@ class StaticQwenVision:
         self.unit_inverse = torch.argsort(unit_order).to(self.device)
         self.window_tokens = window_tokens.tolist()
         self.equal_windows = len(set(self.window_tokens)) == 1
-        self.window_mask = None
-        if not self.equal_windows:  # True = may attend: the block diagonal of the window runs
-            owner = torch.repeat_interleave(torch.arange(len(self.window_tokens)), window_tokens)
-            self.window_mask = (owner[:, None] == owner[None, :]).to(self.device)
+        self.window_padding = None
+        if not self.equal_windows:  # pad every window to the longest; see _block
+            longest = max(self.window_tokens)
+            starts = torch.cumsum(window_tokens, 0) - window_tokens
+            slot = torch.arange(longest)
+            valid = slot[None, :] < window_tokens[:, None]                  # [windows, longest]
+            gather = torch.where(valid, starts[:, None] + slot[None, :], 0).flatten()
+            scatter = torch.nonzero(valid.flatten()).flatten()              # window order of the real tokens
+            self.window_padding = tuple(z.to(self.device) for z in (gather, scatter, valid[:, None, None, :]))
 
         # Rotary: patch (i, j) of merged unit (r, c) sits at row r*m + i, col c*m + j; HF rotates the whole
         # head dim with [h freqs, w freqs] twice over, in fp32, scaled by attention_scaling (1 for axial).
@@ -153,10 +171,12 @@ class StaticQwenVision:
         self.sin = (angles.sin() * scaling)[:, None, :]
 
     def _attention_layout(self, windowed: bool):
-        """(sequences, tokens per sequence, mask) of one layer's SDPA call over [frames, tokens]."""
-        if windowed and self.equal_windows:
-            return self.frames * len(self.window_tokens), self.window_tokens[0], None
-        return self.frames, self.tokens, self.window_mask if windowed else None
+        """(tokens per attention run, padding) of one layer: windows or the whole frame."""
+        if not windowed:
+            return self.tokens, None
+        if self.equal_windows:
+            return self.window_tokens[0], None
+        return max(self.window_tokens), self.window_padding
 
     def _check_input(self, pixel_values: torch.Tensor):
         expected = (self.frames * self.tokens, self.patch_dim)
@@ -167,16 +187,21 @@ class StaticQwenVision:
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [frames * tokens, C*T*P*P] (HF processor order) -> [frames * tokens / merge^2, out]."""
-        t, n, u = self.frames, self.tokens, self.unit
         self._check_input(pixel_values)
+        return self.features(pixel_values, self.frames)
+
+    def features(self, pixel_values: torch.Tensor, frames: int) -> torch.Tensor:
+        """``forward`` for any number of frames of this grid's size (the tables are per frame): what the
+        training tower uses to run all images of one size in one call per layer."""
+        t, n, u = frames, self.tokens, self.unit
         proj = self.visual.patch_embed.proj
         # The Conv3d's kernel equals its stride and covers one patch: a matmul with the flattened weight.
         x = F.linear(pixel_values.to(self.dtype), proj.weight.flatten(1), proj.bias)
         d = x.shape[-1]
         x = x.view(t, n // u, u, d)[:, self.unit_order].reshape(t, n, d)
         for idx, blk in enumerate(self.visual.blocks):
-            seqs, seq_len, mask = self._attention_layout(windowed=idx not in self.full_layers)
-            x = self.block(blk, x, self.cos, self.sin, mask, seqs, seq_len, self.mlps[idx])
+            seq_len, padding = self._attention_layout(windowed=idx not in self.full_layers)
+            x = self.block(blk, x, self.cos, self.sin, seq_len, padding, self.mlps[idx])
         merged = self.visual.merger(x.reshape(t * n, d))
         return merged.view(t, n // u, -1)[:, self.unit_inverse].reshape(t * n // u, -1)
 

@@ -227,8 +227,9 @@ def write_kernel_table(prof, path: str, reps: int = 1, rows: int = 30) -> dict:
         by_name[e.name] = (n + 1, t + e.time_range.elapsed_us())
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:rows]
     with open(path, "w") as f:
+        busy = total_us / max(span_us, 1e-9)
         f.write(f"{len(events) / reps:.0f} kernels and {total_us / reps / 1e3:.3f} ms device time per call; "
-                f"GPU busy {total_us / max(span_us, 1e-9):.1%} of the {span_us / 1e3:.1f} ms from first kernel to last\n")
+                f"GPU busy {busy:.1%} of the {span_us / 1e3:.1f} ms from first to last kernel\n")
         f.write(f"{'share':>6} {'ms/call':>9} {'calls':>6}  kernel\n")
         for name, (n, t) in top:
             f.write(f"{t / max(total_us, 1e-9):6.1%} {t / reps / 1e3:9.3f} {n // reps:6d}  {name[:150]}\n")
