@@ -1,4 +1,4 @@
-"""``--trainer.strategy fsdp`` in vlt means FSDP wrapped per decoder block (and per vision block),
+"""``--trainer.strategy fsdp`` in vlt means FSDP wrapped per decoder block (the vision tower stays in the root unit),
 with original parameters kept so frozen base weights and LoRA adapters can share a unit, and
 sharded checkpoints. Registered over Lightning's own "fsdp" name so the documented flag does it."""
 from __future__ import annotations
