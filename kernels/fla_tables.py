@@ -53,7 +53,7 @@ def use_shipped_tables(device) -> Path | None:
         return Path(os.environ["FLA_CONFIG_DIR"]) if "FLA_CONFIG_DIR" in os.environ else None
     _prepared = True
     if os.environ.get(DUMP_ENV):
-        atexit.register(dump_tables, os.environ[DUMP_ENV])
+        dump_at_exit(os.environ[DUMP_ENV])
     folder = TABLE_ROOT / gpu_folder(torch.cuda.get_device_name(device))
     if "FLA_CONFIG_DIR" in os.environ or "FLA_CACHE_MODE" in os.environ or not folder.is_dir():
         return None  # the user's own fla settings, or no table for this GPU: fla autotunes
@@ -63,6 +63,31 @@ def use_shipped_tables(device) -> Path | None:
         cache.FLA_CACHE_MODE = cache.FlaCacheMode.from_env()
     log.info("vlt.kernels: fla kernel configs from %s (strict keys; others autotune)", folder)
     return folder
+
+
+def dump_at_exit(folder) -> None:
+    """``dump_tables(folder)`` when the process exits, also when it is ended by SIGTERM: ``timeout``,
+    the GPU scripts' per-stage limit, sends it, and Python skips atexit handlers on a fatal signal, so
+    a stage cut at its limit lost the picks it had paid minutes of autotuning for."""
+    import signal
+    import threading
+    atexit.register(dump_tables, folder)
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        try:
+            dump_tables(folder)
+        except Exception:  # the process is ending anyway; the picks are only a speed-up
+            log.exception("vlt.kernels: could not write fla kernel configs to %s", folder)
+        if callable(previous):
+            previous(signum, frame)  # e.g. a handler that stops a run gracefully
+        elif previous != signal.SIG_IGN:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def _autotuners(modules):

@@ -2,6 +2,7 @@
 picked is written in fla's file format and read back by fla's own lookup (the next process on a
 fresh machine skips the timing), and the table folder is chosen per GPU model without overriding a
 user's own fla settings. fla's autotuner objects are real; nothing is launched (CPU)."""
+import json
 import types
 
 import pytest
@@ -97,3 +98,30 @@ def test_no_table_or_the_users_own_fla_settings_leave_fla_autotuning(fresh_proce
     assert fla_tables.use_shipped_tables("cuda") is None
     assert "FLA_CONFIG_DIR" not in __import__("os").environ
     assert fla_tables.gpu_folder("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"
+
+
+def test_picks_are_written_when_a_time_limit_ends_the_process(tmp_path):
+    """`timeout` ends a stage with SIGTERM, which skips atexit: the picks are written anyway, and the
+    process still ends by the signal (exit status -15)."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
+        from test_fla_tables import make_tuner
+        from vlt.kernels import fla_tables
+        tuner = make_tuner()
+        tuner.cache[(64, 64)] = tuner.configs[3]
+        fla_tables.collect_tables = lambda modules=None, _real=fla_tables.collect_tables: _real([sys.modules[__name__]])
+        vlt_kernel = tuner
+        fla_tables.dump_at_exit({str(tmp_path)!r})
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("not reached")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == -15, res.stderr
+    assert "not reached" not in res.stdout
+    written = json.loads((tmp_path / "vlt_test_kernel.json").read_text())
+    (entry,) = written["autotune_entries"].values()
+    assert entry["config"]["kwargs"] == {"BK": 32} and entry["config"]["num_warps"] == 4
