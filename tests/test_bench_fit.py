@@ -22,6 +22,8 @@ def test_bench_fit_tiny_runs_every_stage(tmp_path, monkeypatch):
         assert r["first_step_since_build_s"] >= r["first_step_s"]
     parts = rows["stage1_kl"]["flops_parts"]
     assert parts["teacher/lm_head"]["bwd"] == 0 and parts["lm_head"]["bwd"] > 0  # the teacher: forward only
+    # the student's frozen tower holds the teacher's weights: the images go through one tower, once
+    assert parts["teacher/vision"]["fwd"] > 0 and "vision" not in parts
     assert "lm_head" not in rows["stage1_layer"]["flops_parts"]  # the layer phase never runs a head
     assert rows["stage3_long_lora"]["length"] == 512
 

@@ -155,3 +155,37 @@ def test_partial_activation_checkpointing_recomputes_the_first_blocks_same_grads
     assert calls == list(model.layers[: math.ceil(n / 2)])  # only the 0.5 run, and its first half
     for a, b in zip(grads[False], grads[0.5]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_kl_phase_shares_the_frozen_teachers_image_features(color_batches):
+    """With the student's tower frozen at the teacher's weights the KL phase runs the tower once (in the
+    teacher's forward) and gives the student the same features: same loss, one tower forward fewer, and
+    the FLOP count leaves the student's tower out. A changed or trainable student tower is not shared."""
+    batches, tokens = color_batches
+    torch.manual_seed(0)
+    mod = Distillation(teacher={"model_name": "tiny-hybrid", "layout": "[full] * 2"}, student_layout="[swa, gdn]",
+                       phase="kl", tokens=tokens)
+    batch = dict(batches[0])
+    assert batch["images"], "the color batches carry images"
+    batch["loss_rows"] = mod.loss_rows(batch)
+    calls = []
+    hook = mod.model.vision.register_forward_hook(lambda *args: calls.append(1))
+    assert not mod._shared_vision          # decided at fit start
+    ref, _ = mod.compute_loss(batch)
+    ref_flops = mod.count_step_flops(batch).as_dict()
+    assert len(calls) == 1 and "vision" in ref_flops
+    assert mod._vision_is_shared()
+    mod._shared_vision = True
+    loss, _ = mod.compute_loss(batch)
+    assert len(calls) == 1                 # the student's tower did not run
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-7)
+    flops = mod.count_step_flops(batch).as_dict()
+    assert "vision" not in flops and flops["teacher/vision"] == ref_flops["teacher/vision"]
+    hook.remove()
+    with torch.no_grad():
+        next(mod.model.vision.parameters()).add_(1e-3)
+    assert not mod._vision_is_shared()     # the weights differ from the teacher's
+    with torch.no_grad():
+        next(mod.model.vision.parameters()).sub_(1e-3)
+    next(mod.model.vision.parameters()).requires_grad_(True)
+    assert not mod._vision_is_shared()     # a tower that trains computes its own features

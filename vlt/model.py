@@ -104,13 +104,15 @@ class VLM(nn.Module):
         return [b.mixer_name for b in self.layers]
 
     # ---- pieces ---------------------------------------------------------------------------------
-    def embed(self, input_ids, images=None):
+    def embed(self, input_ids, images=None, image_features=None):
+        """Token embeddings with the images' features spliced in at their pad tokens. ``image_features``:
+        this tower's output for ``images``, computed already (distillation shares the frozen teacher's)."""
         x = self.embed_tokens(input_ids)
         if not images:
             return x
         if self.vision is None:
             raise ValueError("the batch has images but the model has no vision tower (vision.kind='none')")
-        feats = self.vision(images).to(x.dtype)
+        feats = (self.vision(images) if image_features is None else image_features).to(x.dtype)
         mask = torch.isin(input_ids, torch.tensor(self.image_token_ids, device=input_ids.device))
         n = int(mask.sum())
         if n != feats.shape[0]:
@@ -136,8 +138,8 @@ class VLM(nn.Module):
 
     def forward(self, input_ids, labels=None, images=None, position_ids=None, cu_seqlens=None, state=None,
                 use_cache=False, output_hidden_states=False, compute_logits=True, logits_to_keep: int = 0,
-                **_unused):
-        x = self.embed(input_ids, images)
+                image_features=None, **_unused):
+        x = self.embed(input_ids, images, image_features)
         start = None if state is None else state["next_pos"]
         pos, next_pos = self.positions(input_ids, images, position_ids if state is None else None, cu_seqlens, start)
         layer_states = [None] * len(self.layers) if state is None else state["layers"]

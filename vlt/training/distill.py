@@ -107,6 +107,7 @@ class Distillation(VLTModule):
         self._teacher_spec = teacher
         super().__init__(**kwargs)
         self.converted = [i for i, b in enumerate(self.model.layers) if b.mixer_name not in ("full", "swa")]
+        self._shared_vision = False  # set at fit start (_vision_is_shared)
 
     def build_model(self):
         from vlt.convert.student import convert_to_student
@@ -142,6 +143,21 @@ class Distillation(VLTModule):
     def on_fit_start(self):
         super().on_fit_start()
         self._place_teacher()
+        # every rank decides alike (under FSDP a rank holds only its shard of the weights it compares)
+        self._shared_vision = self.trainer.strategy.reduce_boolean_decision(self._vision_is_shared(), all=True)
+
+    def _vision_is_shared(self) -> bool:
+        """True when the student's vision tower (projector included) is frozen and holds the teacher's
+        weights (as converted, in the teacher's dtype): then the KL phase computes the images' features
+        once, in the teacher's forward, and gives the student the same ones - a 4B stage1_kl step ran
+        the tower twice (a quarter of its FLOPs each). Checked once: frozen weights cannot drift."""
+        s, t = self.model.vision, self.teacher.vision
+        if s is None or t is None or any(p.requires_grad for p in s.parameters()):
+            return False
+        s_state, t_state = s.state_dict(), t.state_dict()
+        return s_state.keys() == t_state.keys() and all(
+            s_state[k].shape == v.shape and torch.equal(s_state[k].to(v.device, v.dtype), v)
+            for k, v in t_state.items())
 
     def on_validation_start(self):
         self._place_teacher()
@@ -160,8 +176,8 @@ class Distillation(VLTModule):
         rows = int(batch["loss_rows"].numel()) if batch.get("loss_rows") is not None else batch["input_ids"].numel()
         kl = self.hparams.phase == "kl"
         fl.add_model(self.teacher, segs, imgs, rows, prefix="teacher/", backward=False, head=kl)
-        if kl:
-            fl.add_model(self.model, segs, imgs, rows)
+        if kl:  # a shared tower ran once, in the teacher's forward
+            fl.add_model(self.model, segs, imgs, rows, vision=not self._shared_vision)
         else:  # each converted layer on the teacher's input: nothing upstream of it trains
             for i in self.converted:
                 fl.add_block(self.model.layers[i], segs, False)
@@ -176,11 +192,14 @@ class Distillation(VLTModule):
         if rows is None:
             rows = self.loss_rows(batch).to(self.device)
         amp = self._teacher_context()
+        feats = None
         with torch.no_grad(), amp:
-            t = self.teacher(**inputs, compute_logits=False)
+            if inputs["images"] and self._shared_vision:
+                feats = self.teacher.vision(inputs["images"])
+            t = self.teacher(**inputs, compute_logits=False, image_features=feats)
             h_t = self.teacher.norm(t.last_hidden.flatten(0, 1)[rows])
             del t  # the teacher's other outputs are not needed
-        s = self.model(**inputs, compute_logits=False)
+        s = self.model(**inputs, compute_logits=False, image_features=feats)
         h_s = self.model.norm(s.last_hidden.flatten(0, 1)[rows])
         loss = linear_kl_distill(h_s, lm_head_weight(self.model), h_t, lm_head_weight(self.teacher), hp.temperature,
                                  impl=hp.loss_impl)

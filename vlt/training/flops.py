@@ -209,9 +209,10 @@ class StepFlops:
         f, b = _product(model.lm_head, rows, up)
         self.add(prefix + "lm_head", f, b if backward else 0.0)
 
-    def add_model(self, model, seg_lens, image_hw, head_rows, prefix="", backward=True, head=True):
-        """A whole VLM forward (and backward of what trains): vision, embeddings, blocks, head."""
-        up = self.add_vision(model, image_hw, prefix, backward)
+    def add_model(self, model, seg_lens, image_hw, head_rows, prefix="", backward=True, head=True, vision=True):
+        """A whole VLM forward (and backward of what trains): vision (unless ``vision=False``: its features
+        came from elsewhere), embeddings, blocks, head."""
+        up = self.add_vision(model, image_hw, prefix, backward) if vision else False
         up = up or (backward and model.embed_tokens.weight.requires_grad)
         for block in model.layers:
             up = self.add_block(block, seg_lens, up, prefix, backward)
