@@ -130,6 +130,7 @@ def test_generate_cli_end_to_end(student, teacher_dir, tmp_path, capsys):
     text = tok.decode([t for t in new[0].tolist() if t not in (tok.eos_id, tok.pad_id)])
     assert out == text + "\n"
     assert "tokens/s" in err and "state" in err and "swa" in err and "time to first token" in err
+    assert "start-up" in err and "engine set-up" in err
     # the reference path prints the same tokens
     eager = add_generate_args(argparse.ArgumentParser()).parse_args(
         ["--ckpt", str(ckpt), "--image", str(img), "--prompt", "Describe it.", "--max-new-tokens", "8",
@@ -158,3 +159,13 @@ def test_generate_uses_the_training_runs_system_prompt(student, teacher_dir, tmp
     assert run(trained) == run(plain, "--system", "")
     assert run(trained, "--system", "You are a helpful assistant.") == run(plain)
     assert run(plain, "--system", "") != run(plain)   # the system prompt changes this model's answer
+
+
+def test_seconds_since_process_start_counts_the_process_whole_life():
+    """What `vlt generate` reports as start-up: a process that slept 1 s before asking reads at least that."""
+    import subprocess
+    import sys
+    code = ("import time; time.sleep(1.0); from vlt.generate_cli import seconds_since_process_start as f; "
+            "print(f())")
+    out = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 1.0 <= out < 60.0

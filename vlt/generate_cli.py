@@ -172,10 +172,25 @@ class TextStreamer:
         self.out.flush()
 
 
+def seconds_since_process_start() -> float | None:
+    """Wall seconds since this process started (Linux /proc; None elsewhere): Python's start-up and the
+    imports before the model loads, which a whole ``vlt generate`` command's wall time also holds."""
+    try:
+        import os
+        ticks = os.sysconf("SC_CLK_TCK")
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19]) / ticks   # field 22: starttime
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0]) - started
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def _run(args) -> int:
     import torch
     from vlt.layers import state_nbytes
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    startup_s = seconds_since_process_start()
     t_load = time.perf_counter()
     model, tok = load_for_inference(args.ckpt, device, args.dtype)
     ids, images = build_inputs(args, model, tok)
@@ -186,6 +201,7 @@ def _run(args) -> int:
     streamer = TextStreamer(tok, eos)
     load_s = time.perf_counter() - t_load
     t0 = time.perf_counter()
+    engine_s = None
     engine_kind = "eager" if args.engine == "eager" else "engine"
     if args.engine == "auto":
         from vlt.inference import EngineUnsupported, check_engine_support
@@ -203,6 +219,7 @@ def _run(args) -> int:
     else:
         from vlt.inference import InferenceEngine, generate
         engine = InferenceEngine(model, capacity=ids.shape[1] + args.max_new_tokens)
+        engine_s = time.perf_counter() - t0
         new = generate(engine, [(ids[0], images)], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_p=args.top_p, eos_token_id=eos, on_token=streamer, seed=args.seed)
         per_layer = engine.layer_state_nbytes()
@@ -215,8 +232,12 @@ def _run(args) -> int:
     streamer.close()
     n = new.shape[1]
     decode_s = end - streamer.first
-    print(f"[vlt generate] {engine_kind} on {device}: load {load_s:.2f} s; "
-          f"prompt {ids.shape[1]} tokens ({len(images)} images), time to first token {streamer.first - t0:.3f} s; "
+    # where a whole command's wall time goes: start-up (Python, imports), load, engine set-up, prefill, decode
+    startup = f"start-up {startup_s:.2f} s; " if startup_s is not None else ""
+    built = f" (engine set-up {engine_s:.3f} s of it)" if engine_s is not None else ""
+    print(f"[vlt generate] {engine_kind} on {device}: {startup}load {load_s:.2f} s; "
+          f"prompt {ids.shape[1]} tokens ({len(images)} images), "
+          f"time to first token {streamer.first - t0:.3f} s{built}; "
           f"{n} new tokens, {(n - 1) / decode_s if n > 1 and decode_s > 0 else float('nan'):.1f} tokens/s; "
           f"decode state {sum(per_layer)} bytes {per_kind}", file=sys.stderr)
     return 0
