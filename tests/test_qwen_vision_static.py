@@ -149,7 +149,9 @@ def test_tower_forward_batches_sizes_and_matches_hf_in_values_and_gradients():
     each group through StaticQwenVision: outputs in the callers' order and every parameter's gradient
     equal HF's forward over the same images (sizes interleaved, one with unequal windows)."""
     torch.manual_seed(0)
-    tower = QwenVisionTower(VisionConfig(kind="qwen2_5_vl", hf_config=TINY), TINY["out_hidden_size"])
+    # an MLP 40 wide: the training tower pads it to 64 on the fly (padded_mlp), as Qwen's 3420 to 3456
+    tower = QwenVisionTower(VisionConfig(kind="qwen2_5_vl", hf_config=dict(TINY, intermediate_size=40)),
+                            TINY["out_hidden_size"])
     with torch.no_grad():
         for p in tower.parameters():
             p.normal_(0, 0.3)
@@ -169,3 +171,16 @@ def test_tower_forward_batches_sizes_and_matches_hf_in_values_and_gradients():
     assert len(tower._grids) == 3                       # one table per image size
     assert all(s.mlps == [None] * TINY["depth"] for s in tower._grids.values())  # parameters not re-pointed
     assert "_grids" not in "".join(tower.state_dict())
+
+
+def test_padded_mlp_equals_the_module_in_values_and_gradients(visual):
+    import copy
+    from vlt.qwen_vision_static import padded_mlp
+    mlp = copy.deepcopy(visual.blocks[0].mlp)
+    h = torch.randn(7, TINY["hidden_size"], requires_grad=True)
+    ref = mlp(h)
+    out = padded_mlp(mlp, h, multiple=48)          # 64 wide -> 96: padding really happens
+    assert _rel_err(out, ref) < 1e-6
+    params = [h, *mlp.parameters()]
+    for g, r in zip(torch.autograd.grad(out.sum(), params), torch.autograd.grad(ref.sum(), params)):
+        assert g.shape == r.shape and _rel_err(g, r) < 1e-6
