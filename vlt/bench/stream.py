@@ -39,6 +39,9 @@ def add_bench_stream_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser
                    "tower alone after the stream: profile_stream_{frame,vision}_<layout>.txt")
     p.add_argument("--dynamic-sizes", action="store_true", help="the engine's compiled steps with automatic "
                    "dynamic shapes (InferenceEngine dynamic_sizes): one recompile for all later frame sizes")
+    p.add_argument("--chunk-attention", action="store_true", help="frames' attention through the Triton chunk "
+                   "kernel (InferenceEngine chunk_attention; CUDA only, off by default: not yet measured on a GPU), "
+                   "instead of a boolean mask + SDPA; run once with and once without to compare")
     add_compile_arg(p)
     return p
 
@@ -52,7 +55,8 @@ def _stream(model, args, device, n_frames, tokens_per_frame):
     grows = any(getattr(b.mixer, "state_grows", False) for b in model.layers)
     engine = InferenceEngine(model, capacity=(n_frames + 2) * (tokens_per_frame + 16) if grows else None,
                              graphs=False if args.no_graph or device.type != "cuda" else None,
-                             compile=step_compile_backend(args, device), dynamic_sizes=args.dynamic_sizes)
+                             compile=step_compile_backend(args, device), dynamic_sizes=args.dynamic_sizes,
+                             chunk_attention=args.chunk_attention)
     return VideoStream(model, load_tokenizer("byte"), image_processor=ImageProcessor(min_pixels=px, max_pixels=px),
                        fps=args.fps, system="", engine=engine)
 
@@ -115,7 +119,8 @@ def _layout(model, res, args, device, dtype, frames):
     if cuda:
         tot_ms = [e[0].elapsed_time(e[2]) for e in stream.events]
     n = args.frames
-    res.update(graph=stream.engine.graphs, compile=stream.engine.compile, frames=n, wall_s=round(wall, 2),
+    res.update(graph=stream.engine.graphs, compile=stream.engine.compile, chunk_attention=stream.engine.chunk_attention,
+               frames=n, wall_s=round(wall, 2),
                fps_wall=round(n / wall, 2), state_bytes=stream.state_nbytes(), fps=[round(1e3 / t, 2) for t in tot_ms],
                vision_ms=[round(v, 3) for v in vis_ms], decoder_ms=[round(v, 3) for v in dec_ms], mem_bytes=mem,
                path="vlt.inference.VideoStream.add_frame (what vlt stream runs per frame)")
@@ -187,7 +192,8 @@ def print_table(rep):
         print(f"  {r['layout']}: FPS median from frame {r['steady_from_frame']} {r['fps_median_steady']} "
               f"(min {r['fps_min_steady']}), decoder-only {r.get('decoder_only_fps_median_steady')} FPS, vision "
               f"{r.get('vision_ms_median')} ms/frame, wall {r['fps_wall']} FPS; eager path "
-              f"{r.get('eager_fps_median_2nd_half')} FPS; graph {r['graph']}")
+              f"{r.get('eager_fps_median_2nd_half')} FPS; graph {r['graph']}, chunk attention kernel "
+              f"{r.get('chunk_attention')}")
         print(f"    memory change from frame {r['steady_from_frame']}: {r['mem_change_steady'] * 100:.4f}%  "
               f"state {r['state_bytes']} B; engine vs eager after {r.get('check_frames')} frames: "
               f"{r.get('check_engine_vs_eager_rel_err')}")

@@ -26,9 +26,12 @@ Every consumer decodes through it: ``vlt generate`` / ``vlt chat`` (``vlt.infere
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
+from vlt.kernels import chunk_attention as chunk_kernel
 from vlt.kernels import decode_attention as attn_kernel
 from vlt.kernels import gdn_decode, pdl
 from vlt.kernels import gemv as gemv_kernel
@@ -40,7 +43,7 @@ from vlt.inference.steps import StepContext, capturable, head, mixer_out, step_f
 class InferenceEngine:
     def __init__(self, model, *, batch_size: int = 1, capacity: int | None = None, graphs: bool | None = None,
                  fused: bool | None = None, compile: str | None = "auto", pack: bool | None = None, pdl: bool = True,
-                 dynamic_sizes: bool = False):
+                 dynamic_sizes: bool = False, chunk_attention: bool = False):
         """``capacity``: tokens a ``full`` attention layer holds (None: only constant-state layouts).
         ``graphs``: capture steps in CUDA graphs (None: on CUDA). ``fused``: vlt's decode kernels
         (None: on CUDA with Triton). ``compile``: torch.compile backend for the small ops between the
@@ -51,7 +54,11 @@ class InferenceEngine:
         the size as a symbol and later sizes reuse it (a stream's timestamps widening, questions of any
         length), where static compiles cost one compile per size. Off by default: on the H200 stream
         (2026-12-01, together with SDPA moved out of the compiled step) the later stall went from 9 s to
-        0.45 s but the first from 9 s to 14 s, and it was not measured alone."""
+        0.45 s but the first from 9 s to 14 s, and it was not measured alone.
+        ``chunk_attention``: steps of T > 1 tokens (frames, prompt chunks) attend through the Triton
+        kernel vlt.kernels.chunk_attention instead of a boolean mask + SDPA; effective on CUDA with
+        Triton (or under Triton's interpreter, which runs it on CPU tensors: the tests). Off by
+        default: not yet measured on a GPU."""
         p = next(model.parameters())
         check_engine_support(model)
         self.model, self.device, self.dtype = model.eval(), p.device, p.dtype
@@ -69,6 +76,8 @@ class InferenceEngine:
             self.graphs = False
         self.fused = (cuda and gdn_decode.triton is not None) if fused is None else fused
         self.pdl = pdl
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        self.chunk_attention = bool(chunk_attention) and chunk_kernel.triton is not None and (cuda or interpreted)
         if compile == "auto":
             compile = "inductor" if cuda else None
         self.compile, self.dynamic_sizes = compile, dynamic_sizes
@@ -197,6 +206,7 @@ class InferenceEngine:
         fast = self.fused and B == 1 and gemv_kernel.triton is not None
         ctx = StepContext(tok=self.tok, pos=pos, T=T, fast=fast, fused_gdn=self.fused and T == 1,
                           decode_attention=self.fused and T == 1 and attn_kernel.triton is not None,
+                          chunk_attention=self.chunk_attention and T > 1,
                           compiled=self._jit if self.compile and not self._plain else None)
         ctx.rope_tables = ctx.jit(rope_cos_sin)
         return ctx

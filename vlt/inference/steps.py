@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlt.kernels import chunk_attention as chunk_kernel
 from vlt.kernels import decode_attention as attn_kernel
 from vlt.kernels import gdn_decode
 from vlt.kernels import gemv as gemv_kernel
@@ -73,6 +74,7 @@ class StepContext:
     fast: bool = False                # batch-1 GEMV kernels (vlt.kernels.gemv) for the projections
     fused_gdn: bool = False           # the fused Triton GDN decode step (T == 1)
     decode_attention: bool = False    # the split decode attention kernel (T == 1)
+    chunk_attention: bool = False     # the split chunk attention kernel (T > 1; vlt.kernels.chunk_attention)
     rope: dict = field(default_factory=dict)   # (head_dim, theta, sections) -> (cos, sin), shared by layers
     rope_tables: object = None        # fn(pos, head_dim, theta, sections) -> (cos, sin)
     compiled: object = None           # fn -> the engine's torch.compile'd fn (None: run as is)
@@ -259,7 +261,8 @@ class AttentionStep(MixerStep):
     ``t - window < ktok <= t``.
     Decode (T = 1): RoPE, the K/V write and attention over the valid slots in one split kernel
     (``vlt.kernels.decode_attention``; its torch reference off CUDA). T > 1 in a ring would overwrite
-    keys the earlier new queries still see, so those attend over ring + new keys (masked), then write."""
+    keys the earlier new queries still see, so those attend over ring + new keys (masked), then write
+    (with ``ctx.chunk_attention``: ``vlt.kernels.chunk_attention``, the mask built inside the kernel)."""
 
     packed = (("q_proj", "k_proj", "v_proj"),)
 
@@ -304,7 +307,7 @@ class AttentionStep(MixerStep):
                 ctx.rope[key] = ctx.rope_tables(ctx.pos, m.head_dim, m.rope_theta, m.mrope_section)
             cos, sin = ctx.rope[key]                                            # [B, T, D]
         if T > 1:
-            return ctx.jit(attend_tokens)(m, cache, x, norm, ctx.tok, cos, sin), m.o_proj
+            return ctx.jit(attend_tokens)(m, cache, x, norm, ctx.tok, cos, sin, ctx.chunk_attention), m.o_proj
         q, k, v = qkv_heads(m, x, norm, ctx.fast)
         args = (q[:, 0], k[:, 0], v[:, 0], cache["k"], cache["v"], ctx.tok, cache["ktok"])
         rope = {} if cos is None else {"cos": cos[:, 0].float().contiguous(), "sin": sin[:, 0].float().contiguous()}
@@ -323,22 +326,27 @@ def qkv_heads(m, x, norm, fast):
             v.view(B, T, m.num_kv_heads, m.head_dim))
 
 
-def attend_tokens(m, cache, x, norm, tok, cos, sin):
+def attend_tokens(m, cache, x, norm, tok, cos, sin, chunk: bool = False):
     """T > 1 new tokens (a frame, a prompt chunk) against the cached ring plus themselves: projections,
     RoPE, a mask by token index (causal, the window, empty slots), SDPA, then the new K/V written to
-    their slots."""
+    their slots. ``chunk``: the attention by vlt.kernels.chunk_attention (a torch custom op, so it
+    stays one node of the compiled step), which builds the mask in registers and skips key blocks
+    no query sees, instead of cat + mask + SDPA."""
     q, k, v = qkv_heads(m, x, norm, False)
     B, T = q.shape[:2]
     if cos is not None:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     L = cache["k"].shape[1]
     qtok = tok[:, None] + torch.arange(T, device=q.device)                    # [B, T]
-    keys, vals = torch.cat([cache["k"], k], 1), torch.cat([cache["v"], v], 1)
-    ktok = torch.cat([cache["ktok"], qtok], 1)                                 # [B, L + T]
-    vis = (ktok[:, None, :] <= qtok[:, :, None]) & (ktok[:, None, :] >= 0)
-    if m.window is not None:
-        vis &= ktok[:, None, :] > qtok[:, :, None] - m.window
-    y = gqa_sdpa(q, keys, vals, vis)
+    if chunk:
+        y = chunk_kernel.chunk_attention(q, k, v, cache["k"], cache["v"], cache["ktok"], qtok, window=m.window)
+    else:
+        keys, vals = torch.cat([cache["k"], k], 1), torch.cat([cache["v"], v], 1)
+        ktok = torch.cat([cache["ktok"], qtok], 1)                             # [B, L + T]
+        vis = (ktok[:, None, :] <= qtok[:, :, None]) & (ktok[:, None, :] >= 0)
+        if m.window is not None:
+            vis &= ktok[:, None, :] > qtok[:, :, None] - m.window
+        y = gqa_sdpa(q, keys, vals, vis)
     rows = torch.arange(B, device=q.device)[:, None]
     slots = qtok % L
     # with T > L only the last L new tokens stay; the others' slots are rewritten by later ones
