@@ -112,11 +112,11 @@ def test_bench_stream_and_the_cli_turn_it_on(tmp_path):
     """``vlt bench stream --chunk-attention`` streams through the kernel (here under the interpreter)
     and its engine's logits still match the eager path's; ``vlt stream --engine-option
     chunk_attention=true`` reaches the engine."""
-    from vlt.stream_cli import engine_kwargs
-    assert engine_kwargs(["chunk_attention=true", "graphs=false"]) == {"chunk_attention": True, "graphs": False}
-    assert engine_kwargs([]) == {}
+    from vlt.eval_cli import engine_options
+    assert engine_options(["chunk_attention=true", "graphs=false"]) == {"chunk_attention": True, "graphs": False}
+    assert engine_options([]) == {}
     with pytest.raises(ValueError, match="chunk_attention takes true or false"):
-        engine_kwargs(["chunk_attention=none"])
+        engine_options(["chunk_attention=none"])
     out = _interpret(f"""
         import json
         from vlt.bench.stream import main

@@ -376,7 +376,8 @@ def test_engine_options_parse_and_name_the_bad_key():
     assert engine_options(["graphs=false", "compile=none", "fused=none", "pdl=true"]) == \
         {"graphs": False, "compile": None, "fused": None, "pdl": True}
     assert engine_options(["compile=inductor"]) == {"compile": "inductor"}
-    with pytest.raises(ValueError, match=r"'graph=false'.*\['graphs', 'fused', 'pack', 'pdl', 'compile'\]"):
+    keys = r"\['graphs', 'fused', 'pack', 'pdl', 'chunk_attention', 'compile'\]"
+    with pytest.raises(ValueError, match=r"'graph=false'.*" + keys):
         engine_options(["graph=false"])
     with pytest.raises(ValueError, match="pdl takes true or false$"):
         engine_options(["pdl=none"])

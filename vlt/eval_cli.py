@@ -48,13 +48,13 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: the dtype the model was saved in")
     p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an InferenceEngine option (graphs, fused, compile, pack, pdl), e.g. graphs=false "
-                        "compile=none: the eager torch path, no capture or compile time for small models")
+                   help="an InferenceEngine option (graphs, fused, compile, pack, pdl, chunk_attention), e.g. "
+                        "graphs=false compile=none: the eager torch path, no capture or compile time for small models")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
-_ENGINE_BOOLS = ("graphs", "fused", "pack", "pdl")
+_ENGINE_BOOLS = ("graphs", "fused", "pack", "pdl", "chunk_attention")
 
 
 def engine_options(items) -> dict:
@@ -70,11 +70,11 @@ def engine_options(items) -> dict:
             out[key] = None if v == "none" else value.strip()
         elif v in ("true", "false"):
             out[key] = v == "true"
-        elif v == "none" and key != "pdl":
+        elif v == "none" and key not in ("pdl", "chunk_attention"):
             out[key] = None
         else:
             raise ValueError(f"--engine-option {item!r}: {key} takes true or false"
-                             + (" or none" if key != "pdl" else ""))
+                             + (" or none" if key not in ("pdl", "chunk_attention") else ""))
     return out
 
 

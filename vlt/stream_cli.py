@@ -32,24 +32,10 @@ def add_stream_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an InferenceEngine option as for vlt eval (graphs, fused, compile, pack, pdl), or "
-                        "chunk_attention=true: frames attend through the Triton chunk kernel (CUDA; off by default, "
-                        "not yet measured on a GPU)")
+                   help="an InferenceEngine option as for vlt eval (graphs, fused, compile, pack, pdl, "
+                        "chunk_attention); chunk_attention=true: frames attend through the Triton chunk kernel "
+                        "(CUDA; off by default, not yet measured on a GPU)")
     return p
-
-
-def engine_kwargs(items) -> dict:
-    """vlt eval's --engine-option parsing (vlt.eval_cli.engine_options) plus ``chunk_attention``
-    (true/false), which only streaming frames use."""
-    from vlt.eval_cli import engine_options
-    chunk = [i for i in items if i.partition("=")[0] == "chunk_attention"]
-    out = engine_options([i for i in items if i not in chunk])
-    for item in chunk:
-        v = item.partition("=")[2].strip().lower()
-        if v not in ("true", "false"):
-            raise ValueError(f"--engine-option {item!r}: chunk_attention takes true or false")
-        out["chunk_attention"] = v == "true"
-    return out
 
 
 def run_stream(args) -> int:
@@ -71,7 +57,8 @@ def _run(args) -> int:
         raise ValueError("give at least one --ask QUESTION")
     if args.ask_every < 0:
         raise ValueError(f"--ask-every must be >= 0, got {args.ask_every}")
-    engine_kw = engine_kwargs(args.engine_option)
+    from vlt.eval_cli import engine_options
+    engine_kw = engine_options(args.engine_option)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     ckpt = Path(args.ckpt).expanduser()
     frames = iter_frames(args.video, args.fps)   # checks the video before the model loads

@@ -25,7 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vlt.kernels import chunk_attention as chunk_kernel
@@ -338,15 +337,8 @@ def attend_tokens(m, cache, x, norm, tok, cos, sin, chunk: bool = False):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     L = cache["k"].shape[1]
     qtok = tok[:, None] + torch.arange(T, device=q.device)                    # [B, T]
-    if chunk:
-        y = chunk_kernel.chunk_attention(q, k, v, cache["k"], cache["v"], cache["ktok"], qtok, window=m.window)
-    else:
-        keys, vals = torch.cat([cache["k"], k], 1), torch.cat([cache["v"], v], 1)
-        ktok = torch.cat([cache["ktok"], qtok], 1)                             # [B, L + T]
-        vis = (ktok[:, None, :] <= qtok[:, :, None]) & (ktok[:, None, :] >= 0)
-        if m.window is not None:
-            vis &= ktok[:, None, :] > qtok[:, :, None] - m.window
-        y = gqa_sdpa(q, keys, vals, vis)
+    attend = chunk_kernel.chunk_attention if chunk else chunk_kernel.chunk_attention_reference
+    y = attend(q, k, v, cache["k"], cache["v"], cache["ktok"], qtok, window=m.window)
     rows = torch.arange(B, device=q.device)[:, None]
     slots = qtok % L
     # with T > L only the last L new tokens stay; the others' slots are rewritten by later ones
@@ -355,20 +347,6 @@ def attend_tokens(m, cache, x, norm, tok, cos, sin, chunk: bool = False):
     cache["v"][rows, slots[:, keep]] = v[:, keep]
     cache["ktok"][rows, slots[:, keep]] = qtok[:, keep]
     return y
-
-
-def gqa_sdpa(q, k, v, mask):
-    """q [B, T, Hq, D], k/v [B, L, Hkv, D] (any strides), mask [B, T, L] bool -> [B, T, Hq, D].
-    The G = Hq / Hkv query heads of a KV head become G*T query rows of one head, so SDPA runs GQA
-    without expanding K/V."""
-    B, T, Hq, D = q.shape
-    Hkv = k.shape[2]
-    G = Hq // Hkv
-    qh = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)
-    kh, vh = k.transpose(1, 2), v.transpose(1, 2)
-    mask = mask.repeat(1, G, 1)[:, None]                                        # [B, 1, G*T, L]
-    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
-    return o.view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, Hq, D)
 
 
 # -- Gated DeltaNet ------------------------------------------------------------------------------------
