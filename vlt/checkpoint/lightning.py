@@ -142,7 +142,9 @@ def load_model_state(path: str | os.PathLike, role: str = "init_from") -> tuple[
         meta, state = read_state(p)
         return meta["model"], state
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+        # memory-mapped: only the model's tensors are read, not the optimizer state beside them (for a
+        # 4B stage checkpoint about as large again), and they are paged in as load_state_dict copies them
+        ckpt = torch.load(p, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # torn zip, wrong format, pickle error: say which file
         raise ValueError(f"{role} {str(p)!r} could not be read as a checkpoint ({type(e).__name__}: {e}); it may be "
                          f"truncated (an interrupted copy or write) or not a checkpoint at all; give {accepted}") from e
