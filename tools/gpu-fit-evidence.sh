@@ -10,7 +10,8 @@
 # Variables: STEPS (per 8K stage, default 4), LONG_STEPS (stage 3, default 3), STAGES, T_STAGE (s, default 240),
 # T_LONG (stage 3, default T_STAGE + 25), T_TESTS (s, default 120; 0 skips the tests), FIT_ARGS (e.g. --profile),
 # TRACE_S (s between Python stack dumps until the first step is done, default 60; its phases are in the log).
-# On a fresh H200 a 4B stage had no first step after 230-290 s (2026-12-01): Triton compiles and fla's autotuning.
+# On a fresh H200 a 4B stage had no first step after 230-290 s (2026-12-01); stage2_sft's came 248 s after its first
+# batch (Inductor's FlexAttention compile, fla's autotuning - now read from kernels/fla_configs/ - and tilelang's compile).
 # TRITON_CACHE_AUTOTUNING keeps the timings for the later processes on the same machine.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
