@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from vlt.inference.steps import MixerStep, _strip_seen, _with_seen, tensors
+from vlt.inference.steps import MixerStep, _strip_seen, _with_seen, leaves, tensors
 from vlt.layers import TensorSpec
 
 
@@ -32,22 +32,11 @@ def growing_dims(mixer, batch: int = 1, capacity: int = 8):
             return {k: pair(v, b[k]) for k, v in a.items()}
         return type(a)(pair(x, y) for x, y in zip(a, b))
     grow = pair(mixer.state_spec(batch, capacity), mixer.state_spec(batch, capacity + 1))
-    if all(d is None for d in _leaves(grow)):
+    if all(d is None for d in leaves(grow)):
         raise ValueError(f"{type(mixer).__name__} says its state grows per token (state_grows) but no tensor of "
                          "its state_spec(batch, capacity) depends on the capacity, so the engine cannot hold it; "
                          "give the growing dimension the capacity's size, or register a step for the mixer")
     return grow
-
-
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _leaves(v)
-    else:
-        yield tree
 
 
 def _zip(cache, grow, fn, *other):

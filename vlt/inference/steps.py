@@ -114,16 +114,21 @@ def _copy_tree(dst, src, row, where):
         _copy_tree(d, s, row, f"{where}[{i}]")
 
 
-def tensors(tree):
-    """The tensors of a (nested) cache, in a fixed order."""
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, dict):
+def leaves(tree):
+    """The leaves of a nested dict / list / tuple (a cache, a state declaration), in a fixed order."""
+    if isinstance(tree, dict):
         for v in tree.values():
-            yield from tensors(v)
+            yield from leaves(v)
     elif isinstance(tree, (list, tuple)):
         for v in tree:
-            yield from tensors(v)
+            yield from leaves(v)
+    else:
+        yield tree
+
+
+def tensors(tree):
+    """The tensors of a (nested) cache, in a fixed order."""
+    return (x for x in leaves(tree) if isinstance(x, torch.Tensor))
 
 
 def _rows(tree, row):
