@@ -406,3 +406,23 @@ def test_mixer_decode_auto_matches_torch(name):
                 ys.append(y_t)
             res[backend] = {"y": torch.cat(ys, 1)[:, -8:]}
     check(f"mixer decode {name}", res["auto"], res["torch"], TOL["gdn" if "gdn" in name else "attn"][torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seen", [300, 20000])
+def test_chunk_attention_matches_reference_at_stream_shapes(dtype, seen):
+    """A streamed frame's attention at InfiniteVL-4B's SWA shapes: 260 new queries (16 heads, GQA 8:1,
+    d 128) over an 8K ring partly filled (300 tokens seen) or wrapped (20000), window 8192: the Triton
+    split-KV kernel against the mask + SDPA reference computed in float32."""
+    from vlt.kernels.chunk_attention import chunk_attention, chunk_attention_reference
+    torch.manual_seed(0)
+    B, T, Hq, Hkv, D, L = 1, 260, 16, 2, 128, 8192
+    q, kn, vn = randn(B, T, Hq, D, dtype=dtype), randn(B, T, Hkv, D, dtype=dtype), randn(B, T, Hkv, D, dtype=dtype)
+    kc, vc = randn(B, L, Hkv, D, dtype=dtype), randn(B, L, Hkv, D, dtype=dtype)
+    s = torch.arange(L, device=DEV)
+    last = seen - 1 - ((seen - 1 - s) % L)                       # the latest token index each slot holds
+    ktok = torch.where(last >= 0, last, torch.full_like(last, -1))[None]
+    qtok = seen + torch.arange(T, device=DEV)[None]
+    got = chunk_attention(q, kn, vn, kc, vc, ktok, qtok, window=L)
+    ref = chunk_attention_reference(*(t.float() for t in (q, kn, vn, kc, vc)), ktok, qtok, window=L)
+    check(f"chunk_attention seen={seen}", {"o": got.float()}, {"o": ref}, TOL["attn"][dtype])

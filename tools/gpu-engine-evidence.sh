@@ -67,6 +67,12 @@ PY
           --prompt "$prompt" --max-new-tokens 256 > "$OUT/generate_$run.out" 2>> "$OUT/generate.log"
         echo "$run rc=$?"
       done
+      # where a warm command's time goes: imports alone, then the whole command under cProfile (top by cumulative time)
+      /usr/bin/time -f "imports wall %e s" python3 -c "import torch, vlt.cli, vlt.generate_cli, vlt.inference, vlt.checkpoint.export, vlt.model" 2>> "$OUT/generate.log"
+      python3 -m cProfile -o "$work/generate.prof" -m vlt.cli generate --ckpt /tmp/export4b --image /tmp/frame.png \
+        --prompt "$prompt" --max-new-tokens 256 > /dev/null 2>> "$OUT/generate.log"
+      python3 -c "import pstats, sys; pstats.Stats('$work/generate.prof', stream=sys.stdout).sort_stats('cumulative').print_stats(70)" \
+        > "$OUT/generate_profile.txt" 2>&1
       grep -E "wall|vlt generate" "$OUT/generate.log";;
   esac
 done

@@ -234,12 +234,15 @@ def _run(args) -> int:
     decode_s = end - streamer.first
     # where a whole command's wall time goes: start-up (Python, imports), load, engine set-up, prefill, decode
     startup = f"start-up {startup_s:.2f} s; " if startup_s is not None else ""
+    # seconds since process start when the work is done: the command's wall time minus this is its exit
+    done_s = seconds_since_process_start()
+    done = f"; done {done_s:.2f} s after process start" if done_s is not None else ""
     built = f" (engine set-up {engine_s:.3f} s of it)" if engine_s is not None else ""
     print(f"[vlt generate] {engine_kind} on {device}: {startup}load {load_s:.2f} s; "
           f"prompt {ids.shape[1]} tokens ({len(images)} images), "
           f"time to first token {streamer.first - t0:.3f} s{built}; "
           f"{n} new tokens, {(n - 1) / decode_s if n > 1 and decode_s > 0 else float('nan'):.1f} tokens/s; "
-          f"decode state {sum(per_layer)} bytes {per_kind}", file=sys.stderr)
+          f"decode state {sum(per_layer)} bytes {per_kind}{done}", file=sys.stderr)
     return 0
 
 
