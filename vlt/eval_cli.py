@@ -70,11 +70,11 @@ def engine_options(items) -> dict:
             out[key] = None if v == "none" else value.strip()
         elif v in ("true", "false"):
             out[key] = v == "true"
-        elif v == "none" and key not in ("pdl", "chunk_attention"):
+        elif v == "none" and key != "pdl":
             out[key] = None
         else:
             raise ValueError(f"--engine-option {item!r}: {key} takes true or false"
-                             + (" or none" if key not in ("pdl", "chunk_attention") else ""))
+                             + (" or none" if key != "pdl" else ""))
     return out
 
 

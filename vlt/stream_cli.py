@@ -33,8 +33,8 @@ def add_stream_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an InferenceEngine option as for vlt eval (graphs, fused, compile, pack, pdl, "
-                        "chunk_attention); chunk_attention=true: frames attend through the Triton chunk kernel "
-                        "(CUDA; off by default, not yet measured on a GPU)")
+                        "chunk_attention); chunk_attention=false: frames attend through a mask + SDPA instead "
+                        "of the Triton chunk kernel (on by default on CUDA)")
     return p
 
 

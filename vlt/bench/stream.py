@@ -39,9 +39,9 @@ def add_bench_stream_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser
                    "tower alone after the stream: profile_stream_{frame,vision}_<layout>.txt")
     p.add_argument("--dynamic-sizes", action="store_true", help="the engine's compiled steps with automatic "
                    "dynamic shapes (InferenceEngine dynamic_sizes): one recompile for all later frame sizes")
-    p.add_argument("--chunk-attention", action="store_true", help="frames' attention through the Triton chunk "
-                   "kernel (InferenceEngine chunk_attention; CUDA only, off by default: not yet measured on a GPU), "
-                   "instead of a boolean mask + SDPA; run once with and once without to compare")
+    p.add_argument("--chunk-attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="frames' attention through the Triton chunk kernel (InferenceEngine chunk_attention; "
+                   "default: on CUDA) or, with --no-chunk-attention, a boolean mask + SDPA (to compare)")
     add_compile_arg(p)
     return p
 
