@@ -14,8 +14,8 @@ export PYTHONUNBUFFERED=1
 repo=$(pwd)
 OUT=${OUT:-/tmp/engine_out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 work=/tmp/enginework; mkdir -p "$work"; cd "$work"   # outside the checkout: see tools/devpath.sh
-python3 -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" \
-  | tee -a "$OUT/machine.txt"
+python3 -c "import sys, torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__,
+'bytecode cache', sys.pycache_prefix, 'written' if not sys.dont_write_bytecode else 'not written')" | tee -a "$OUT/machine.txt"
 export TRITON_CACHE_AUTOTUNING=1
 # each process that exits normally merges its fla autotune picks into $OUT/fla_configs (fla's format): commit them
 # as kernels/fla_configs/<GPU>/ and a fresh machine skips those timings (vlt.kernels.fla_tables)
@@ -71,8 +71,12 @@ PY
       /usr/bin/time -f "imports wall %e s" python3 -c "import torch, vlt.cli, vlt.generate_cli, vlt.inference, vlt.checkpoint.export, vlt.model" 2>> "$OUT/generate.log"
       python3 -m cProfile -o "$work/generate.prof" -m vlt.cli generate --ckpt /tmp/export4b --image /tmp/frame.png \
         --prompt "$prompt" --max-new-tokens 256 > /dev/null 2>> "$OUT/generate.log"
-      python3 -c "import pstats, sys; pstats.Stats('$work/generate.prof', stream=sys.stdout).sort_stats('cumulative').print_stats(70)" \
+      python3 -c "import pstats, sys; s = pstats.Stats('$work/generate.prof', stream=sys.stdout).sort_stats('cumulative'); s.print_stats(70); s.print_stats('vltpkg/vlt', 60)" \
         > "$OUT/generate_profile.txt" 2>&1
+      # the exit after the work (wall minus "done"): Inductor's compile-worker pool is one suspect; a warm
+      # command with one compile thread (no pool) separates it
+      TORCHINDUCTOR_COMPILE_THREADS=1 /usr/bin/time -f "warm, one compile thread: wall %e s" python3 -m vlt.cli generate \
+        --ckpt /tmp/export4b --image /tmp/frame.png --prompt "$prompt" --max-new-tokens 256 > /dev/null 2>> "$OUT/generate.log"
       grep -E "wall|vlt generate" "$OUT/generate.log";;
   esac
 done
