@@ -77,6 +77,13 @@ PY
       # command with one compile thread (no pool) separates it
       TORCHINDUCTOR_COMPILE_THREADS=1 /usr/bin/time -f "warm, one compile thread: wall %e s" python3 -m vlt.cli generate \
         --ckpt /tmp/export4b --image /tmp/frame.png --prompt "$prompt" --max-new-tokens 256 > /dev/null 2>> "$OUT/generate.log"
+      # and a warm command whose exit dumps every thread's Python stack each 2 s: what the exit waits on
+      /usr/bin/time -f "warm, exit traced: wall %e s" python3 -c "
+import faulthandler, sys
+from vlt.cli import main
+rc = main(sys.argv[1:])
+faulthandler.dump_traceback_later(2, repeat=True, file=open('$OUT/generate_exit_stacks.txt', 'w'))
+sys.exit(rc)" generate --ckpt /tmp/export4b --image /tmp/frame.png --prompt "$prompt" --max-new-tokens 256 > /dev/null 2>> "$OUT/generate.log"
       grep -E "wall|vlt generate" "$OUT/generate.log";;
   esac
 done
