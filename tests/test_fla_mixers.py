@@ -346,7 +346,10 @@ def test_bad_options_fail_before_allocation(name, opts, match, monkeypatch):
 def test_quickstart_with_kda_hybrid_layout_learns(tmp_path, monkeypatch):
     """`vlt fit --config quickstart --config layouts/kda_hybrid` at a test size (hidden 64, 96-token
     packed rows, 400 steps; ~1 min on 2 CPU cores): answer accuracy must rise well above chance (1/8)
-    and the validation loss fall. Measured: acc 0.20 / 0.25 / 0.80 / 1.00 at steps 100-400."""
+    and the validation loss fall. Measured (acc at steps 100-400, val loss at 100 and 400): seed 0
+    0.20 / 0.25 / 0.80 / 1.00; seeds 1-3 (same data) 0.16 / 0.22 / 0.45 / 0.63 (loss 0.49 -> 0.13),
+    0.20 / 0.48 / 0.52 / 0.91 (0.36 -> 0.03), 0.22 / 0.11 / 0.52 / 0.63 (0.39 -> 0.12). When it learns
+    is seed-dependent (another CPU's rounding is another draw), so the bounds leave that room."""
     import csv
     import json
 
@@ -368,8 +371,8 @@ def test_quickstart_with_kda_hybrid_layout_learns(tmp_path, monkeypatch):
     acc = [float(r["val/answer_acc"]) for r in rows]
     loss = [float(r["val/loss"]) for r in rows]
     assert len(acc) == 4, rows
-    assert acc[-1] >= 0.6 and acc[-1] >= acc[0] + 0.3, acc     # chance is 0.125
-    assert loss[-1] < loss[0] / 10, loss
+    assert acc[-1] >= 0.5 and acc[-1] >= acc[0] + 0.25, acc     # chance is 0.125
+    assert loss[-1] < loss[0] / 2, loss
 
 
 @pytest.mark.parametrize("recipe", ["kda_hybrid", "mamba2_hybrid"])
