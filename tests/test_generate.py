@@ -137,6 +137,15 @@ def test_generate_cli_end_to_end(student, teacher_dir, tmp_path, capsys):
          "--engine", "eager"])
     assert run_generate(eager) == 0
     assert capsys.readouterr().out == out
+    # engine options reach the engine (the same tokens); a bad one, or one with --engine eager, is refused
+    base = ["--ckpt", str(ckpt), "--image", str(img), "--prompt", "Describe it.", "--max-new-tokens", "8"]
+    opts = ["--engine-option", "compile=none", "--engine-option", "chunk_attention=false"]
+    assert run_generate(add_generate_args(argparse.ArgumentParser()).parse_args(base + opts)) == 0
+    assert capsys.readouterr().out == out
+    for extra, says in ((["--engine-option", "compiler=none"], "KEY one of"),
+                        (["--engine", "eager", "--engine-option", "compile=none"], "--engine eager")):
+        assert run_generate(add_generate_args(argparse.ArgumentParser()).parse_args(base + extra)) == 2
+        assert says in capsys.readouterr().err
     bad = add_generate_args(argparse.ArgumentParser()).parse_args(["--ckpt", str(tmp_path / "nope"), "--prompt", "x"])
     assert run_generate(bad) == 2
     assert "nope" in capsys.readouterr().err

@@ -88,6 +88,20 @@ def test_eos_stops_and_streams_every_token():
     assert seen == out[0].tolist()
 
 
+def test_the_first_token_is_delivered_before_any_decode_step():
+    """Time to first token is the prefill's: on_token gets token 0 before the engine's first decode
+    step (whose compile and capture would otherwise count), then the rest every sync_every steps."""
+    model = tiny("[swa, gdn]")
+    eng = InferenceEngine(model)
+    steps, at_delivery = [], []
+    decode = eng.decode
+    eng.decode = lambda ids: (steps.append(1), decode(ids))[1]
+    out = generate(eng, [(torch.tensor([3, 4, 5, 6]), None)], max_new_tokens=10, sync_every=4,
+                   on_token=lambda t: at_delivery.append(len(steps)))
+    assert out.shape[1] == 10 and len(steps) == 9
+    assert at_delivery == [0, 3, 3, 3, 7, 7, 7, 7, 9, 9], at_delivery
+
+
 @register_mixer("test_token_shift")
 class TokenShift(TokenMixer):
     """A mixer vlt does not know: y = W (x_t + x_{t-1}); its state is the previous input."""

@@ -77,6 +77,9 @@ PY
       # command with one compile thread (no pool) separates it
       TORCHINDUCTOR_COMPILE_THREADS=1 /usr/bin/time -f "warm, one compile thread: wall %e s" python3 -m vlt.cli generate \
         --ckpt /tmp/export4b --image /tmp/frame.png --prompt "$prompt" --max-new-tokens 256 > /dev/null 2>> "$OUT/generate.log"
+      # without torch.compile of the small ops between the kernels: less set-up, a slower step (by how much?)
+      /usr/bin/time -f "warm, compile=none: wall %e s" python3 -m vlt.cli generate --ckpt /tmp/export4b \
+        --image /tmp/frame.png --prompt "$prompt" --max-new-tokens 256 --engine-option compile=none > /dev/null 2>> "$OUT/generate.log"
       # and a warm command whose exit dumps every thread's Python stack each 2 s: what the exit waits on
       /usr/bin/time -f "warm, exit traced: wall %e s" python3 -c "
 import faulthandler, sys

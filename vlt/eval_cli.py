@@ -47,14 +47,20 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: the dtype the model was saved in")
-    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an InferenceEngine option (graphs, fused, compile, pack, pdl, chunk_attention), e.g. "
-                        "graphs=false compile=none: the eager torch path, no capture or compile time for small models")
+    add_engine_option_arg(p, "graphs=false compile=none: the eager torch path, no capture or compile time "
+                             "for small models")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 _ENGINE_BOOLS = ("graphs", "fused", "pack", "pdl", "chunk_attention")
+
+
+def add_engine_option_arg(p: argparse.ArgumentParser, example: str) -> None:
+    """``--engine-option KEY=VALUE`` (repeatable; parsed by :func:`engine_options`), as vlt eval, generate,
+    chat and stream take it; ``example`` ends the help text."""
+    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"an InferenceEngine option ({', '.join(_ENGINE_BOOLS)}, compile), e.g. {example}")
 
 
 def engine_options(items) -> dict:

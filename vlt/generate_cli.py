@@ -44,6 +44,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--engine", default="auto", choices=["auto", "engine", "eager"],
                    help="auto/engine: vlt.inference's engine (CUDA graphs on the GPU); eager: the mixers' own "
                         "decode path, the reference")
+    from vlt.eval_cli import add_engine_option_arg
+    add_engine_option_arg(p, "compile=none: no torch.compile of the small ops between the kernels (less set-up "
+                             "time, a slower step)")
     return p
 
 
@@ -188,7 +191,12 @@ def seconds_since_process_start() -> float | None:
 
 def _run(args) -> int:
     import torch
+    from vlt.eval_cli import engine_options
     from vlt.layers import state_nbytes
+    engine_kw = engine_options(args.engine_option)   # a bad option fails before the model loads
+    if engine_kw and args.engine == "eager":
+        raise ValueError(f"--engine-option {args.engine_option} configures the engine, which --engine eager does not "
+                         "use; drop one of them")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     startup_s = seconds_since_process_start()
     t_load = time.perf_counter()
@@ -218,7 +226,7 @@ def _run(args) -> int:
         per_layer = [state_nbytes(s) for s in state["layers"]]
     else:
         from vlt.inference import InferenceEngine, generate
-        engine = InferenceEngine(model, capacity=ids.shape[1] + args.max_new_tokens)
+        engine = InferenceEngine(model, capacity=ids.shape[1] + args.max_new_tokens, **engine_kw)
         engine_s = time.perf_counter() - t0
         new = generate(engine, [(ids[0], images)], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_p=args.top_p, eos_token_id=eos, on_token=streamer, seed=args.seed)

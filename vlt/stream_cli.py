@@ -31,10 +31,9 @@ def add_stream_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="tokens a full-attention layer holds (needed only for layouts with full attention)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an InferenceEngine option as for vlt eval (graphs, fused, compile, pack, pdl, "
-                        "chunk_attention); chunk_attention=false: frames attend through a mask + SDPA instead "
-                        "of the Triton chunk kernel (on by default on CUDA)")
+    from vlt.eval_cli import add_engine_option_arg
+    add_engine_option_arg(p, "chunk_attention=false: frames attend through a mask + SDPA instead of the Triton "
+                             "chunk kernel (on by default on CUDA)")
     return p
 
 

@@ -78,6 +78,8 @@ def decode_loop(engine, logits, max_new_tokens: int, temperature: float = 0.0, t
                 rows: int | None = None) -> torch.Tensor:
     """Sample from ``logits`` [B, V] (the engine's rows after their prompts), then decode until
     ``max_new_tokens`` or each of the first ``rows`` rows (default all) has emitted an eos.
+    ``on_token`` gets the first token at once (time to first token is the prefill's, not that of the
+    decode steps' compile and capture, which come with the second), then every ``sync_every`` steps.
     Returns the new ids [B, n]."""
     dev = engine.device
     B = rows or engine.batch_size
@@ -95,7 +97,7 @@ def decode_loop(engine, logits, max_new_tokens: int, temperature: float = 0.0, t
             done |= torch.isin(nxt, eos_t)
         out[:, i] = nxt
         last = i == max_new_tokens - 1
-        if last or (i + 1) % sync_every == 0:
+        if last or i == 0 or (i + 1) % sync_every == 0:
             if on_token is not None:
                 for j in range(delivered, i + 1):
                     on_token(out[:B, j])
