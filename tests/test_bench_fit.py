@@ -20,6 +20,7 @@ def test_bench_fit_tiny_runs_every_stage(tmp_path, monkeypatch):
         assert "error" not in r, (stage, r.get("error"))
         assert r["tokens_per_s"] > 0 and r["first_step_s"] > 0 and r["step_tflop"] > 0, stage
         assert r["first_step_since_build_s"] >= r["first_step_s"]
+        assert 0 < r["build_s"] <= r["first_step_since_build_s"] - r["first_step_s"], stage
     parts = rows["stage1_kl"]["flops_parts"]
     assert parts["teacher/lm_head"]["bwd"] == 0 and parts["lm_head"]["bwd"] > 0  # the teacher: forward only
     # the student's frozen tower holds the teacher's weights: the images go through one tower, once

@@ -231,12 +231,14 @@ def summarise(stage, rec, wall) -> dict:
     vision = sum(v["fwd"] + v["bwd"] for k, v in parts.items() if k.split("/")[-1].startswith(("vision", "projector")))
     first = series("perf/first_step_s")
     built = series("perf/first_step_since_build_s")
+    build = series("perf/build_s")
     mem = series("perf/peak_mem_gib")
     return dict(stage=stage, tokens_per_s=round(statistics.median(timed), 1) if timed else None,
                 tokens_per_s_all=[round(t, 1) for t in tps], tflops=med("perf/tflops"), mfu=med("perf/mfu"),
                 peak_gib=round(max(mem), 2) if mem else None,
                 first_step_s=round(first[0], 2) if first else None,
                 first_step_since_build_s=round(built[0], 2) if built else None,
+                build_s=round(build[0], 2) if build else None,
                 step_tflop=round(total / 1e12, 4), vision_share_of_flops=round(vision / total, 4) if total else None,
                 flops_parts=parts, wall_s=round(wall, 1), loss=series("train/loss")[-1:] or None,
                 **({"profile": rec["profile"]} if rec.get("profile") else {}))

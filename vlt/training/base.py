@@ -120,6 +120,9 @@ class VLTModule(L.LightningModule):
         self.model.gradient_checkpointing = activation_checkpointing
         default = ["lora"] if self.lora_cfg else ["all"]
         apply_trainable(self.model, trainable if trainable is not None else self.default_trainable(default))
+        # time to the first optimizer step, split: this constructor (model and teacher built, init_from
+        # read, LoRA applied), then Lightning's set-up and the first step (perf/first_step_s)
+        self._build_s = time.perf_counter() - self._built_at
         self._t0 = None
         self._fit_t0 = None
         self._device_peak = None
@@ -218,6 +221,7 @@ class VLTModule(L.LightningModule):
             now = time.perf_counter()
             self.log("perf/first_step_s", now - self._fit_t0)
             self.log("perf/first_step_since_build_s", now - self._built_at)
+            self.log("perf/build_s", self._build_s)
             self._fit_t0 = None
         # Throughput from the wall time between consecutive steps: no device synchronisation (which
         # would stall the CUDA queue every step); in steady state this is the true step time.
