@@ -54,13 +54,14 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 _ENGINE_BOOLS = ("graphs", "fused", "pack", "pdl", "chunk_attention")
+ENGINE_KEYS = (*_ENGINE_BOOLS, "compile")   # every InferenceEngine option the command lines pass through
 
 
 def add_engine_option_arg(p: argparse.ArgumentParser, example: str) -> None:
     """``--engine-option KEY=VALUE`` (repeatable; parsed by :func:`engine_options`), as vlt eval, generate,
     chat and stream take it; ``example`` ends the help text."""
     p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
-                   help=f"an InferenceEngine option ({', '.join(_ENGINE_BOOLS)}, compile), e.g. {example}")
+                   help=f"an InferenceEngine option ({', '.join(ENGINE_KEYS)}), e.g. {example}")
 
 
 def engine_options(items) -> dict:
@@ -70,8 +71,8 @@ def engine_options(items) -> dict:
     for item in items or []:
         key, sep, value = item.partition("=")
         v = value.strip().lower()
-        if not sep or key not in (*_ENGINE_BOOLS, "compile"):
-            raise ValueError(f"--engine-option {item!r}: expected KEY=VALUE, KEY one of {[*_ENGINE_BOOLS, 'compile']}")
+        if not sep or key not in ENGINE_KEYS:
+            raise ValueError(f"--engine-option {item!r}: expected KEY=VALUE, KEY one of {list(ENGINE_KEYS)}")
         if key == "compile":
             out[key] = None if v == "none" else value.strip()
         elif v in ("true", "false"):

@@ -38,6 +38,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlt.eval_cli import ENGINE_KEYS
+
 try:
     from lmms_eval.api.model import lmms
 except ImportError as e:  # the extra is not installed
@@ -49,7 +51,6 @@ log = logging.getLogger("vlt")
 MODEL_NAME = "vlt"
 DEFAULT_MAX_NEW_TOKENS = 128
 DTYPES = ("float32", "bfloat16", "float16")
-ENGINE_KEYS = ("graphs", "fused", "compile", "pack", "pdl", "chunk_attention")
 MODEL_ARGS = ("ckpt", "device", "dtype", "batch_size", "max_pixels", "system", *ENGINE_KEYS)
 # generation keys tasks commonly carry that change nothing for vlt's decoding
 _INERT_GEN_KEYS = frozenset({"use_cache", "image_aspect_ratio"})
