@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from vlt.checkpoint.lightning import describe_mismatch, load_model_state
 from vlt.config import VLMConfig, deep_update
-from vlt.model import VLM, checkpointed_blocks, shift_labels
+from vlt.model import VLM, checkpointed_blocks, shift_labels, skipped_init
 from vlt.training.flops import StepFlops, image_sizes, peak_tflops_for, segment_lengths
 from vlt.training.freezing import apply_trainable, check_new_params_train, trainable_table
 from vlt.training.losses import IMPLS, linear_cross_entropy
@@ -134,7 +134,9 @@ class VLTModule(L.LightningModule):
         if hp.model_name is None and hp.model is None and hp.init_from:
             self._init_state = load_model_state(hp.init_from)  # kept: load_init reuses it (4B = 8 GB)
             base = self._init_state[0]  # take the previous stage's model as it was
-        return VLM(build_config(hp.model_name, hp.model, hp.tokens, hp.layout, hp.mixers, base))
+        # with init_from every parameter is loaded next (load_init is strict): no random init to pay for
+        with skipped_init(bool(hp.init_from)):
+            return VLM(build_config(hp.model_name, hp.model, hp.tokens, hp.layout, hp.mixers, base))
 
     def initial_new_params(self) -> list[str]:
         """Parameters not loaded from anywhere (all of them when training from scratch)."""

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from vlt.config import VLMConfig
-from vlt.model import VLM, checkpointed_blocks
+from vlt.model import VLM, checkpointed_blocks, skipped_init
 from vlt.training.base import VLTModule, build_config, lm_head_weight
 from vlt.training.flops import StepFlops, image_sizes, segment_lengths
 from vlt.training.losses import kl_distill_reference as kl_distill_loss  # noqa: F401 - the plain formula
@@ -114,7 +114,8 @@ class Distillation(VLTModule):
         hp = self.hparams
         teacher = load_vlt_teacher(self._teacher_spec, hp.tokens).eval().requires_grad_(False)
         object.__setattr__(self, "teacher", teacher)  # not a submodule: never trained, never checkpointed
-        student, self._new = convert_to_student(teacher, hp.student_layout, hp.student_mixers, hp.init)
+        with skipped_init(bool(hp.init_from)):   # the teacher above is built as usual: it is not loaded over
+            student, self._new = convert_to_student(teacher, hp.student_layout, hp.student_mixers, hp.init)
         return student
 
     def initial_new_params(self):
