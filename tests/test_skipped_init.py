@@ -86,3 +86,18 @@ def test_training_modules_skip_init_only_with_init_from(tmp_path, monkeypatch):
     c = InstructionTuning(init_from=str(path))
     same(c.model, a.model)
     assert calls == [False, False, True]
+
+
+def test_the_qwen_vision_tower_built_without_init_then_loaded_equals_the_original(teacher_dir):
+    """The Qwen2.5-VL tower (transformers' modules, the MLP held in 64-aligned buffers its parameters
+    are views of) built with the initialisers off, then loaded: equal tensors and equal features."""
+    from vlt.convert import import_qwen2_5_vl
+    ref = import_qwen2_5_vl(teacher_dir)
+    with skipped_init():
+        m = VLM(ref.config)
+    m.load_state_dict(ref.state_dict())
+    same(m, ref)
+    torch.manual_seed(0)
+    image = torch.randn(3, 56, 84)
+    with torch.no_grad():
+        assert torch.equal(m.vision([image]), ref.vision([image]))
