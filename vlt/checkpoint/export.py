@@ -165,12 +165,14 @@ def read_state(path) -> tuple[dict, dict]:
 def load_pretrained_vlt(path, dtype=None, device=None, load_adapter: bool = True):
     """(VLM in eval mode, tokenizer or None) from a directory written by ``save_pretrained_vlt``."""
     from vlt.config import VLMConfig
-    from vlt.model import build_vlm
+    from vlt.model import build_vlm, skipped_init
     p = Path(path).expanduser()
     meta, state = read_state(p)
     target = DTYPES.get(str(dtype).removeprefix("torch."), None) if dtype is not None else DTYPES.get(meta.get("dtype"))
-    # built where it will run, in its dtype; every parameter is overwritten below anyway
-    model = build_vlm(VLMConfig.from_dict(meta["model"]), device, target or torch.float32)
+    # built where it will run, in its dtype, with no random init: the strict load below overwrites every
+    # parameter (a 4B model's init alone took 145 s on one CPU core)
+    with skipped_init():
+        model = build_vlm(VLMConfig.from_dict(meta["model"]), device, target or torch.float32)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
