@@ -178,3 +178,34 @@ def test_seconds_since_process_start_counts_the_process_whole_life():
             "print(f())")
     out = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 1.0 <= out < 60.0
+
+
+def test_steady_latency_is_timed_after_the_warm_tokens():
+    """`vlt generate`'s ms/token leaves out the first 8 tokens (the decode step's compile and capture)."""
+    from vlt.generate_cli import WARM_TOKENS, steady_ms_per_token
+    assert WARM_TOKENS == 8
+    # token 0 at 0 s, tokens 1-7 after a 5 s warm-up, then one token every 2 ms
+    times = [0.0] + [5.0] * 7 + [5.0 + 0.002 * i for i in range(1, 21)]
+    assert steady_ms_per_token(times) == pytest.approx(2.0, rel=1e-9)
+    assert steady_ms_per_token(times[:15]) is None   # fewer than 8 tokens after the warm ones
+    assert steady_ms_per_token(times[:16]) == pytest.approx(2.0, rel=1e-9)
+
+
+def test_the_commands_compile_without_a_worker_pool(monkeypatch):
+    """vlt generate / stream / eval / chat: Inductor compiles in the process (a warm command's exit waited
+    ~4.8 s for the pool's workers on the H200); TORCHINDUCTOR_COMPILE_THREADS, when set, wins."""
+    import torch._inductor.config as inductor_config
+    from vlt.inference import compile_in_this_process
+    monkeypatch.setattr(inductor_config, "compile_threads", 7)
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "7")
+    compile_in_this_process()
+    assert inductor_config.compile_threads == 7
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS")
+    compile_in_this_process()
+    assert inductor_config.compile_threads == 1
+    # each command calls it before it loads a model
+    import inspect
+    from vlt import chat_cli, eval_cli, generate_cli, stream_cli
+    for mod in (generate_cli, stream_cli, eval_cli, chat_cli):
+        src = inspect.getsource(mod._run)
+        assert src.index("compile_in_this_process()") < src.index("load_for_inference("), mod.__name__

@@ -67,6 +67,8 @@ PY
           --prompt "$prompt" --max-new-tokens 256 > "$OUT/generate_$run.out" 2>> "$OUT/generate.log"
         echo "$run rc=$?"
       done
+      # GENERATE_EXTRAS=0: only the export and the cold and warm commands
+      if [ "${GENERATE_EXTRAS:-1}" = 0 ]; then grep -E "wall|vlt generate" "$OUT/generate.log"; continue; fi
       # where a warm command's time goes: imports alone, then the whole command under cProfile (top by cumulative time)
       /usr/bin/time -f "imports wall %e s" python3 -c "import torch, vlt.cli, vlt.generate_cli, vlt.inference, vlt.checkpoint.export, vlt.model" 2>> "$OUT/generate.log"
       python3 -m cProfile -o "$work/generate.prof" -m vlt.cli generate --ckpt /tmp/export4b --image /tmp/frame.png \

@@ -38,7 +38,8 @@ def _run(args, stdin, stdout) -> int:
     import torch
     from PIL import Image
     from vlt.generate_cli import TextStreamer, image_processor, load_for_inference, prompt_record, system_prompt
-    from vlt.inference.chat import ChatSession
+    from vlt.inference import ChatSession, compile_in_this_process
+    compile_in_this_process()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     ckpt = Path(args.ckpt).expanduser()
     model, tok = load_for_inference(args.ckpt, device, args.dtype)

@@ -100,9 +100,11 @@ def _run(args) -> int:
     from vlt.evaluation.runner import check_vocabulary, evaluate, summarise, swa_window
     from vlt.evaluation.samples import Skips, read_samples
     from vlt.generate_cli import image_processor, load_for_inference, prompt_record, system_prompt
+    from vlt.inference import compile_in_this_process
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1 (got {args.limit})")
     engine_kwargs = engine_options(args.engine_option)
+    compile_in_this_process()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     ckpt = Path(args.ckpt).expanduser()
     model, tok = load_for_inference(args.ckpt, device, args.dtype)

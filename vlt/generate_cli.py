@@ -154,11 +154,13 @@ class TextStreamer:
         self.ids: list[int] = []
         self.printed = ""
         self.first = None
+        self.times: list[float] = []   # arrival of every token, for the steady per-token latency
         self.finished = False
 
     def __call__(self, t):
+        self.times.append(time.perf_counter())
         if self.first is None:
-            self.first = time.perf_counter()
+            self.first = self.times[0]
         t = int(t[0])
         if self.finished or t in self.stop:
             self.finished = True
@@ -173,6 +175,21 @@ class TextStreamer:
     def close(self):
         self.out.write(self.tok.decode(self.ids)[len(self.printed):] + "\n")
         self.out.flush()
+
+
+#: the engine hands over the first token at once and tokens 2-8 together, after the decode steps that
+#: hold the step's one-off compile and CUDA-graph capture: the steady per-token latency is timed from the
+#: 8th token on
+WARM_TOKENS = 8
+
+
+def steady_ms_per_token(times) -> float | None:
+    """Milliseconds per token from the arrival of token ``WARM_TOKENS`` to the last one (None when fewer
+    than 8 tokens come after it): what a long generation pays per token once warm."""
+    k = WARM_TOKENS - 1
+    if len(times) < k + 9:
+        return None
+    return 1e3 * (times[-1] - times[k]) / (len(times) - 1 - k)
 
 
 def seconds_since_process_start() -> float | None:
@@ -192,8 +209,10 @@ def seconds_since_process_start() -> float | None:
 def _run(args) -> int:
     import torch
     from vlt.eval_cli import engine_options
+    from vlt.inference import compile_in_this_process
     from vlt.layers import state_nbytes
     engine_kw = engine_options(args.engine_option)   # a bad option fails before the model loads
+    compile_in_this_process()
     if engine_kw and args.engine == "eager":
         raise ValueError(f"--engine-option {args.engine_option} configures the engine, which --engine eager does not "
                          "use; drop one of them")
@@ -240,6 +259,7 @@ def _run(args) -> int:
     streamer.close()
     n = new.shape[1]
     decode_s = end - streamer.first
+    steady = steady_ms_per_token(streamer.times)
     # where a whole command's wall time goes: start-up (Python, imports), load, engine set-up, prefill, decode
     startup = f"start-up {startup_s:.2f} s; " if startup_s is not None else ""
     # seconds since process start when the work is done: the command's wall time minus this is its exit
@@ -249,7 +269,8 @@ def _run(args) -> int:
     print(f"[vlt generate] {engine_kind} on {device}: {startup}load {load_s:.2f} s; "
           f"prompt {ids.shape[1]} tokens ({len(images)} images), "
           f"time to first token {streamer.first - t0:.3f} s{built}; "
-          f"{n} new tokens, {(n - 1) / decode_s if n > 1 and decode_s > 0 else float('nan'):.1f} tokens/s; "
+          f"{n} new tokens, {(n - 1) / decode_s if n > 1 and decode_s > 0 else float('nan'):.1f} tokens/s"
+          + (f" ({steady:.2f} ms/token after the first {WARM_TOKENS})" if steady is not None else "") + "; "
           f"decode state {sum(per_layer)} bytes {per_kind}{done}", file=sys.stderr)
     return 0
 

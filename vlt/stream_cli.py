@@ -51,13 +51,14 @@ def _run(args) -> int:
     import torch
     from vlt.data.video import iter_frames
     from vlt.generate_cli import image_processor, load_for_inference, prompt_record, system_prompt
-    from vlt.inference import VideoStream
+    from vlt.inference import VideoStream, compile_in_this_process
     if not args.ask:
         raise ValueError("give at least one --ask QUESTION")
     if args.ask_every < 0:
         raise ValueError(f"--ask-every must be >= 0, got {args.ask_every}")
     from vlt.eval_cli import engine_options
     engine_kw = engine_options(args.engine_option)
+    compile_in_this_process()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     ckpt = Path(args.ckpt).expanduser()
     frames = iter_frames(args.video, args.fps)   # checks the video before the model loads
