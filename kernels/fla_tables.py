@@ -17,7 +17,14 @@ This module
 - writes the configs this process's autotuners picked, in fla's file format, merged into a folder
   (``dump_tables``; ``VLT_DUMP_FLA_CONFIGS=DIR`` does it at exit). A GPU session makes a table by
   running the workloads (``vlt fit`` stages, ``vlt stream``) with that variable set and committing
-  the folder.
+  the folder;
+- with ``VLT_FLA_AUTOTUNE=off``, lets every fla autotuner take, for a key its table lacks, the first
+  candidate config that fla's own pruning keeps for the shape, without compiling and timing the others
+  (``skip_autotuning``). Every candidate computes the same op, so results are unchanged; only the speed
+  of a kernel at a new shape may be below its best. Timing all candidates of a new shape costs minutes
+  on a fresh machine (2026-12-01, H200: a 1.3M-parameter hybrid's first ``vlt fit`` step had not come
+  after 190 s, the autotuner still compiling GDN forward candidates; fla's GPU tests waited 95 s in one
+  forward), which a small model's launch-bound step never earns back. Untimed picks are not dumped.
 """
 from __future__ import annotations
 
@@ -33,6 +40,8 @@ log = logging.getLogger("vlt.kernels")
 
 TABLE_ROOT = Path(__file__).parent / "fla_configs"
 DUMP_ENV = "VLT_DUMP_FLA_CONFIGS"
+AUTOTUNE_ENV = "VLT_FLA_AUTOTUNE"
+AUTOTUNE_CHOICES = ("on", "off")
 _prepared = False
 
 
@@ -52,6 +61,10 @@ def use_shipped_tables(device) -> Path | None:
     if _prepared:
         return Path(os.environ["FLA_CONFIG_DIR"]) if "FLA_CONFIG_DIR" in os.environ else None
     _prepared = True
+    if autotune_setting() == "off":
+        n = skip_autotuning()
+        log.info("vlt.kernels: %s=off: %d fla autotuners take their first fitting config for untabled shapes",
+                 AUTOTUNE_ENV, n)
     if os.environ.get(DUMP_ENV):
         dump_at_exit(os.environ[DUMP_ENV])
     folder = TABLE_ROOT / gpu_folder(torch.cuda.get_device_name(device))
@@ -90,6 +103,37 @@ def dump_at_exit(folder) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
+def autotune_setting() -> str:
+    """``VLT_FLA_AUTOTUNE``: ``on`` (default; fla times every candidate of a shape it has no table
+    entry for) or ``off`` (``skip_autotuning``)."""
+    value = os.environ.get(AUTOTUNE_ENV, "on").strip().lower()
+    if value not in AUTOTUNE_CHOICES:
+        raise ValueError(f"{AUTOTUNE_ENV}={os.environ[AUTOTUNE_ENV]!r}: allowed values {list(AUTOTUNE_CHOICES)} "
+                         "(off: fla's kernels take their first fitting config at shapes the shipped table lacks, "
+                         "instead of compiling and timing every candidate)")
+    return value
+
+
+def skip_autotuning(modules=None) -> int:
+    """Make fla's autotuners in ``modules`` (default: the fla modules imported) keep only the first
+    config that survives their own pruning for a shape (one config: Triton neither compiles nor times
+    the rest). A key already cached (a shipped table's entry, read by fla before Triton's lookup) is
+    used as before. Returns the number of autotuners changed."""
+    if modules is None:
+        modules = [m for n, m in list(sys.modules.items()) if n == "fla" or n.startswith("fla.")]
+    n = 0
+    for tuner in _autotuners(modules):
+        if getattr(tuner, "_vlt_untimed", False):
+            continue
+
+        def first_fitting(kwargs, _prune=tuner.prune_configs):
+            return _prune(kwargs)[:1]
+        tuner.prune_configs = first_fitting
+        tuner._vlt_untimed = True
+        n += 1
+    return n
+
+
 def _autotuners(modules):
     from triton.runtime.autotuner import Autotuner
     seen = set()
@@ -119,8 +163,8 @@ def collect_tables(modules=None) -> dict[str, dict]:
         modules = [m for n, m in list(sys.modules.items()) if n == "fla" or n.startswith("fla.")]
     tables: dict[str, dict] = {}
     for tuner in _autotuners(modules):
-        if not tuner.cache or len(tuner.configs) <= 1:
-            continue  # never run here, or nothing to choose between
+        if not tuner.cache or len(tuner.configs) <= 1 or getattr(tuner, "_vlt_untimed", False):
+            continue  # never run here, nothing to choose between, or picks that were not timed
         name = getattr(tuner, "kernel_name", None) or tuner.base_fn.__name__
         entries = tables.setdefault(name, {"kernel_name": name, "autotune_entries": {}})["autotune_entries"]
         for key, cfg in tuner.cache.items():

@@ -125,3 +125,40 @@ def test_picks_are_written_when_a_time_limit_ends_the_process(tmp_path):
     written = json.loads((tmp_path / "vlt_test_kernel.json").read_text())
     (entry,) = written["autotune_entries"].values()
     assert entry["config"]["kwargs"] == {"BK": 32} and entry["config"]["num_warps"] == 4
+
+
+def test_autotune_off_takes_the_first_fitting_config_and_dumps_nothing(strict, monkeypatch):
+    """VLT_FLA_AUTOTUNE=off: one candidate per new shape (the first that fla's pruning keeps), so Triton
+    compiles and times nothing else; a table's entry is still used; the untimed picks are never dumped."""
+    tuner = make_tuner()
+    assert len(tuner.prune_configs({})) == 8
+    ns = types.SimpleNamespace(kernel=tuner)
+    assert fla_tables.skip_autotuning(modules=[ns]) == 1
+    assert fla_tables.skip_autotuning(modules=[ns]) == 0   # once
+    assert tuner.prune_configs({}) == [tuner.configs[0]]
+    # fla's own pruning still decides what fits: the first config it keeps is taken
+    pruned = make_tuner()
+    pruned.early_config_prune = lambda configs, nargs, **kw: [c for c in configs if c.kwargs["BK"] == 64]
+    fla_tables.skip_autotuning(modules=[types.SimpleNamespace(kernel=pruned)])
+    pruned.nargs = {}
+    (only,) = pruned.prune_configs({})
+    assert only.kwargs == {"BK": 64} and only is pruned.configs[4]
+    # an untimed pick is not written as a table entry
+    picked(tuner, (128, 64, "torch.bfloat16"), 0)
+    assert fla_tables.dump_tables(strict, modules=[ns]) == []
+
+
+def test_autotune_setting_is_checked(monkeypatch, fresh_process):
+    monkeypatch.setenv(fla_tables.AUTOTUNE_ENV, "sometimes")
+    with pytest.raises(ValueError, match=r"VLT_FLA_AUTOTUNE='sometimes'.*\['on', 'off'\]"):
+        fla_tables.use_shipped_tables("cuda")
+    monkeypatch.setattr(fla_tables, "_prepared", False)
+    monkeypatch.setenv(fla_tables.AUTOTUNE_ENV, "OFF")
+    calls = []
+    monkeypatch.setattr(fla_tables, "skip_autotuning", lambda modules=None: calls.append(1) or 0)
+    fla_tables.use_shipped_tables("cuda")
+    assert calls == [1]
+    monkeypatch.setattr(fla_tables, "_prepared", False)
+    monkeypatch.delenv(fla_tables.AUTOTUNE_ENV)
+    fla_tables.use_shipped_tables("cuda")
+    assert calls == [1]   # on by default

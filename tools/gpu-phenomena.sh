@@ -38,7 +38,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/phenomena_out}
 WORK=${WORK:-/tmp/vlt-phenomena}
-PY=${PYTHON:-python}
+# -P: the checkout's own vlt/ (cwd) must not shadow the installed package (on the GPU machine that is
+# tools/devpath.sh's package farm, and `python -m` from the repo root failed with "No module named vlt.data")
+PY=${PYTHON:-python -P}
+# fla's kernels at these tiny shapes are in no shipped table: timing every candidate of every GDN kernel took
+# the first hybrid step past 190 s on a fresh H200 (2026-12-01), longer than a study's whole budget. Each
+# candidate computes the same op, so the studies' scores do not depend on it (vlt.kernels.fla_tables)
+export VLT_FLA_AUTOTUNE=${VLT_FLA_AUTOTUNE:-off}
 TINY=${PHENOMENA_TINY:-0}
 SEEDS=${SEEDS:-0}
 ROWS=${ROWS:-1 2 3}
