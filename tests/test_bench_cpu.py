@@ -55,6 +55,9 @@ def test_bench_infer_tiny(tmp_path):
     rep = json.loads((tmp_path / "infer.json").read_text())
     assert {(r["layout"], r["T"]) for r in rep["prefill"]} == {("full", 64), ("hybrid", 64)}
     assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 for r in rep["prefill"])
+    for r in rep["prefill"]:   # achieved TFLOP/s is the row's model FLOPs over its time
+        assert r["model_flops"] > 0
+        assert r["tflops"] == pytest.approx(r["model_flops"] / r["ms"] / 1e9, rel=0.02, abs=2e-3)
     dec = {(r["layout"], r["context"]): r for r in rep["decode"]}
     assert set(dec) == {(lay, c) for lay in ("full", "hybrid") for c in (16, 64)}
     for r in dec.values():
@@ -154,3 +157,18 @@ def test_kernel_table_leaves_out_user_annotations(tmp_path):
     assert summary["busy_fraction"] == pytest.approx(0.7)   # 700 us of kernels over a 1000 us span
     assert [row["kernel"] for row in summary["top"]] == ["gemm", "adamw"]
     assert "Optimizer.step" not in (tmp_path / "table.txt").read_text()
+
+
+def test_prefill_flops_match_torchs_count_of_the_matmuls():
+    """`vlt bench infer`'s prefill FLOPs: torch's FlopCounterMode, over a real prefill of the full layout
+    (the LM head on the last token only), counts exactly the matmul part; the rest is the mixing term."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from vlt.bench.common import build_model, mixer_flops_fwd, prefill_flops
+    a, dev, dt = _tiny_args()
+    model = build_model("full", a, dev, dt).eval()
+    T = 48
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randint(0, 100, (1, T)), use_cache=True, logits_to_keep=1)
+    matmuls = sum(v for k, v in counter.get_flop_counts()["Global"].items() if str(k) in ("aten.mm", "aten.addmm"))
+    mixing = sum(mixer_flops_fwd(b.mixer, T) for b in model.layers)
+    assert mixing > 0 and prefill_flops(model, T) - mixing == pytest.approx(matmuls, rel=1e-9)

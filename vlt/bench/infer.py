@@ -31,8 +31,8 @@ import time
 
 from vlt.bench.common import (add_common_args, add_compile_arg, allocated_bytes, build_model, err, header,
                               kernel_profile, long_swa_backend, machine_ceilings, out_of_time, peak_gib, plt,
-                              reset_peak, save_json, setup, state_bytes_per_token, step_compile_backend, time_ms,
-                              token_ids, weight_bytes_per_token)
+                              prefill_flops, reset_peak, save_json, setup, state_bytes_per_token, step_compile_backend,
+                              time_ms, token_ids, weight_bytes_per_token)
 
 ROOM = 2048  # new tokens an engine is sized for beyond its context (timing replays advance it)
 
@@ -150,7 +150,9 @@ def prefill_row(model, layout, T, device, args):
     base = allocated_bytes(device)
     with torch.no_grad():
         ms, n = time_ms(lambda: eng.prefill(ids), device, max_reps=2)
-    row.update(ms=round(ms, 2), reps=n, tokens_per_s=round(T / ms * 1e3, 1), peak_gib=peak_gib(device))
+    flops = prefill_flops(model, T)
+    row.update(ms=round(ms, 2), reps=n, tokens_per_s=round(T / ms * 1e3, 1), peak_gib=peak_gib(device),
+               model_flops=flops, tflops=round(flops / ms / 1e9, 3))
     if base is not None:
         row["peak_over_weights_gib"] = round(row["peak_gib"] - base / 2**30, 3)
     return row
@@ -298,7 +300,9 @@ def print_table(rep):
     print("\nprefill ms (tokens/s, peak GiB)")
     for r in rep["prefill"]:
         print(f"  {r['layout']:7} T={r['T']:>7}  " + (f"{r['ms']:.1f} ms  {r['tokens_per_s']:.0f} tok/s  "
-                                                    f"{r['peak_gib']} GiB" if "ms" in r else r.get("error", "")[:80]))
+                                                    f"{r['peak_gib']} GiB  {r['model_flops'] / 1e12:.2f} TFLOP "
+                                                    f"({r['tflops']} TFLOP/s)"
+                                                    if "ms" in r else r.get("error", "")[:80]))
     for r in rep["decode"]:
         if "check_rel_err" in r:
             print(f"  check {r['layout']} L={r['context']}: engine vs eager {r['check_rel_err']}, eager "
