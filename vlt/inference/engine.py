@@ -47,7 +47,9 @@ def compile_in_this_process() -> None:
     has run them once, so the pool buys nothing there, and a process exits only after the pool's workers:
     on the H200 (2026-12-01) a warm ``vlt generate`` was done 11.75 s after its start and exited at
     16.59 s, the last ~4.8 s in ``shutdown_compile_workers`` waiting for them; with one compile thread it
-    was done at 11.94 s and exited at 13.33 s."""
+    was done at 11.94 s and exited at 13.33 s. On a fresh machine the compiles then run one after another;
+    what that costs cold is not measured apart (the one cold run with this default, 109 s, was on a machine
+    1.5-1.7x slower in every phase than the one where the pool's cold run took 77 s)."""
     if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
         import torch._inductor.config as inductor_config
         inductor_config.compile_threads = 1
