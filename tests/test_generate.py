@@ -107,8 +107,11 @@ def test_prompt_matches_teacher_chat_template(teacher_dir):
     assert ours == ref
 
 
-def test_generate_cli_end_to_end(student, teacher_dir, tmp_path, capsys):
+def test_generate_cli_end_to_end(student, teacher_dir, tmp_path, capsys, monkeypatch):
     pytest.importorskip("vlt.data.tokenizer")
+    import torch._inductor.config as inductor_config
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setattr(inductor_config, "compile_threads", 7)   # as if Inductor had picked a worker pool
     from vlt.data.image import ImageProcessor
     from vlt.data.tokenizer import build_prompt_ids, load_tokenizer
     from vlt.checkpoint.export import save_pretrained_vlt
@@ -120,6 +123,7 @@ def test_generate_cli_end_to_end(student, teacher_dir, tmp_path, capsys):
     args = add_generate_args(argparse.ArgumentParser()).parse_args(
         ["--ckpt", str(ckpt), "--image", str(img), "--prompt", "Describe it.", "--max-new-tokens", "8"])
     assert run_generate(args) == 0
+    assert inductor_config.compile_threads == 1   # the command compiles in its own process (no pool to wait for)
     out, err = capsys.readouterr()
     # the same greedy run by hand: the CLI streamed exactly these tokens
     tok = load_tokenizer(str(teacher_dir))
