@@ -28,13 +28,15 @@ do run.
 Decode of the sparse-attention layers (nsa, moba) runs fla's forward on a key/value cache that
 grows by the new tokens each call (``state_grows``; their ``state_spec`` gives it at a capacity, which
 is how the inference engine holds it); MoBA's decode attends to every cached key densely (fla's
-choice: its top-k block selection is for prefill) and needs flash-attn; without it a decode call
-is a ValueError saying so.
+choice: its top-k block selection is for prefill). MoBA (prefill and decode) and NSA's sliding-window
+branch (``window_size`` > 0, fla's default 512) run through flash-attn; without it a call is a
+ValueError saying so (``FlaMixer.check_fla_can_run``, with DeltaNet's float32 limit).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import inspect
 import logging
 
@@ -163,12 +165,7 @@ class FlaMixer(TokenMixer):
         """fla's own forward, the state converted to fla's layer cache and back."""
         use_shipped_tables(x.device)  # once per process: fla's autotuners read vlt's table for this GPU
         seen = 0 if state is None else state["seen"]
-        if self.kind == "moba" and state is not None:
-            import fla.layers.moba as fla_moba
-            if fla_moba.flash_attn_func is None:
-                raise ValueError(f"mixer {self.mixer_name!r}: fla's MoBA decodes (a call with a cached state) "
-                                 "through flash_attn_func, and flash-attn is not installed; install flash-attn, "
-                                 "or use nsa / swa / full for layers that must decode")
+        self.check_fla_can_run(x, state)
         cache = OneLayerCache(None if state is None else to_fla_cache(self, state), seen)
         out = self.fla_class.forward(self, x, past_key_values=cache if (use_cache or state is not None) else None,
                                      use_cache=use_cache, cu_seqlens=cu_seqlens)
@@ -179,11 +176,37 @@ class FlaMixer(TokenMixer):
         new["seen"] = seen + x.shape[1]
         return y, new
 
+    def check_fla_can_run(self, x, state):
+        """What fla's CUDA kernels refuse deep inside (an assert, or a None called), said up front with the fix.
+        Found on an H200 (2026-12-01): MoBA's prefill and decode and NSA's sliding-window branch call
+        flash-attn; DeltaNet's chunk kernel (fla picks it above 64 tokens) asserts on float32."""
+        name = f"mixer {self.mixer_name!r} (fla.layers.{self.fla_class.__name__})"
+        if self.kind == "moba" and not flash_attn_installed():
+            what = "decodes (a call with a cached state) through flash_attn_func" if state is not None else \
+                "runs its block attention (parallel_moba) through flash-attn"
+            raise ValueError(f"{name} {what}, and flash-attn is not installed; install flash-attn "
+                             "(pip install flash-attn), or use nsa / swa / full")
+        if self.kind == "nsa" and (self.window_size or 0) > 0 and not flash_attn_installed():
+            raise ValueError(f"{name} runs its sliding-window branch (window_size={self.window_size}) through "
+                             "flash-attn, which is not installed; install flash-attn (pip install flash-attn), "
+                             "or set the option window_size: 0 (compressed + selected blocks only)")
+        if (self.kind == "deltanet" and x.shape[1] > 64 and x.dtype == torch.float32
+                and not torch.is_autocast_enabled(x.device.type)):
+            raise ValueError(f"{name}: fla's chunk DeltaNet kernel (used above 64 tokens) refuses float32 inputs; "
+                             "train in bf16 (--trainer.precision bf16-mixed or bf16-true), or pick a delta-rule "
+                             "mixer that runs in float32 (gdn, gdn2, kda)")
+
     def state_spec(self, batch_size, capacity, dtype=torch.bfloat16):
         spec = _SPECS.get(self.kind)
         if spec is None:
             return super().state_spec(batch_size, capacity, dtype)
         return spec(self, batch_size, capacity, dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def flash_attn_installed() -> bool:
+    """flash-attn is optional (built from source where users have it); fla's MoBA and NSA's window need it."""
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 def _fla_options(fla_cls) -> dict:

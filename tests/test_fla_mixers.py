@@ -261,11 +261,27 @@ def test_rwkv7_layers_are_each_their_own_first_layer():
     assert spec["shift"].shape == (2, D) and spec["ssm"].shape == (2, H, D // H, D // H)
 
 
-def test_moba_decode_without_flash_attn_is_a_clear_error():
-    import fla.layers.moba as fla_moba
-    if fla_moba.flash_attn_func is not None:
-        pytest.skip("flash-attn is installed")
+def test_what_fla_refuses_on_cuda_is_a_clear_error_first():
+    """Found on an H200: fla's MoBA and NSA's sliding window call flash-attn (a None called when it is
+    missing), and its chunk DeltaNet asserts on float32; vlt names the problem and the fix first."""
+    from vlt.layers.fla_mixers import flash_attn_installed
+    dn = create_mixer("deltanet", hidden_size=D, num_heads=H)
+    with pytest.raises(ValueError, match=r"mixer 'deltanet'.*refuses float32.*bf16-mixed.*gdn, gdn2, kda"):
+        dn.check_fla_can_run(torch.randn(1, 65, D), None)
+    dn.check_fla_can_run(torch.randn(1, 64, D), None)                 # fla's fused recurrent: float32 is fine
+    dn.check_fla_can_run(torch.randn(1, 65, D, dtype=torch.bfloat16), None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):                  # bf16-mixed: the projections are bf16
+        dn.check_fla_can_run(torch.randn(1, 65, D), None)
+    nsa0 = create_mixer("nsa", hidden_size=D, num_heads=H, num_kv_heads=1, head_dim=8, window_size=0)
+    nsa0.check_fla_can_run(torch.randn(1, 8, D), None)
+    if flash_attn_installed():
+        pytest.skip("flash-attn is installed: the two flash-attn errors cannot occur here")
+    nsa = create_mixer("nsa", hidden_size=D, num_heads=H, num_kv_heads=1, head_dim=8)   # fla's window: 512
+    with pytest.raises(ValueError, match=r"mixer 'nsa'.*window_size=512.*flash-attn.*window_size: 0"):
+        nsa.check_fla_can_run(torch.randn(1, 8, D), None)
     m = create_mixer("moba", hidden_size=D, num_heads=H)
+    with pytest.raises(ValueError, match=r"mixer 'moba'.*parallel_moba.*flash-attn is not installed"):
+        m.check_fla_can_run(torch.randn(1, 8, D), None)
     state = {"k": torch.zeros(1, 3, D), "v": torch.zeros(1, 3, D), "seen": 3}
     with pytest.raises(ValueError, match=r"mixer 'moba'.*flash_attn_func.*flash-attn is not installed"):
         m.fla_forward(torch.randn(1, 1, D), state, None, True)
