@@ -20,6 +20,7 @@
 #   ROWS="1 2" OUT=/path/out bash tools/gpu-phenomena.sh   # on the GPU machine, from a checkout: <= 9 minutes
 #   ROWS=3 OUT=/path/out bash tools/gpu-phenomena.sh       # row 3: estimated 6-8 minutes, cut at DISTILL_TIMEOUT
 #   PHENOMENA_TINY=1 OUT=/tmp/ph bash tools/gpu-phenomena.sh   # the same logic on a CPU in ~1 minute
+#   PHENOMENA_CPU=1 ROWS=1 OUT=/tmp/ph bash tools/gpu-phenomena.sh   # rows 1, 2 at a smaller scale on a CPU (~30-45 min)
 #
 # ROWS (default "1 2 3") picks the rows to run; the other rows of an existing $OUT/phenomena.json are
 # kept, so rows measured by two commands end in one table (copy the first command's phenomena.json into
@@ -32,7 +33,9 @@
 # and KL_STEPS (stage I, 25 each), STUDENT_STEPS (500) and SCRATCH_STEPS (1000): the most SFT steps,
 # EVAL_EVERY (25; the step counts above must be multiples of it), STUDENT_LR (default: the recipe's),
 # DISTILL_TRAIN (20000 samples), DISTILL_BATCH (32 rows), DISTILL_TIMEOUT (540 s); the seed is SEEDS' first.
-# A study cut by its timeout keeps its finished runs; running the script again with the same settings and
+# STUDY_BACKEND (default torch: the swa and gdn mixers on their torch kernels, no compilation; auto: fla /
+# FlexAttention). PHENOMENA_CPU=1: rows 1 and 2 at a CPU scale (window 16, 8 frames, batch 8; timeouts
+# NEEDLE_TIMEOUT_CPU / OCR_TIMEOUT_CPU, default 4000 s). A study cut by its timeout keeps its finished runs; running the script again with the same settings and
 # WORK reuses them and trains only what is missing (row 3 also reports from the runs it finished).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +49,7 @@ PY=${PYTHON:-python -P}
 # candidate computes the same op, so the studies' scores do not depend on it (vlt.kernels.fla_tables)
 export VLT_FLA_AUTOTUNE=${VLT_FLA_AUTOTUNE:-off}
 TINY=${PHENOMENA_TINY:-0}
+CPU=${PHENOMENA_CPU:-0}
 SEEDS=${SEEDS:-0}
 ROWS=${ROWS:-1 2 3}
 NEEDLE_TIMEOUT=${NEEDLE_TIMEOUT:-300}
@@ -59,13 +63,26 @@ done
 [ -n "${ROWS// /}" ] || fail "ROWS is empty (allowed: 1 2 3, e.g. ROWS=\"1 2\")"
 want() { [[ " $ROWS " == *" $1 "* ]]; }
 
-if [ "$TINY" = 1 ]; then   # CPU check of this script's logic: a few steps, tiny data, window 16
+if [ "$CPU" = 1 ]; then   # rows 1 and 2 at a scale a 2-core CPU trains in ~30-45 minutes per study (one thread
+  # each; run ROWS=1 and ROWS=2 side by side with the same WORK): 8 frames of 18 tokens, window 16, so the
+  # evidence at 46 tokens (2.9x) is inside what 4 stacked SWA layers reach (64) and 102 / 134 tokens are beyond it
+  NEEDLE_STEPS=${NEEDLE_STEPS:-500}; OCR_STEPS=${OCR_STEPS:-500}; NEEDLE_TRAIN=${NEEDLE_TRAIN:-4000}
+  OCR_TRAIN=${OCR_TRAIN:-16000}; EVAL_N=${EVAL_N:-300}; FRAMES=8; DISTANCES="[24, 80, 112]"; WINDOW=16
+  CONTROL="needle / 2-4x window"
+  FIT=(--set=--trainer.accelerator=cpu --set=--trainer.precision=32-true --set=--data.init_args.num_workers=0)
+  DEVICE=("${FIT[@]}" --device cpu)
+  NEEDLE_BATCH=${NEEDLE_BATCH:-8}; OCR_BATCH=${OCR_BATCH:-8}; NEEDLE_LEN=512
+  NEEDLE_TIMEOUT=${NEEDLE_TIMEOUT_CPU:-4000}; OCR_TIMEOUT=${OCR_TIMEOUT_CPU:-4000}
+  TEACHER_STEPS=${TEACHER_STEPS:-500}; LAYER_STEPS=${LAYER_STEPS:-25}; KL_STEPS=${KL_STEPS:-25}
+  STUDENT_STEPS=${STUDENT_STEPS:-500}; SCRATCH_STEPS=${SCRATCH_STEPS:-1000}; EVAL_EVERY=${EVAL_EVERY:-25}
+  DISTILL_TRAIN=${DISTILL_TRAIN:-20000}; DISTILL_BATCH=${DISTILL_BATCH:-8}
+elif [ "$TINY" = 1 ]; then   # CPU check of this script's logic: a few steps, tiny data, window 16
   NEEDLE_STEPS=${NEEDLE_STEPS:-3}; OCR_STEPS=${OCR_STEPS:-3}; NEEDLE_TRAIN=${NEEDLE_TRAIN:-16}
   OCR_TRAIN=${OCR_TRAIN:-16}; EVAL_N=${EVAL_N:-6}; FRAMES=8; DISTANCES="[40, 100]"; WINDOW=16
   CONTROL="needle / 2-4x window"   # 46 tokens at window 16
   FIT=(--set=--trainer.accelerator=cpu --set=--trainer.precision=32-true --set=--data.init_args.num_workers=0)
   DEVICE=("${FIT[@]}" --device cpu)
-  NEEDLE_BATCH=${NEEDLE_BATCH:-2}; OCR_BATCH=${OCR_BATCH:-2}
+  NEEDLE_BATCH=${NEEDLE_BATCH:-2}; OCR_BATCH=${OCR_BATCH:-2}; NEEDLE_LEN=1024
   TEACHER_STEPS=${TEACHER_STEPS:-4}; LAYER_STEPS=${LAYER_STEPS:-2}; KL_STEPS=${KL_STEPS:-2}
   STUDENT_STEPS=${STUDENT_STEPS:-4}; SCRATCH_STEPS=${SCRATCH_STEPS:-4}; EVAL_EVERY=${EVAL_EVERY:-2}
   DISTILL_TRAIN=${DISTILL_TRAIN:-32}; DISTILL_BATCH=${DISTILL_BATCH:-2}
@@ -77,7 +94,7 @@ else
   DEVICE=("${FIT[@]}" --device cuda)
   # rows of 1024 (needle, ~2 samples each) / 512 tokens (dense OCR, ~5 each; the mix ~10) per step: a
   # 1.3M-parameter model is launch-bound on an H200, so wide batches buy samples at little cost per step
-  NEEDLE_BATCH=${NEEDLE_BATCH:-32}; OCR_BATCH=${OCR_BATCH:-32}
+  NEEDLE_BATCH=${NEEDLE_BATCH:-32}; OCR_BATCH=${OCR_BATCH:-32}; NEEDLE_LEN=1024
   TEACHER_STEPS=${TEACHER_STEPS:-500}; LAYER_STEPS=${LAYER_STEPS:-25}; KL_STEPS=${KL_STEPS:-25}
   STUDENT_STEPS=${STUDENT_STEPS:-500}; SCRATCH_STEPS=${SCRATCH_STEPS:-1000}; EVAL_EVERY=${EVAL_EVERY:-25}
   DISTILL_TRAIN=${DISTILL_TRAIN:-20000}; DISTILL_BATCH=${DISTILL_BATCH:-32}
@@ -101,8 +118,13 @@ fi
 mkdir -p "$OUT" "$WORK"
 # the same for every run: no validation pass (the studies' scores come from vlt eval on the test
 # split), quiet logs; the eval engine eager (no graph capture or compile time for 1M-parameter models)
+# the mixers' torch kernels (the same math as fla's / FlexAttention's, tested equal): on a fresh H200 the first
+# step of a 1.3M-parameter hybrid spent >170 s compiling FlexAttention and fla's GDN kernels (2026-12-02,
+# VLT_FLA_AUTOTUNE=off: one config each), more than a study's budget; at these sizes the torch paths cost
+# launches only. STUDY_BACKEND=auto restores the default kernels.
+B=${STUDY_BACKEND:-torch}
 COMMON=(--config layouts/base --seeds $SEEDS --num-val 0 --num-eval "$EVAL_N" --eval-batch-size 64
-        --mixers "{\"swa\": {\"window\": $WINDOW}, \"swa_gdn\": {\"window\": $WINDOW}}"
+        --mixers "{\"swa\": {\"window\": $WINDOW, \"backend\": \"$B\"}, \"gdn\": {\"backend\": \"$B\"}, \"swa_gdn\": {\"window\": $WINDOW}}"
         --set=--trainer.limit_val_batches=0 --set=--trainer.enable_progress_bar=false
         --set=--trainer.log_every_n_steps=25
         --eval-arg=--engine-option=graphs=false --eval-arg=--engine-option=compile=none
@@ -143,7 +165,7 @@ rc1=-; rc2=-; rc3=-   # "-": not run (not in ROWS)
 if want 1; then
   study needle_beyond_window "$NEEDLE_TIMEOUT" --layouts hybrid_1to3 swa --task needle --steps "$NEEDLE_STEPS" \
     --num-train "$NEEDLE_TRAIN" --param num_frames=$FRAMES --param code_kind=color \
-    --param "distances=$DISTANCES" --max-new-tokens 4 --set=--data.init_args.max_length=1024 \
+    --param "distances=$DISTANCES" --max-new-tokens 4 --set=--data.init_args.max_length=$NEEDLE_LEN \
     --set=--data.init_args.batch_size=$NEEDLE_BATCH "${COMMON[@]}"
   rc1=$?
 fi
