@@ -197,3 +197,16 @@ def test_gpu_phenomena_script_in_its_cpu_mode(tmp_path):
         assert {p.name for p in (out / study / "runs").iterdir()} == runs
         assert all((out / study / "runs" / r / "eval.json").is_file() for r in runs)
         assert not list((out / study).rglob("*.ckpt"))      # checkpoints stay in WORK
+
+
+def test_mixer_options_merge_key_by_key_and_bad_json_is_an_error():
+    from vlt.evaluation.compare import merge_mixer_options
+    recipe = {"swa": {"window": 64, "num_heads": 4}}
+    assert merge_mixer_options(recipe, None) is recipe
+    assert merge_mixer_options(recipe, '{"swa": {"window": 16}, "gdn": {"backend": "torch"}}') == \
+        {"swa": {"window": 16, "num_heads": 4}, "gdn": {"backend": "torch"}}
+    assert recipe == {"swa": {"window": 64, "num_heads": 4}}   # the recipe's dict is not changed
+    with pytest.raises(ValueError, match=r"--mixers .* is not JSON"):
+        merge_mixer_options(recipe, "{swa: 1}")
+    with pytest.raises(ValueError, match=r"--mixers must map mixer names to option dicts"):
+        merge_mixer_options(recipe, '{"swa": 16}')

@@ -188,6 +188,10 @@ def test_gpu_phenomena_row3_in_its_cpu_mode(tmp_path):
     assert json.loads((d / "distill.json").read_text())["verdict"] == r["verdict"] and (d / "distill.png").is_file()
     assert {p.name for p in (d / "runs").iterdir()} == {"teacher", "layer", "kl", "student", "scratch"}
     assert all((d / "runs" / n / "curve.jsonl").is_file() for n in ("teacher", "kl", "student", "scratch"))
+    for n in ("teacher", "scratch"):   # STUDY_BACKEND's default reaches the teacher's and the hybrid's layers
+        mixers = [a for a in json.loads((d / "runs" / n / "run.json").read_text())["argv"]
+                  if a.startswith("--model.init_args.mixers=")]
+        assert len(mixers) == 1 and json.loads(mixers[0].split("=", 1)[1])["full"] == {"backend": "torch"}, mixers
     assert not list(out.rglob("*.ckpt"))
     # again with the same settings: every run reused, the same row
     proc = _script(tmp_path, ROWS="3")

@@ -105,7 +105,13 @@ for k in NEEDLE_STEPS OCR_STEPS NEEDLE_TRAIN OCR_TRAIN NEEDLE_BATCH OCR_BATCH EV
   [[ ${!k} =~ ^[1-9][0-9]*$ ]] || fail "$k='${!k}' must be a positive whole number"
 done
 SEED=${SEEDS%% *}
-DISTILL=(--num-train "$DISTILL_TRAIN" --num-eval "$EVAL_N" --seed "$SEED" --teacher-steps "$TEACHER_STEPS"
+# the mixers' torch kernels (the same math as fla's / FlexAttention's, tested equal): on a fresh H200 the first
+# step of a 1.3M-parameter hybrid spent >170 s compiling FlexAttention and fla's GDN kernels (2026-12-02,
+# VLT_FLA_AUTOTUNE=off: one config each), more than a study's budget; at these sizes the torch paths cost
+# launches only. STUDY_BACKEND=auto restores the default kernels.
+B=${STUDY_BACKEND:-torch}
+DISTILL=(--mixers "{\"full\": {\"backend\": \"$B\"}, \"swa\": {\"backend\": \"$B\"}, \"gdn\": {\"backend\": \"$B\"}}"
+         --num-train "$DISTILL_TRAIN" --num-eval "$EVAL_N" --seed "$SEED" --teacher-steps "$TEACHER_STEPS"
          --layer-steps "$LAYER_STEPS" --kl-steps "$KL_STEPS" --student-steps "$STUDENT_STEPS"
          --scratch-steps "$SCRATCH_STEPS" --eval-every "$EVAL_EVERY" --eval-batch-size 64 --max-new-tokens 8
          ${STUDENT_LR:+--student-lr "$STUDENT_LR"} --set=--trainer.limit_val_batches=0
@@ -118,11 +124,6 @@ fi
 mkdir -p "$OUT" "$WORK"
 # the same for every run: no validation pass (the studies' scores come from vlt eval on the test
 # split), quiet logs; the eval engine eager (no graph capture or compile time for 1M-parameter models)
-# the mixers' torch kernels (the same math as fla's / FlexAttention's, tested equal): on a fresh H200 the first
-# step of a 1.3M-parameter hybrid spent >170 s compiling FlexAttention and fla's GDN kernels (2026-12-02,
-# VLT_FLA_AUTOTUNE=off: one config each), more than a study's budget; at these sizes the torch paths cost
-# launches only. STUDY_BACKEND=auto restores the default kernels.
-B=${STUDY_BACKEND:-torch}
 COMMON=(--config layouts/base --seeds $SEEDS --num-val 0 --num-eval "$EVAL_N" --eval-batch-size 64
         --mixers "{\"swa\": {\"window\": $WINDOW, \"backend\": \"$B\"}, \"gdn\": {\"backend\": \"$B\"}, \"swa_gdn\": {\"window\": $WINDOW}}"
         --set=--trainer.limit_val_batches=0 --set=--trainer.enable_progress_bar=false

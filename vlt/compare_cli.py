@@ -115,17 +115,11 @@ def base_model(config: str) -> tuple[str | None, dict | None]:
 
 def plan(args, s: dict) -> dict:
     """{layout: {pattern, mixers, intermediate_size, params, deviation}} at the common depth and budget."""
-    from vlt.evaluation.compare import count_params, default_depth, match_budget, read_layout_recipe, tile_layout
+    from vlt.evaluation.compare import (count_params, default_depth, match_budget, merge_mixer_options,
+                                        read_layout_recipe, tile_layout)
     model_name, model = base_model(args.config)
     recipes = [read_layout_recipe(x) for x in s["layouts"]]
-    if args.mixers:
-        try:
-            extra = json.loads(args.mixers)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--mixers {args.mixers!r} is not JSON ({e.msg})") from None
-        if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
-            raise ValueError("--mixers must map mixer names to option dicts, e.g. '{\"swa\": {\"window\": 32}}'")
-        recipes = [(n, ls, {**m, **{k: {**m.get(k, {}), **v} for k, v in extra.items()}}) for n, ls, m in recipes]
+    recipes = [(n, ls, merge_mixer_options(m, args.mixers)) for n, ls, m in recipes]
     depth = args.depth or default_depth([len(layers) for _, layers, _ in recipes])
     layouts = {name: (tile_layout(name, layers, depth), mixers) for name, layers, mixers in recipes}
     budget = args.budget_layout or ("hybrid_1to3" if "hybrid_1to3" in layouts else next(iter(layouts)))

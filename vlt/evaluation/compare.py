@@ -52,6 +52,19 @@ def read_layout_recipe(spec: str) -> tuple[str, list[str], dict]:
     return spec, parse_pattern(layout), dict(init.get("mixers") or {})
 
 
+def merge_mixer_options(mixers: dict, extra_json: str | None) -> dict:
+    """A recipe's mixer options with ``--mixers JSON`` merged over them, mixer by mixer and key by key."""
+    if not extra_json:
+        return mixers
+    try:
+        extra = json.loads(extra_json)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--mixers {extra_json!r} is not JSON ({e.msg})") from None
+    if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
+        raise ValueError("--mixers must map mixer names to option dicts, e.g. '{\"swa\": {\"window\": 32}}'")
+    return {**mixers, **{k: {**mixers.get(k, {}), **v} for k, v in extra.items()}}
+
+
 def tile_layout(name: str, layers: list[str], depth: int) -> list[str]:
     if depth % len(layers):
         raise ValueError(f"--depth {depth}: layout {name!r} has {len(layers)} layers per period, which does not "

@@ -149,6 +149,9 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "the majority-answer baseline")
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--mixers", default=None, metavar="JSON",
+                   help="mixer options merged over the layout recipe's, for the teacher's layers too, e.g. "
+                        "'{\"full\": {\"backend\": \"torch\"}, \"gdn\": {\"backend\": \"torch\"}}'")
     p.add_argument("--set", action="append", default=[], metavar="ARG", help="an argument for every vlt fit")
     p.add_argument("--check", action="store_true", help="check the arguments and stop")
     return p
@@ -175,14 +178,14 @@ def check(args) -> None:
 
 def _layouts(args) -> tuple[list[str], list[str], dict]:
     """(teacher layers, student layers, student mixer options): the student's recipe at its period's depth."""
-    from vlt.evaluation.compare import read_layout_recipe
+    from vlt.evaluation.compare import merge_mixer_options, read_layout_recipe
     try:
         name, layers, mixers = read_layout_recipe(args.layout)
     except ValueError as e:  # vlt compare's message, which names its own --layouts
         raise ValueError(str(e).replace("--layouts:", "--layout:", 1)) from None
     if all(x in ("full", "swa") for x in layers):
         raise ValueError(f"--layout {args.layout!r} has no layer to convert (only attention: {layers})")
-    return ["full"] * len(layers), layers, mixers
+    return ["full"] * len(layers), layers, merge_mixer_options(mixers, args.mixers)
 
 
 def _params(config: str, teacher_layers: list[str], layers: list[str], mixers: dict) -> dict:
@@ -287,7 +290,9 @@ def run_study(args) -> Path:
         return _fit(args, name, argv, upstream, steps if keep_ckpt else None, settings["key"])
 
     hybrid = [f"--model.init_args.layout={_pattern(layers)}", f"--model.init_args.mixers={json.dumps(mixers)}"]
-    t = fit("teacher", args.teacher_steps, [f"--model.init_args.layout={_pattern(teacher_layers)}"])
+    # the teacher gets the same options (its full layers read only theirs: options of other mixers are unused)
+    t = fit("teacher", args.teacher_steps, [f"--model.init_args.layout={_pattern(teacher_layers)}",
+                                            f"--model.init_args.mixers={json.dumps(mixers)}"])
     bar = args.fraction * curve(out, "teacher")[-1]["acc"]
     # stage I as its recipes run it, with this study's teacher; a warm-up of a fifth of the phase (the
     # base recipe's 50 steps would outlast it); the teacher in fp32, as it was trained and evaluated
