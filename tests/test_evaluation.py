@@ -114,7 +114,8 @@ def test_eval_on_synthetic_shards(export, tmp_path, capsys):
     out = tmp_path / "out"
     # batch 3 over 7 prompts of different lengths (stills, 3-frame videos): a last, partial batch too
     assert _vlt("--ckpt", export, "--data", shards, "--max-new-tokens", 5, "--batch-size", 3, "--out", out) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert printed.splitlines()[0].split() == ["task", "metric", "n", "score", "exact"] and "all" in printed
     report = json.loads((out / "eval.json").read_text())
     s = report["summary"]
@@ -131,6 +132,10 @@ def test_eval_on_synthetic_shards(export, tmp_path, capsys):
     eager = _eager_tokens(export, shards)
     assert {p["id"]: p["tokens"] for p in preds} == {k: v[0] for k, v in eager.items()}
     assert len({tuple(p["tokens"]) for p in preds}) >= 3  # the outputs depend on the prompt
+    # answers with no end token within --max-new-tokens are flagged, counted and warned about (scores of cut answers)
+    cut = [p["id"] for p in preds if len(p["tokens"]) == 5]
+    assert [p["id"] for p in preds if p["cut_at_max_new_tokens"]] == cut and s["cut_at_max_new_tokens"] == len(cut)
+    assert (f"{len(cut)} of 7 answers reached --max-new-tokens 5 without an end token" in captured.err) == bool(cut)
     tok = ByteTokenizer()
     for p in preds:
         assert p["prediction"] == tok.decode(p["tokens"]).strip()

@@ -164,9 +164,11 @@ study() {  # name, timeout in seconds, then vlt compare arguments
 
 rc1=-; rc2=-; rc3=-   # "-": not run (not in ROWS)
 if want 1; then
+  # 8 new tokens: the answers are colour names, up to 7 bytes (magenta) + the end token (at 4, the CPU study of 2026-12-02
+  # scored every answer cut to 4 bytes: "whit" for "white", `vlt eval` now warns about cut answers)
   study needle_beyond_window "$NEEDLE_TIMEOUT" --layouts hybrid_1to3 swa --task needle --steps "$NEEDLE_STEPS" \
     --num-train "$NEEDLE_TRAIN" --param num_frames=$FRAMES --param code_kind=color \
-    --param "distances=$DISTANCES" --max-new-tokens 4 --set=--data.init_args.max_length=$NEEDLE_LEN \
+    --param "distances=$DISTANCES" --max-new-tokens 8 --set=--data.init_args.max_length=$NEEDLE_LEN \
     --set=--data.init_args.batch_size=$NEEDLE_BATCH "${COMMON[@]}"
   rc1=$?
 fi

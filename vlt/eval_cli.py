@@ -97,7 +97,7 @@ def _run(args) -> int:
     import torch
 
     from vlt.evaluation.report import table, write_report
-    from vlt.evaluation.runner import check_vocabulary, evaluate, summarise, swa_window
+    from vlt.evaluation.runner import check_vocabulary, cut_answers_warning, evaluate, summarise, swa_window
     from vlt.evaluation.samples import Skips, read_samples
     from vlt.generate_cli import image_processor, load_for_inference, prompt_record, system_prompt
     from vlt.inference import compile_in_this_process
@@ -128,6 +128,9 @@ def _run(args) -> int:
     if sk["total"]:
         print(f"vlt eval: skipped {sk['total']} rows: " + "; ".join(
             f"{k} {v} (e.g. {sk['examples'].get(k, ['?'])[0]})" for k, v in sk["by_reason"].items()), file=sys.stderr)
+    warning = cut_answers_warning(summary, args.max_new_tokens)
+    if warning:
+        print(f"vlt eval: warning: {warning}", file=sys.stderr)
     print(table(summary))
     print(f"[vlt eval] wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     return 0

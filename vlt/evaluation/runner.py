@@ -186,7 +186,10 @@ def evaluate(model, tok, samples, *, image_processor, system=None, batch_size: i
         if prompts:
             for p, row in zip(batch, _generate_rows(engine, model, prompts, max_new_tokens, sorted(stop))):
                 cut = next((i for i, t in enumerate(row) if t in stop), len(row))
-                results.append(_result(p, tok.decode(row[:cut]).strip(), row[:cut], metric))
+                r = _result(p, tok.decode(row[:cut]).strip(), row[:cut], metric)
+                # no end token within the budget: the answer may be cut short, and scored so
+                r["cut_at_max_new_tokens"] = cut >= max_new_tokens
+                results.append(r)
         bar.update(len(prepared[start:start + batch_size]))
     bar.close()
     return results, skips
@@ -236,7 +239,19 @@ def summarise(results: list[dict], skips: Skips, window: int | None) -> dict:
                           for t, bs in sorted(by_len.items())},
             "by_distance": {t: {b: agg_dist(rs) for b, rs in sorted(bs.items(), key=_distance_bucket_order)}
                             for t, bs in sorted(by_dist.items())},
-            "skipped": skips.as_dict()}
+            "skipped": skips.as_dict(), "cut_at_max_new_tokens": sum(bool(r.get("cut_at_max_new_tokens"))
+                                                                      for r in results)}
+
+
+def cut_answers_warning(summary: dict, max_new_tokens: int) -> str | None:
+    """A sentence for answers that hit ``--max-new-tokens`` without an end token (their scores may be of a
+    cut answer: a byte tokenizer spends a token per character), or None."""
+    n = summary.get("cut_at_max_new_tokens", 0)
+    if not n:
+        return None
+    return (f"{n} of {summary['n']} answers reached --max-new-tokens {max_new_tokens} without an end token, so "
+            f"they may be cut short and scored as cut; raise --max-new-tokens above the longest reference "
+            f"answer (in tokens)")
 
 
 _DIST_ORDER = {"in window": 0, "1-2x window": 1, "2-4x window": 2, ">4x window": 3, "no window": 4}
