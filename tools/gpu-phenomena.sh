@@ -65,7 +65,7 @@ want() { [[ " $ROWS " == *" $1 "* ]]; }
 
 if [ "$CPU" = 1 ]; then   # rows 1 and 2 at a scale a 2-core CPU trains in ~30-45 minutes per study (one thread
   # each; run ROWS=1 and ROWS=2 side by side with the same WORK): 8 frames of 18 tokens, window 16, so the
-  # evidence at 46 tokens (2.9x) is inside what 4 stacked SWA layers reach (64) and 102 / 134 tokens are beyond it
+  # evidence at 46 tokens (2.9x) is inside what 4 stacked SWA layers reach (64) and 88 / 116 tokens are beyond it
   NEEDLE_STEPS=${NEEDLE_STEPS:-500}; OCR_STEPS=${OCR_STEPS:-500}; NEEDLE_TRAIN=${NEEDLE_TRAIN:-4000}
   OCR_TRAIN=${OCR_TRAIN:-16000}; EVAL_N=${EVAL_N:-300}; FRAMES=8; DISTANCES="[24, 80, 112]"; WINDOW=16
   CONTROL="needle / 2-4x window"
