@@ -48,8 +48,8 @@ def compile_in_this_process() -> None:
     on the H200 (2026-12-01) a warm ``vlt generate`` was done 11.75 s after its start and exited at
     16.59 s, the last ~4.8 s in ``shutdown_compile_workers`` waiting for them; with one compile thread it
     was done at 11.94 s and exited at 13.33 s. On a fresh machine the compiles then run one after another;
-    what that costs cold is not measured apart (the one cold run with this default, 109 s, was on a machine
-    1.5-1.7x slower in every phase than the one where the pool's cold run took 77 s)."""
+    what that costs cold is not measured apart: the cold runs with this default took 109 s and 40.2 s on two
+    other machines (the second with a complete fla table), against the pool's 77 s on the first."""
     if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
         import torch._inductor.config as inductor_config
         inductor_config.compile_threads = 1
