@@ -339,6 +339,9 @@ def mixer_opts(name, a):
         opts = dict(hidden_size=a.hidden_size, num_heads=a.num_heads, head_dim=a.head_dim, num_kv_heads=a.num_kv_heads)
         if name == "mamba2":   # its heads split expand * hidden: keep fla's head_dim 64 (num_heads follows)
             opts.pop("num_heads"), opts.pop("head_dim")
+        from vlt.layers.fla_mixers import flash_attn_installed
+        if name == "nsa" and not flash_attn_installed():   # NSA's window branch calls flash-attn (FlaMixer's check)
+            opts["window_size"] = 0
         return {k: v for k, v in opts.items() if k in allowed}
     opts = dict(hidden_size=a.hidden_size, num_heads=a.num_heads, head_dim=a.head_dim)
     if name in ("full", "swa", "swa_gdn"):
@@ -387,7 +390,9 @@ def run_bench_mixers(args) -> int:
     from vlt.layers import state_nbytes
     for name in args.mixers:
         torch.manual_seed(0)
-        m = create_mixer(name, **mixer_opts(name, args)).to("cuda", dtype)
+        opts = mixer_opts(name, args)
+        report.setdefault("mixer_options", {})[name] = opts
+        m = create_mixer(name, **opts).to("cuda", dtype)
         params = list(m.parameters())
         if name in FLA_MIXERS:
             bench_fla_mixer(m, name, args, dtype, record, state_nbytes)
