@@ -137,6 +137,14 @@ class FlaMixer(TokenMixer):
         params = _fla_options(cls.fla_class)
         opts = _with_defaults(cls.fla_class, {k: v for k, v in options.items()
                                               if k in params and v is not params[k].default})
+        if cls.kind == "nsa":   # fla checks this in its kernel only (an assert at the first forward)
+            heads, kv = opts.get("num_heads"), opts.get("num_kv_heads")
+            group = heads // kv if heads and kv and heads % kv == 0 else 0
+            if group < 16 or group & (group - 1):
+                raise ValueError(f"{where}mixer {name!r} (fla.layers.{cls.fla_class.__name__}): num_heads / "
+                                 f"num_kv_heads = {heads} / {kv}, and fla's NSA kernels need the query heads per "
+                                 f"key/value head to be a power of 2 and >= 16; e.g. num_heads: 16, num_kv_heads: 1 "
+                                 f"or num_heads: 32, num_kv_heads: 2")
         try:
             with torch.device("meta"), _quiet(cls.kind):  # fla's own checks run in __init__; meta allocates nothing
                 cls.fla_class(**opts)

@@ -50,7 +50,8 @@ def test_verdict_branches():
     assert (v["kind"], v["ratio_bound"]) == ("not reproduced", ">") and v["ratio"] == pytest.approx(1.1, abs=1e-12)
     assert verdict(0.8, 0.2, None, 25, 500, 500)["kind"] == "inconclusive"     # seen too briefly to decide
     assert verdict(0.8, 0.2, None, 550, None, 1000)["kind"] == "inconclusive"
-    assert verdict(0.8, 0.2, 50, 50, None, 0)["kind"] == "inconclusive"        # scratch never evaluated
+    v = verdict(0.8, 0.2, 50, 50, None, 0)                                      # scratch never evaluated
+    assert v["kind"] == "inconclusive" and "student reached the bar in 50 steps; scratch has no evaluation" in v["text"]
     for args in [(0.8, 0.2, 50, 50, 600, 600), (0.1, 0.2, None, 0, None, 0), (0.8, 0.2, None, 550, 500, 500)]:
         assert verdict(*args)["kind"] in VERDICTS
 

@@ -272,11 +272,11 @@ def test_what_fla_refuses_on_cuda_is_a_clear_error_first():
     dn.check_fla_can_run(torch.randn(1, 65, D, dtype=torch.bfloat16), None)
     with torch.autocast("cpu", dtype=torch.bfloat16):                  # bf16-mixed: the projections are bf16
         dn.check_fla_can_run(torch.randn(1, 65, D), None)
-    nsa0 = create_mixer("nsa", hidden_size=D, num_heads=H, num_kv_heads=1, head_dim=8, window_size=0)
+    nsa0 = create_mixer("nsa", hidden_size=D, num_heads=16, num_kv_heads=1, head_dim=8, window_size=0)
     nsa0.check_fla_can_run(torch.randn(1, 8, D), None)
     if flash_attn_installed():
         pytest.skip("flash-attn is installed: the two flash-attn errors cannot occur here")
-    nsa = create_mixer("nsa", hidden_size=D, num_heads=H, num_kv_heads=1, head_dim=8)   # fla's window: 512
+    nsa = create_mixer("nsa", hidden_size=D, num_heads=16, num_kv_heads=1, head_dim=8)   # fla's window: 512
     with pytest.raises(ValueError, match=r"mixer 'nsa'.*window_size=512.*flash-attn.*window_size: 0"):
         nsa.check_fla_can_run(torch.randn(1, 8, D), None)
     m = create_mixer("moba", hidden_size=D, num_heads=H)
@@ -322,8 +322,17 @@ def test_engine_with_compiled_generic_step_equals_eager(name):
                                 max_new_tokens=6), ref)
 
 
+def test_nsa_head_grouping_is_checked_with_the_options():
+    """Found by `vlt bench mixers` on an H200: 16 heads over 2 key/value heads built, then fla's kernel asserted
+    "Group size (HQ/H) must be a power of 2 and >= 16" at the first forward."""
+    for heads, kv in ((16, 2), (24, 1), (4, 1)):
+        with pytest.raises(ValueError, match=rf"mixer 'nsa'.*{heads} / {kv}.*power of 2 and >= 16.*num_kv_heads: 1"):
+            create_mixer("nsa", hidden_size=D, num_heads=heads, num_kv_heads=kv, head_dim=8)
+    create_mixer("nsa", hidden_size=D, num_heads=32, num_kv_heads=2, head_dim=8)
+
+
 def test_gpu_only_mixers_say_so_on_cpu():
-    m = create_mixer("nsa", hidden_size=D, num_heads=H, num_kv_heads=1, head_dim=8)
+    m = create_mixer("nsa", hidden_size=D, num_heads=16, num_kv_heads=1, head_dim=8)
     with pytest.raises(ValueError, match=r"mixer 'nsa'.*needs a CUDA device.*run on CPU: "
                                          r"\['deltanet', 'gdn2', 'gla', 'kda', 'mamba2', 'rwkv7'\]"):
         m(torch.randn(1, 3, D))

@@ -266,6 +266,7 @@ def run_bench_fit(args) -> int:
             try:
                 row = run_stage(stage, args, extra)
                 row["overrides"] = list(extra)
+                row["set"] = list(args.set)   # the --set arguments every stage ran with (a row must say them)
                 break
             except BaseException as e:  # noqa: BLE001 - an OOM or a kernel failure is a result too
                 if isinstance(e, KeyboardInterrupt):

@@ -342,6 +342,8 @@ def mixer_opts(name, a):
         from vlt.layers.fla_mixers import flash_attn_installed
         if name == "nsa" and not flash_attn_installed():   # NSA's window branch calls flash-attn (FlaMixer's check)
             opts["window_size"] = 0
+        if name == "nsa":   # its kernels need >= 16 query heads per key/value head (FlaMixer.validate_options)
+            opts["num_kv_heads"] = max(1, a.num_heads // 16)
         return {k: v for k, v in opts.items() if k in allowed}
     opts = dict(hidden_size=a.hidden_size, num_heads=a.num_heads, head_dim=a.head_dim)
     if name in ("full", "swa", "swa_gdn"):

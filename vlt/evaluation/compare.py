@@ -296,7 +296,7 @@ def phenomenon_row(result: dict, title: str, group: str, layout: str, baseline: 
     ctrl = {n: st[control][n] for n in (layout, baseline)} if control and control in st else None
     best = max(v["mean"] for v in (ctrl or {layout: a, baseline: b}).values())
     if best < learned:
-        verdict = (f"inconclusive: neither layout learned the task in this budget (best {100 * best:.0f}% "
+        verdict = (f"inconclusive: neither layout learned the task in this budget (best {100 * best:.1f}% "
                    f"{'on ' + control if ctrl else 'overall'}, below {100 * learned:.0f}%)")
     elif d["mean"] >= margin:
         verdict = "reproduced" + (" (interval above the margin)" if d["lo"] >= margin else

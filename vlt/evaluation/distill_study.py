@@ -106,6 +106,10 @@ def verdict(teacher_acc: float, baseline: float, student: int | None, student_se
         return {"kind": "inconclusive", "ratio": r, "ratio_bound": ">", "text": (
             f"inconclusive: the student did not reach the bar in its {student_seen} steps, which is within "
             f"{want} of scratch's {scratch}")}
+    if student is not None:   # scratch has no evaluation yet (its run was cut or not started)
+        return {"kind": "inconclusive", "ratio": None, "ratio_bound": None, "text": (
+            f"inconclusive: the student reached the bar in {student} steps; scratch has no evaluation yet "
+            f"({scratch_seen} steps), so there is no ratio")}
     return {"kind": "inconclusive", "ratio": None, "ratio_bound": None, "text": (
         f"inconclusive: neither the student ({student_seen} steps) nor scratch ({scratch_seen} steps) reached "
         "the bar")}
