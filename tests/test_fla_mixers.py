@@ -481,3 +481,29 @@ def test_stage1_layer_distillation_into_kda_and_gdn2(tmp_path, monkeypatch):
     sd = ckpt["state_dict"]
     f_key = next(k for k in sd if k.endswith("layers.0.mixer.f_proj.1.weight"))
     assert sd[f_key].abs().sum() > 0   # mimic init set it to zero: it trained
+
+
+def test_state_conversion_to_fla_and_back_copies_once_and_leaves_earlier_states_alone():
+    """The CUDA decode path (fla's forward between to_fla_cache and _from_fla) without the kernels: fla
+    shifts the W-wide conv cache it is given in place and returns a new recurrent state; vlt's earlier state
+    must come out unchanged, the new one right, and KDA's V-first state must round-trip without a copy."""
+    from vlt.layers.fla_mixers import _from_fla, to_fla_cache
+    m = create_mixer("kda", hidden_size=D, num_heads=H)
+    B, W = 2, m.conv_size
+    old = {"ssm": torch.randn(B, H, D // H, D // H),
+           "conv": tuple(torch.randn(B, c.weight.shape[0], W - 1) for c in (m.q_conv1d, m.k_conv1d, m.v_conv1d)),
+           "seen": 5}
+    kept = {"ssm": old["ssm"].clone(), "conv": tuple(c.clone() for c in old["conv"])}
+    cache = to_fla_cache(m, old)
+    new_inputs = [torch.randn(B, c.shape[1]) for c in cache["conv_state"]]
+    for c, x in zip(cache["conv_state"], new_inputs):   # what fla's conv update does to its cache
+        c.copy_(torch.roll(c, -1, dims=-1))
+        c[..., -1] = x
+    fla_state = cache["recurrent_state"].contiguous() * 2   # fla returns a new [B, H, V, K] state
+    new = _from_fla(m, {"recurrent_state": fla_state, "conv_state": cache["conv_state"]})
+    assert torch.equal(old["ssm"], kept["ssm"]) and all(torch.equal(a, b) for a, b in zip(old["conv"], kept["conv"]))
+    for o, n, x in zip(old["conv"], new["conv"], new_inputs):
+        assert n.shape == o.shape and torch.equal(n, torch.cat([o[..., 1:], x[..., None]], -1))
+    assert torch.equal(new["ssm"], fla_state.transpose(-1, -2))               # vlt's [B, H, K, V] values
+    again = to_fla_cache(m, new)
+    assert again["recurrent_state"].data_ptr() == fla_state.data_ptr() and again["recurrent_state"].is_contiguous()
