@@ -17,14 +17,17 @@
 # compare study's compare.json / .md / .png and per-run eval.json, the distillation's distill.json / .png
 # and per-run curve.jsonl (accuracy by step), plus logs.
 #
-#   ROWS="1 2" OUT=/path/out bash tools/gpu-phenomena.sh   # on the GPU machine, from a checkout: <= 9 minutes
-#   ROWS=3 OUT=/path/out bash tools/gpu-phenomena.sh       # row 3: estimated 6-8 minutes, cut at DISTILL_TIMEOUT
+#   ROWS="1 2" OUT=/path/out bash tools/gpu-phenomena.sh   # on the GPU machine, from a checkout
+#   ROWS=3 OUT=/path/out bash tools/gpu-phenomena.sh       # row 3, cut at DISTILL_TIMEOUT
 #   PHENOMENA_TINY=1 OUT=/tmp/ph bash tools/gpu-phenomena.sh   # the same logic on a CPU in ~1 minute
-#   PHENOMENA_CPU=1 ROWS=1 OUT=/tmp/ph bash tools/gpu-phenomena.sh   # rows 1, 2 at a smaller scale on a CPU (~30-45 min)
+#   PHENOMENA_CPU=1 ROWS=1 OUT=/tmp/ph bash tools/gpu-phenomena.sh   # a row at a smaller scale on a CPU (~35-60 min per row)
 #
 # ROWS (default "1 2 3") picks the rows to run; the other rows of an existing $OUT/phenomena.json are
 # kept, so rows measured by two commands end in one table (copy the first command's phenomena.json into
-# the second's $OUT). All three rows take ~17 minutes: more than one 10-minute device command.
+# the second's $OUT). On an H200 (eb5abb6, torch kernels) one study does not fit a 10-minute device command:
+# a needle hybrid trained ~1.2 steps/s (500 steps ~400 s, after ~130 s writing its data), row 3's teacher took
+# 368 s; rows run side by side (one invocation per row, the same WORK, separate OUTs) and again in the next warm
+# call, which reuses the finished runs.
 # Knobs (environment): NEEDLE_STEPS, OCR_STEPS (optimizer steps per run, default 500), SEEDS (default
 # "0"), NEEDLE_TRAIN / OCR_TRAIN (training samples), NEEDLE_BATCH / OCR_BATCH (rows per step),
 # EVAL_N (test samples per study and per row-3 evaluation), NEEDLE_TIMEOUT / OCR_TIMEOUT (seconds per
@@ -34,7 +37,7 @@
 # EVAL_EVERY (25; the step counts above must be multiples of it), STUDENT_LR (default: the recipe's),
 # DISTILL_TRAIN (20000 samples), DISTILL_BATCH (32 rows), DISTILL_TIMEOUT (540 s); the seed is SEEDS' first.
 # STUDY_BACKEND (default torch: the swa and gdn mixers on their torch kernels, no compilation; auto: fla /
-# FlexAttention). PHENOMENA_CPU=1: rows 1 and 2 at a CPU scale (window 16, 8 frames, batch 8; timeouts
+# FlexAttention). PHENOMENA_CPU=1: the rows at a CPU scale (window 16, 8 frames, batch 8; row 3 batch 8; timeouts
 # NEEDLE_TIMEOUT_CPU / OCR_TIMEOUT_CPU, default 4000 s). A study cut by its timeout keeps its finished runs; running the script again with the same settings and
 # WORK reuses them and trains only what is missing (row 3 also reports from the runs it finished).
 set -uo pipefail
