@@ -37,7 +37,7 @@
 # EVAL_EVERY (25; the step counts above must be multiples of it), STUDENT_LR (default: the recipe's),
 # DISTILL_TRAIN (20000 samples), DISTILL_BATCH (32 rows), DISTILL_TIMEOUT (540 s); the seed is SEEDS' first.
 # STUDY_BACKEND (default torch: the swa and gdn mixers on their torch kernels, no compilation; auto: fla /
-# FlexAttention). PHENOMENA_CPU=1: the rows at a CPU scale (window 16, 8 frames, batch 8; row 3 batch 8; timeouts
+# FlexAttention). PHENOMENA_CPU=1: the rows at a CPU scale (window 16, 8 frames, 8 rows per step; timeouts
 # NEEDLE_TIMEOUT_CPU / OCR_TIMEOUT_CPU, default 4000 s). A study cut by its timeout keeps its finished runs; running the script again with the same settings and
 # WORK reuses them and trains only what is missing (row 3 also reports from the runs it finished).
 set -uo pipefail
