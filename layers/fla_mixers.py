@@ -120,10 +120,7 @@ def _conv_to_fla(c):
 
 
 def _conv_from_fla(c):
-    # a view, not a copy: fla updated ``c`` in place, but ``c`` is the fresh tensor _conv_to_fla padded for
-    # this call, so no earlier state shares it; the next call pads the view into a new tensor again. One copy
-    # a conv a step instead of two (fla's KDA / DeltaNet decode was 1.11-1.14x fla's own on an H200, eb5abb6)
-    return None if c is None else c[..., 1:]
+    return None if c is None else c[..., 1:].contiguous()
 
 
 class FlaMixer(TokenMixer):
@@ -354,9 +351,7 @@ def _from_fla(self, st):
     k = self.kind
     if k in ("kda", "gdn2", "deltanet", "gla"):
         ssm = st["recurrent_state"]
-        # KDA / GLA: a transposed view of fla's [.., V, K] state (vlt's [.., K, V] by its strides), so the
-        # next step's to_fla_cache transposes it back to the tensor fla wrote, without a copy either way
-        out = {"ssm": (ssm.transpose(-1, -2) if k in _V_FIRST else ssm).float()}
+        out = {"ssm": (ssm.transpose(-1, -2) if k in _V_FIRST else ssm).float().contiguous()}
         if st.get("conv_state") is not None:
             out["conv"] = tuple(_conv_from_fla(c) for c in st["conv_state"])
         return out

@@ -483,10 +483,10 @@ def test_stage1_layer_distillation_into_kda_and_gdn2(tmp_path, monkeypatch):
     assert sd[f_key].abs().sum() > 0   # mimic init set it to zero: it trained
 
 
-def test_state_conversion_to_fla_and_back_copies_once_and_leaves_earlier_states_alone():
+def test_state_conversion_to_fla_and_back_leaves_earlier_states_alone():
     """The CUDA decode path (fla's forward between to_fla_cache and _from_fla) without the kernels: fla
     shifts the W-wide conv cache it is given in place and returns a new recurrent state; vlt's earlier state
-    must come out unchanged, the new one right, and KDA's V-first state must round-trip without a copy."""
+    must come out unchanged, the new one right (KDA's V-first state back in vlt's [.., K, V] layout)."""
     from vlt.layers.fla_mixers import _from_fla, to_fla_cache
     m = create_mixer("kda", hidden_size=D, num_heads=H)
     B, W = 2, m.conv_size
@@ -505,5 +505,4 @@ def test_state_conversion_to_fla_and_back_copies_once_and_leaves_earlier_states_
     for o, n, x in zip(old["conv"], new["conv"], new_inputs):
         assert n.shape == o.shape and torch.equal(n, torch.cat([o[..., 1:], x[..., None]], -1))
     assert torch.equal(new["ssm"], fla_state.transpose(-1, -2))               # vlt's [B, H, K, V] values
-    again = to_fla_cache(m, new)
-    assert again["recurrent_state"].data_ptr() == fla_state.data_ptr() and again["recurrent_state"].is_contiguous()
+    assert torch.equal(to_fla_cache(m, new)["recurrent_state"], fla_state)     # and back to fla's layout

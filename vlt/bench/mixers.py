@@ -339,11 +339,13 @@ def mixer_opts(name, a):
         opts = dict(hidden_size=a.hidden_size, num_heads=a.num_heads, head_dim=a.head_dim, num_kv_heads=a.num_kv_heads)
         if name == "mamba2":   # its heads split expand * hidden: keep fla's head_dim 64 (num_heads follows)
             opts.pop("num_heads"), opts.pop("head_dim")
-        from vlt.layers.fla_mixers import flash_attn_installed
-        if name == "nsa" and not flash_attn_installed():   # NSA's window branch calls flash-attn (FlaMixer's check)
-            opts["window_size"] = 0
-        if name == "nsa":   # its kernels need >= 16 query heads per key/value head (FlaMixer.validate_options)
+        if name == "nsa":
+            from vlt.layers.fla_mixers import flash_attn_installed
+            # its kernels need >= 16 query heads per key/value head (FlaMixer.validate_options), and its window
+            # branch calls flash-attn (FlaMixer.check_fla_can_run)
             opts["num_kv_heads"] = max(1, a.num_heads // 16)
+            if not flash_attn_installed():
+                opts["window_size"] = 0
         return {k: v for k, v in opts.items() if k in allowed}
     opts = dict(hidden_size=a.hidden_size, num_heads=a.num_heads, head_dim=a.head_dim)
     if name in ("full", "swa", "swa_gdn"):
