@@ -115,12 +115,34 @@ class OneLayerCache:
 
 
 def _conv_to_fla(c):
-    # vlt keeps the W-1 inputs a causal conv still needs; fla's cache holds W (its oldest is rolled out)
+    # vlt keeps the W-1 inputs a causal conv still needs; fla's cache holds W (its update kernel never reads
+    # the oldest column, it rolls it out). A fresh tensor each call: fla shifts it in place, and vlt's
+    # earlier state must stay as it was
     return None if c is None else F.pad(c, (1, 0))
 
 
+def _convs_to_fla(convs):
+    """The q/k/v conv states of one layer padded in one kernel: [n, B, D, W] unbound into n contiguous
+    caches. When ``convs`` are still the views _conv_from_fla made of the previous step's buffer (a decode
+    loop on the mixer's own states), that buffer is padded as it is; otherwise they are stacked first (two
+    kernels instead of one pad each: a decode step is launch-bound, each copy costs ~2 us on an H200)."""
+    base = convs[0]._base
+    if not (base is not None and base.dim() == convs[0].dim() + 1 and base.shape[0] == len(convs)
+            and all(c._base is base and _same_view(c, base[i, ..., 1:]) for i, c in enumerate(convs))):
+        base = F.pad(torch.stack(convs), (1, 0))
+    else:
+        base = F.pad(base[..., 1:], (1, 0))
+    return base.unbind(0)
+
+
+def _same_view(a, b):
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
 def _conv_from_fla(c):
-    return None if c is None else c[..., 1:].contiguous()
+    # a view, not a copy: fla updated ``c`` in place, but ``c`` is the fresh tensor _conv_to_fla /
+    # _convs_to_fla padded for this call, so no earlier state shares it
+    return None if c is None else c[..., 1:]
 
 
 class FlaMixer(TokenMixer):
@@ -335,7 +357,7 @@ def to_fla_cache(self, state):
     k = self.kind
     if k in ("kda", "gdn2", "deltanet", "gla"):
         ssm = state["ssm"].transpose(-1, -2) if k in _V_FIRST else state["ssm"]
-        conv = tuple(_conv_to_fla(c) for c in state["conv"]) if "conv" in state else None
+        conv = _convs_to_fla(state["conv"]) if "conv" in state else None
         return {"recurrent_state": ssm, "conv_state": conv, "attn_state": None, "ffn_state": None}
     if k == "mamba2":
         return {"recurrent_state": state["ssm"], "conv_state": _conv_to_fla(state["conv"]),
@@ -351,7 +373,9 @@ def _from_fla(self, st):
     k = self.kind
     if k in ("kda", "gdn2", "deltanet", "gla"):
         ssm = st["recurrent_state"]
-        out = {"ssm": (ssm.transpose(-1, -2) if k in _V_FIRST else ssm).float().contiguous()}
+        # KDA / GLA: a transposed view of fla's [.., V, K] state (vlt's [.., K, V] by its strides), so the
+        # next step's to_fla_cache transposes it back to the tensor fla wrote, without a copy either way
+        out = {"ssm": (ssm.transpose(-1, -2) if k in _V_FIRST else ssm).float()}
         if st.get("conv_state") is not None:
             out["conv"] = tuple(_conv_from_fla(c) for c in st["conv_state"])
         return out
