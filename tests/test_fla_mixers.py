@@ -491,16 +491,18 @@ def test_state_conversion_to_fla_and_back_leaves_earlier_states_alone():
     state must come out unchanged and the new one right. The conversion back keeps views (KDA's V-first state
     round-trips to the very tensor fla wrote), and the second step pads the first step's buffer as it is."""
     from vlt.layers.fla_mixers import _from_fla, to_fla_cache
-    m = create_mixer("kda", hidden_size=D, num_heads=H)
+    # expand_v=2: the value conv is twice as wide as q's and k's (an H200 run of a version that stacked the
+    # three caches failed on exactly that, 2026-12-02)
+    m = create_mixer("kda", hidden_size=D, num_heads=H, expand_v=2.0)
     B, W = 2, m.conv_size
-    state = {"ssm": torch.randn(B, H, D // H, D // H),
+    state = {"ssm": torch.randn(B, H, D // H, 2 * D // H),
              "conv": tuple(torch.randn(B, c.weight.shape[0], W - 1) for c in (m.q_conv1d, m.k_conv1d, m.v_conv1d)),
              "seen": 5}
     history = []
     for step in range(2):
         history.append((state, {"ssm": state["ssm"].clone(), "conv": tuple(c.clone() for c in state["conv"])}))
-        # step 1's convs are views of step 0's buffer: padded from it in one kernel, not stacked again
-        with mock.patch("torch.stack", side_effect=AssertionError("stacked again")) if step else nullcontext():
+        # step 1's convs are views of step 0's buffer: padded from it in one kernel, not concatenated again
+        with mock.patch("torch.cat", side_effect=AssertionError("concatenated again")) if step else nullcontext():
             cache = to_fla_cache(m, state)
         convs = cache["conv_state"]
         assert all(c.is_contiguous() and c.shape[-1] == W for c in convs)
