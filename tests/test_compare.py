@@ -2,6 +2,7 @@
 equal-parameter budget against real model builds, the layout recipes' errors, and ``vlt compare
 --tiny`` end to end (two layouts x two seeds, trained, exported and scored by vlt eval on the CPU)."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -126,6 +127,15 @@ def test_vlt_compare_tiny_end_to_end(tmp_path, capsys):
     assert main(["compare", "--tiny", "--out", str(out)]) == 0
     assert capsys.readouterr().err.count("reusing") == 4
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/lightning_logs/*/checkpoints/last.ckpt")} == stamps
+    assert json.loads((out / "compare.json").read_text())["stats"] == st
+    # a run cut after its last checkpoint, before its evaluation: resumed from that checkpoint, not trained again
+    cut = out / "runs" / "swa-s0"
+    shutil.rmtree(cut / "eval")
+    (cut / "run.json").unlink()
+    capsys.readouterr()
+    assert main(["compare", "--tiny", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("reusing") == 3 and "resuming the cut run in" in err and "(step 3)" in err, err
     assert json.loads((out / "compare.json").read_text())["stats"] == st
 
 

@@ -199,6 +199,35 @@ def test_gpu_phenomena_row3_in_its_cpu_mode(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "distillation.log").read_text().count("reusing") == 5
     assert json.loads((out / "phenomena.json").read_text())["rows"][2] == r
+    # the teacher cut after its last checkpoint, before it recorded itself: the next command resumes it from that
+    # checkpoint (nothing trained again, its curve kept) and still reuses the runs after it
+    teacher = tmp_path / "work" / "distillation" / "runs" / "teacher"
+    (teacher / "run.json").unlink()
+    proc = _script(tmp_path, ROWS="3")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (out / "distillation.log").read_text()
+    assert "[distill teacher] resuming the cut run" in log and "(step 4)" in log and log.count("reusing") == 4, log
+    assert json.loads((out / "phenomena.json").read_text())["rows"][2] == r
+
+
+def test_cut_runs_resume_only_their_own_attempt(tmp_path):
+    from vlt.evaluation.distill_study import _keep_curve_until
+    from vlt.evaluation.resume import RESUME_ARGS, checkpoint_every, start_or_resume
+    assert [checkpoint_every(n) for n in (500, 1000, 3, 101, 40)] == [100, 100, 3, 101, 40]
+    assert checkpoint_every(1000, grid=25) == 100 and checkpoint_every(60, grid=25) == 60   # 25 does not divide 60
+    with pytest.raises(ValueError, match="must be positive"):
+        checkpoint_every(0)
+    run = tmp_path / "run"
+    assert start_or_resume(run, "a", "t") == [] and (run / "attempt.key").read_text() == "a"
+    (run / "ckpt").write_text("x")
+    assert start_or_resume(run, "a", "t") == RESUME_ARGS and (run / "ckpt").is_file()      # the same attempt
+    assert start_or_resume(run, "b", "t") == [] and not (run / "ckpt").exists()            # other settings: cleared
+    curve = run / "curve.jsonl"
+    curve.write_text("".join(json.dumps({"step": s, "acc": s / 10}) + "\n" for s in (25, 50, 75)))
+    _keep_curve_until(curve, 50)
+    assert [json.loads(x)["step"] for x in curve.read_text().splitlines()] == [25, 50]
+    _keep_curve_until(curve, None)   # no checkpoint: the run starts over, so none of its points stay
+    assert curve.read_text() == ""
 
 
 def test_gpu_phenomena_bad_knobs(tmp_path):

@@ -27,7 +27,8 @@
 # the second's $OUT). On an H200 (eb5abb6, torch kernels) one study does not fit a 10-minute device command:
 # a needle hybrid trained ~1.2 steps/s (500 steps ~400 s, after ~130 s writing its data), row 3's teacher took
 # 368 s; rows run side by side (one invocation per row, the same WORK, separate OUTs) and again in the next warm
-# call, which reuses the finished runs.
+# call, which reuses the finished runs and resumes the cut ones from their last checkpoint (every <= 100 steps;
+# until 3bb63f4 a cut run restarted, so in three calls of 400-500 s no needle or OCR run ever finished).
 # Knobs (environment): NEEDLE_STEPS, OCR_STEPS (optimizer steps per run, default 500), SEEDS (default
 # "0"), NEEDLE_TRAIN / OCR_TRAIN (training samples), NEEDLE_BATCH / OCR_BATCH (rows per step),
 # EVAL_N (test samples per study and per row-3 evaluation), NEEDLE_TIMEOUT / OCR_TIMEOUT (seconds per
@@ -39,7 +40,8 @@
 # STUDY_BACKEND (default torch: the swa and gdn mixers on their torch kernels, no compilation; auto: fla /
 # FlexAttention). PHENOMENA_CPU=1: the rows at a CPU scale (window 16, 8 frames, 8 rows per step; timeouts
 # NEEDLE_TIMEOUT_CPU / OCR_TIMEOUT_CPU, default 4000 s). A study cut by its timeout keeps its finished runs; running the script again with the same settings and
-# WORK reuses them and trains only what is missing (row 3 also reports from the runs it finished).
+# WORK reuses them, resumes a cut run from its last checkpoint and trains only what is missing (row 3 also
+# reports from the runs it finished).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/phenomena_out}

@@ -18,7 +18,8 @@ and the synthetic set (``--task``, ``--param`` as ``vlt data synth``; generated 
 (greedy, batched) on the test split. Results: ``OUT/compare.json``, ``compare.md``, ``compare.png``;
 per run ``OUT/runs/LAYOUT-sSEED/`` (``lightning_logs/version_N`` with metrics and checkpoints, ``export``,
 ``eval``). A run whose eval is already there
-with the same arguments is reused, so an interrupted study continues where it stopped.
+with the same arguments is reused, and one cut before its end resumes from its last checkpoint (one every
+<= 100 steps, ``vlt.evaluation.resume``), so an interrupted study continues where it stopped.
 """
 from __future__ import annotations
 
@@ -140,6 +141,7 @@ def plan(args, s: dict) -> dict:
 
 
 def _fit_argv(args, s: dict, spec: dict, lay: dict, seed: int, run: Path) -> list[str]:
+    from vlt.evaluation.resume import checkpoint_every
     return ["fit", "--config", args.config, f"--model.init_args.layout={lay['pattern']}",
             f"--model.init_args.mixers={json.dumps(lay['mixers'])}",
             f"--model.init_args.model={json.dumps(lay['model'])}",
@@ -147,7 +149,7 @@ def _fit_argv(args, s: dict, spec: dict, lay: dict, seed: int, run: Path) -> lis
             "--data.init_args.train_shards=null", "--data.init_args.val_shards=null",
             f"--data.init_args.synthetic={json.dumps(spec)}", f"--trainer.default_root_dir={run}",
             f"--trainer.logger.init_args.save_dir={run}",
-            f"--checkpoint.every_n_train_steps={s['steps']}", *s["fit"]]
+            f"--checkpoint.every_n_train_steps={checkpoint_every(s['steps'])}", *s["fit"]]
 
 
 def _last_loss(run: Path) -> float | None:
@@ -163,6 +165,7 @@ def train_and_eval(args, s: dict, spec: dict, test_dir: Path, name: str, lay: di
     from vlt.cli import main as vlt_main
     from vlt.eval_cli import main as eval_main
     from vlt.checkpoint.cli import export_checkpoint
+    from vlt.evaluation.resume import start_or_resume
     run = Path(args.out) / "runs" / f"{name}-s{seed}"
     argv = _fit_argv(args, s, spec, lay, seed, run)
     key = hashlib.sha1(json.dumps([argv, s["max_new_tokens"], str(test_dir), args.eval_arg]).encode()).hexdigest()
@@ -170,9 +173,10 @@ def train_and_eval(args, s: dict, spec: dict, test_dir: Path, name: str, lay: di
     if record.is_file() and json.loads(record.read_text()).get("key") == key and (run / "eval" / "eval.json").is_file():
         print(f"[vlt compare] {name} seed {seed}: reusing {run}", file=sys.stderr)
         return json.loads(record.read_text())
-    print(f"[vlt compare] {name} seed {seed}: vlt {' '.join(argv)}", file=sys.stderr)
+    resume = start_or_resume(run, key, "vlt compare")   # a run cut by a timeout continues, not restarts
+    print(f"[vlt compare] {name} seed {seed}: vlt {' '.join(argv + resume)}", file=sys.stderr)
     t0 = time.perf_counter()
-    rc = vlt_main(argv)
+    rc = vlt_main(argv + resume)
     wall = time.perf_counter() - t0
     ckpts = sorted(glob.glob(str(run / "lightning_logs" / "version_*" / "checkpoints" / "*.ckpt")),
                    key=lambda p: Path(p).stat().st_mtime)

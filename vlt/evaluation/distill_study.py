@@ -19,7 +19,8 @@ on the first ``--num-eval`` test samples every ``--eval-every`` steps (``kl``: a
 ``student`` and ``scratch`` stop at their first point at or above the bar. The student's steps count
 the stage I steps too. ``row()`` turns the curves into the table row (``verdict()``); it reads only
 what is on disk, so a study cut by a timeout still gives a row from the runs it finished.
-A run whose record (``run.json``) matches its arguments and those of the runs it starts from is reused.
+A run whose record (``run.json``) matches its arguments and those of the runs it starts from is reused; one
+cut before its end (a timeout, a job limit) resumes from its last checkpoint (``vlt.evaluation.resume``).
 """
 from __future__ import annotations
 
@@ -28,12 +29,12 @@ import glob
 import hashlib
 import json
 import shlex
-import shutil
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+from vlt.evaluation.resume import checkpoint_every, resumed_step, start_or_resume
 from vlt.training.generation_eval import GenerationEval
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
@@ -224,13 +225,14 @@ def _fit(args, name: str, argv: list[str], upstream: str, steps: int | None, stu
         print(f"[distill] {name}: reusing {run}", file=sys.stderr)
         (run / "study.key").write_text(study_key)
         return json.loads(record.read_text())
-    shutil.rmtree(run, ignore_errors=True)  # a run cut short: its curve and checkpoints are not this run's
-    run.mkdir(parents=True)
+    resume = start_or_resume(run, key, f"distill {name}")   # a run cut short continues from its checkpoint
+    if resume:
+        _keep_curve_until(run / "curve.jsonl", resumed_step(run))
     (run / "study.key").write_text(study_key)
-    print(f"[distill] {name}: vlt {shlex.join(argv)}", file=sys.stderr)
+    print(f"[distill] {name}: vlt {shlex.join(argv + resume)}", file=sys.stderr)
     t0 = time.perf_counter()
     try:
-        rc = vlt_main(argv)
+        rc = vlt_main(argv + resume)
     except SystemExit as e:  # a configuration error, already reported by the CLI
         rc = e.code
     if rc not in (0, None):
@@ -245,6 +247,15 @@ def _fit(args, name: str, argv: list[str], upstream: str, steps: int | None, stu
         info["ckpt"] = last[0]
     record.write_text(json.dumps(info, indent=1))
     return info
+
+
+def _keep_curve_until(f: Path, step: int | None) -> None:
+    """A resumed run re-evaluates the steps after its checkpoint: drop the cut attempt's points past it
+    (all of them when it wrote no checkpoint and starts over)."""
+    if not f.is_file():
+        return
+    pts = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    f.write_text("".join(json.dumps(p) + "\n" for p in pts if step is not None and p["step"] <= step))
 
 
 def _ours(study: Path, name: str) -> bool:
@@ -282,9 +293,9 @@ def run_study(args) -> Path:
 
     def fit(name, steps, model_args, upstream="", keep_ckpt=True, every=args.eval_every, stop_at=None, curve=True):
         """One run: the base recipe on the study's data, ``model_args``, its accuracy curve; ``keep_ckpt``:
-        a last.ckpt at ``steps`` (the next stage starts from it), else no checkpoints."""
-        ckpt = [f"--checkpoint.every_n_train_steps={steps}"] if keep_ckpt else [
-            "--checkpoint.save_last=false", "--checkpoint.save_top_k=0", "--checkpoint.every_n_train_steps=0"]
+        its last.ckpt must be at ``steps`` (the next stage starts from it). Every run checkpoints on the
+        evaluation grid (at most 100 steps apart) so that a cut run resumes (vlt.evaluation.resume)."""
+        ckpt = [f"--checkpoint.every_n_train_steps={checkpoint_every(steps, grid=every)}"]
         argv = ["fit", "--config", args.config, f"--seed_everything={args.seed}", f"--trainer.max_steps={steps}",
                 "--data.init_args.train_shards=null", "--data.init_args.val_shards=null",
                 f"--data.init_args.synthetic={json.dumps(spec)}", f"--trainer.default_root_dir={runs / name}",
