@@ -8,22 +8,33 @@ so final states are those of the real tokens.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def pad_packed(xs: list[torch.Tensor], cu_seqlens, multiple: int):
-    """[1, total, ...] tensors -> [N, L, ...] with L = max length rounded up to ``multiple``."""
+    """[1, total, ...] tensors -> [N, L, ...] with L = max length rounded up to ``multiple``: one gather per
+    tensor (index_select over the packed rows plus one zero row for the padding), so the op count does not
+    grow with the number of sequences (a per-sequence slice + pad was ~25 ops a sequence with its backward;
+    a 32-row training batch is launch-bound on a GPU)."""
     bounds = cu_seqlens.tolist()
     lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     L = max(1, max(lengths))
     L += (-L) % multiple
+    total = bounds[-1]
+    j = torch.arange(L)
+    starts, lens = torch.tensor(bounds[:-1]), torch.tensor(lengths)
+    # row (i, j) is packed row starts[i] + j while j < lengths[i], else the zero row appended at ``total``
+    idx = torch.where(j < lens[:, None], starts[:, None] + j, total).reshape(-1)
     out = []
     for x in xs:
-        rows = [F.pad(x[0, s:e], (0, 0) * (x.dim() - 2) + (0, L - (e - s))) for s, e in zip(bounds[:-1], bounds[1:])]
-        out.append(torch.stack(rows))
+        rows = torch.cat([x[0], x.new_zeros((1, *x.shape[2:]))])
+        out.append(rows.index_select(0, idx.to(x.device)).view(len(lengths), L, *x.shape[2:]))
     return out, lengths
 
 
 def unpad(y: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """[N, L, ...] -> [1, total, ...]"""
-    return torch.cat([y[i, :n] for i, n in enumerate(lengths)], dim=0).unsqueeze(0)
+    """[N, L, ...] -> [1, total, ...]: the real rows of every sequence, in order, in one gather."""
+    N, L = y.shape[:2]
+    lens = torch.tensor(lengths)
+    j = torch.arange(L)
+    idx = (torch.arange(N)[:, None] * L + j)[j < lens[:, None]]
+    return y.reshape(N * L, *y.shape[2:]).index_select(0, idx.to(y.device)).unsqueeze(0)

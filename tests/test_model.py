@@ -28,6 +28,25 @@ def test_forward_backward_reaches_vision_and_every_layer():
     assert no_grad == []
 
 
+def test_vision_tower_keeps_the_images_order_across_sizes():
+    """Images of two sizes interleaved: batched per size, the features come back in the images' order
+    (each equal to the image encoded alone), and the gradient reaches each image through that reordering."""
+    tower = tiny_model().vision.eval()
+    images = [torch.randn(3, s, s, requires_grad=True) for s in (56, 84, 56, 84, 84)]
+    feats = tower(images)
+    alone = [tower([im]) for im in images]
+    assert feats.shape[0] == sum(a.shape[0] for a in alone) == 2 * 4 + 3 * 9   # 2x2 and 3x3 merged tokens
+    torch.testing.assert_close(feats, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(feats)
+    (feats * w).sum().backward()
+    grads = [im.grad.clone() for im in images]
+    for im in images:
+        im.grad = None
+    (torch.cat(alone) * w).sum().backward()
+    for g, im in zip(grads, images):
+        torch.testing.assert_close(g, im.grad, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mrope", [False, True])
 def test_greedy_decode_equals_full_prefix_recompute(mrope):
     m = tiny_model(mrope=mrope)
