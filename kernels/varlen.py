@@ -23,11 +23,11 @@ def pad_packed(xs: list[torch.Tensor], cu_seqlens, multiple: int):
     j = torch.arange(L)
     starts, lens = torch.tensor(bounds[:-1]), torch.tensor(lengths)
     # row (i, j) is packed row starts[i] + j while j < lengths[i], else the zero row appended at ``total``
-    idx = torch.where(j < lens[:, None], starts[:, None] + j, total).reshape(-1)
+    idx = torch.where(j < lens[:, None], starts[:, None] + j, total).reshape(-1).to(xs[0].device)
     out = []
     for x in xs:
         rows = torch.cat([x[0], x.new_zeros((1, *x.shape[2:]))])
-        out.append(rows.index_select(0, idx.to(x.device)).view(len(lengths), L, *x.shape[2:]))
+        out.append(rows.index_select(0, idx).view(len(lengths), L, *x.shape[2:]))
     return out, lengths
 
 
