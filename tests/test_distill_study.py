@@ -238,3 +238,13 @@ def test_gpu_phenomena_bad_knobs(tmp_path):
     proc = _script(tmp_path, ROWS="3", TEACHER_STEPS="5")
     assert proc.returncode == 2 and "--teacher-steps 5 is not a multiple of --eval-every 2" in proc.stderr
     assert not (tmp_path / "out" / "phenomena.json").exists()     # nothing ran
+
+
+def test_a_teacher_too_short_for_the_ratio_is_warned_about():
+    from types import SimpleNamespace
+    from vlt.evaluation.distill_study import short_teacher_warning
+    args = SimpleNamespace(layer_steps=25, kl_steps=25, teacher_steps=500, expected_ratio=0.1)
+    w = short_teacher_warning(args)   # the phenomena script's defaults: stage I alone is 10% of the teacher's steps
+    assert w is not None and "--teacher-steps 1500" in w and "25 + 25" in w
+    assert short_teacher_warning(SimpleNamespace(**{**vars(args), "teacher_steps": 2000})) is None
+    assert short_teacher_warning(SimpleNamespace(**{**vars(args), "expected_ratio": 0.5})) is None

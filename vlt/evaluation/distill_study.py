@@ -179,6 +179,24 @@ def check(args) -> None:
             raise ValueError(f"--{key.replace('_', '-')} must be in (0, 1] (got {getattr(args, key)})")
     check_params(args.task, parse_kv(args.param))
     _layouts(args)
+    warning = short_teacher_warning(args)
+    if warning:
+        print(f"[distill] warning: {warning}", file=sys.stderr)
+
+
+def short_teacher_warning(args) -> str | None:
+    """The student's steps include stage I, and a from-scratch run usually gets to 95% of a teacher in
+    fewer steps than the teacher itself trained; so with stage I >= expected_ratio x teacher steps the ratio
+    can hardly come out at or below expected_ratio (on a CPU, 2026-12-02: teacher 500 steps, stage I 50,
+    scratch at the bar after 175-500 steps)."""
+    stage1 = args.layer_steps + args.kl_steps
+    if stage1 < args.expected_ratio * args.teacher_steps:
+        return None
+    return (f"stage I ({args.layer_steps} + {args.kl_steps} steps, counted in the student's) is at least "
+            f"--expected-ratio {args.expected_ratio:g} x --teacher-steps {args.teacher_steps}, and a from-scratch run "
+            f"usually reaches the bar in fewer steps than the teacher had, so a ratio <= {args.expected_ratio:.0%} "
+            f"can hardly show; train the teacher longer (e.g. --teacher-steps "
+            f"{int(3 * stage1 / args.expected_ratio)}) or shorten stage I")
 
 
 def _layouts(args) -> tuple[list[str], list[str], dict]:
