@@ -188,7 +188,7 @@ def short_teacher_warning(args) -> str | None:
     """The student's steps include stage I, and a from-scratch run usually gets to 95% of a teacher in
     fewer steps than the teacher itself trained; so with stage I >= expected_ratio x teacher steps the ratio
     can hardly come out at or below expected_ratio (on a CPU, 2026-12-02: teacher 500 steps, stage I 50,
-    scratch at the bar after 175-500 steps)."""
+    scratch at the bar after 125-500 steps)."""
     stage1 = args.layer_steps + args.kl_steps
     if stage1 < args.expected_ratio * args.teacher_steps:
         return None
