@@ -115,12 +115,42 @@ class OneLayerCache:
 
 
 def _conv_to_fla(c):
-    # vlt keeps the W-1 inputs a causal conv still needs; fla's cache holds W (its oldest is rolled out)
+    # vlt keeps the W-1 inputs a causal conv still needs; fla's cache holds W (its update kernel never reads
+    # the oldest column, it rolls it out). A fresh tensor each call: fla shifts it in place, and vlt's
+    # earlier state must stay as it was
     return None if c is None else F.pad(c, (1, 0))
 
 
+def _convs_to_fla(convs):
+    """The q/k/v conv states of one layer (widths may differ: value heads can be wider) padded in one
+    buffer: rows [sum of B * D_i, W], split into one contiguous [B, D_i, W] cache per conv. When ``convs``
+    are still the views _conv_from_fla made of the previous step's buffer (a decode loop on the mixer's own
+    states), that buffer is padded as it is: one kernel; otherwise concatenated first: two (a decode step
+    is launch-bound, and each small copy cost ~3 us on an H200 against fla's 40-120 us layer step)."""
+    rows = [c.shape[:-1].numel() for c in convs]
+    base = convs[0]._base
+    if _views_of_one_buffer(base, convs, rows):
+        src = base[:, 1:]
+    else:
+        src = torch.cat([c.reshape(n, -1) for c, n in zip(convs, rows)])
+    return tuple(b.view(*c.shape[:-1], -1) for b, c in zip(F.pad(src, (1, 0)).split(rows), convs))
+
+
+def _views_of_one_buffer(base, convs, rows):
+    if base is None or base.dim() != 2 or base.shape != (sum(rows), convs[0].shape[-1] + 1):
+        return False
+    return all(c._base is base and _same_view(c, b.view(*c.shape[:-1], -1)[..., 1:])
+               for b, c in zip(base.split(rows), convs))
+
+
+def _same_view(a, b):
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
 def _conv_from_fla(c):
-    return None if c is None else c[..., 1:].contiguous()
+    # a view, not a copy: fla updated ``c`` in place, but ``c`` is the fresh tensor _conv_to_fla /
+    # _convs_to_fla padded for this call, so no earlier state shares it
+    return None if c is None else c[..., 1:]
 
 
 class FlaMixer(TokenMixer):
@@ -335,7 +365,7 @@ def to_fla_cache(self, state):
     k = self.kind
     if k in ("kda", "gdn2", "deltanet", "gla"):
         ssm = state["ssm"].transpose(-1, -2) if k in _V_FIRST else state["ssm"]
-        conv = tuple(_conv_to_fla(c) for c in state["conv"]) if "conv" in state else None
+        conv = _convs_to_fla(state["conv"]) if "conv" in state else None
         return {"recurrent_state": ssm, "conv_state": conv, "attn_state": None, "ffn_state": None}
     if k == "mamba2":
         return {"recurrent_state": state["ssm"], "conv_state": _conv_to_fla(state["conv"]),
@@ -351,7 +381,9 @@ def _from_fla(self, st):
     k = self.kind
     if k in ("kda", "gdn2", "deltanet", "gla"):
         ssm = st["recurrent_state"]
-        out = {"ssm": (ssm.transpose(-1, -2) if k in _V_FIRST else ssm).float().contiguous()}
+        # KDA / GLA: a transposed view of fla's [.., V, K] state (vlt's [.., K, V] by its strides), so the
+        # next step's to_fla_cache transposes it back to the tensor fla wrote, without a copy either way
+        out = {"ssm": (ssm.transpose(-1, -2) if k in _V_FIRST else ssm).float()}
         if st.get("conv_state") is not None:
             out["conv"] = tuple(_conv_from_fla(c) for c in st["conv_state"])
         return out

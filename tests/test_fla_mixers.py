@@ -3,6 +3,8 @@ each CPU path against an independent fla naive reference, and the user errors. T
 itself runs on the ones with a CPU path in tests/test_mixers.py, beside the built-in mixers.
 The CUDA path (fla's Triton forward and the cache conversion) is not exercised here: no GPU."""
 import warnings
+from contextlib import nullcontext
+from unittest import mock
 
 import pytest
 import torch
@@ -486,7 +488,8 @@ def test_stage1_layer_distillation_into_kda_and_gdn2(tmp_path, monkeypatch):
 def test_state_conversion_to_fla_and_back_leaves_earlier_states_alone():
     """The CUDA decode path (fla's forward between to_fla_cache and _from_fla) without the kernels, two steps:
     fla shifts the W-wide conv caches it is given in place and returns a new recurrent state; every earlier
-    state must come out unchanged and the new one right (KDA's V-first state back in vlt's [.., K, V] layout)."""
+    state must come out unchanged and the new one right. The conversion back keeps views (KDA's V-first state
+    round-trips to the very tensor fla wrote), and the second step pads the first step's buffer as it is."""
     from vlt.layers.fla_mixers import _from_fla, to_fla_cache
     # expand_v=2: the value conv is twice as wide as q's and k's (an H200 run of a version that stacked the
     # three caches failed on exactly that, 2026-12-02)
@@ -498,13 +501,16 @@ def test_state_conversion_to_fla_and_back_leaves_earlier_states_alone():
     history = []
     for step in range(2):
         history.append((state, {"ssm": state["ssm"].clone(), "conv": tuple(c.clone() for c in state["conv"])}))
-        cache = to_fla_cache(m, state)
+        # step 1's convs are views of step 0's buffer: padded from it in one kernel, not concatenated again
+        with mock.patch("torch.cat", side_effect=AssertionError("concatenated again")) if step else nullcontext():
+            cache = to_fla_cache(m, state)
         convs = cache["conv_state"]
-        assert all(c.shape[-1] == W for c in convs)
+        assert all(c.is_contiguous() and c.shape[-1] == W for c in convs)
         new_inputs = [torch.randn(B, c.shape[1]) for c in convs]
         for c, x in zip(convs, new_inputs):   # what fla's conv update does to its cache
             c.copy_(torch.roll(c, -1, dims=-1))
             c[..., -1] = x
+        assert cache["recurrent_state"].is_contiguous() == (step == 1)   # step 1: fla's own tensor, no copy
         fla_state = cache["recurrent_state"].contiguous() * 2   # fla returns a new [B, H, V, K] state
         new = _from_fla(m, {"recurrent_state": fla_state, "conv_state": convs})
         for old, kept in history:
@@ -512,5 +518,6 @@ def test_state_conversion_to_fla_and_back_leaves_earlier_states_alone():
         for o, n, x in zip(state["conv"], new["conv"], new_inputs):
             assert n.shape == o.shape and torch.equal(n, torch.cat([o[..., 1:], x[..., None]], -1))
         assert torch.equal(new["ssm"], fla_state.transpose(-1, -2))               # vlt's [B, H, K, V] values
-        assert torch.equal(to_fla_cache(m, new)["recurrent_state"], fla_state)     # and back to fla's layout
+        again = to_fla_cache(m, new)["recurrent_state"]
+        assert torch.equal(again, fla_state) and again.data_ptr() == fla_state.data_ptr()   # back, no copy
         state = dict(new, seen=state["seen"] + 1)
