@@ -149,6 +149,49 @@ def test_vlt_compare_bad_arguments(tmp_path, capsys):
     assert "num_framez" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:.*copying from a non-meta parameter")   # the weights into count_params' meta build
+def test_model_options_reach_the_budget_the_plan_and_every_fit(tmp_path, capsys):
+    """--model-options: merged over the base recipe's model dict before the budget matching (the counts are of
+    the model each run trains), recorded in the plan and passed to every vlt fit; no training."""
+    import argparse
+
+    from vlt.cli import main
+    from vlt.compare_cli import _fit_argv, _settings, add_compare_args, plan
+    from vlt.model import VLM
+    from vlt.training.base import build_config
+    deeper = {"vision": {"timm_kwargs": {"depth": 3}}}   # one ViT block more than tiny-hybrid's
+    vit = tmp_path / "vit.pth"
+    torch.save(VLM(build_config("tiny-hybrid", deeper, None)).vision.vit.state_dict(), vit)
+    options = {"vision": {"weights_file": str(vit), **deeper["vision"]}}
+
+    def planned(*extra):
+        args = add_compare_args(argparse.ArgumentParser()).parse_args(["--tiny", "--out", str(tmp_path), *extra])
+        s = _settings(args)
+        return args, s, plan(args, s)
+    _, _, base = planned()
+    args, s, p = planned("--model-options", json.dumps(options))
+    assert base["model_options"] is None and p["model_options"] == options
+    for n, lay in p["layouts"].items():
+        assert lay["model"]["vision"] == options["vision"]
+        layers = lay["pattern"].strip("[]").split(", ")
+        assert lay["params"] == count_params("tiny-hybrid", lay["model"], layers, lay["mixers"])
+        assert lay["params"] > base["layouts"][n]["params"]        # the third block is counted
+        argv = _fit_argv(args, s, {}, lay, 0, tmp_path / n)
+        [arg] = [a for a in argv if a.startswith("--model.init_args.model=")]
+        assert json.loads(arg.split("=", 1)[1]) == lay["model"]
+    # the same widths balance the deeper tower: both layouts still within the tolerance of each other
+    a, b = (v["params"] for v in p["layouts"].values())
+    assert abs(a - b) / b <= 0.03
+    with pytest.raises(ValueError, match="--model-options '{vision: 1}' is not JSON"):
+        planned("--model-options", "{vision: 1}")
+    with pytest.raises(ValueError, match="--model-options must be a JSON object"):
+        planned("--model-options", '["vision"]')
+    # a missing weights file fails at the plan, before any data or training
+    assert main(["compare", "--tiny", "--out", str(tmp_path / "x"), "--model-options",
+                 json.dumps({"vision": {"weights_file": str(tmp_path / "nope.pth")}})]) == 2
+    assert "vision.weights_file" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 # ------------------------------------------------------------------------------ the phenomenon table
 def _result(a_scores, b_scores, dist, reference="A"):
     st = study_stats({"A": [_rows(a_scores, dist, "needle")], "B": [_rows(b_scores, dist, "needle")]}, window=10,

@@ -7,7 +7,15 @@
 #      4 x 32 = 128) is the control both layouts should solve; at 320 and 448 tokens (10x, 14x) it is
 #      beyond that reach: the row is the ">4x window" group); expected hybrid >= swa + 20 points
 #   2. hybrid 1:3 vs gdn on dense OCR (4 labelled 2-digit strings in a 112x112 image, the question
-#      names one); expected hybrid >= gdn + 10 points
+#      names one); expected hybrid >= gdn + 10 points. With the random tiny ViT both layouts stayed at
+#      chance within the study's 500 steps (the tower never learns to read; at 3bb63f4 on the H200 every
+#      model, the row-3 teacher included, scored 0% OCR), so the row compares nothing yet. OCR_TOWER=probe
+#      starts both layouts from one tower pretrained to read the lines (tools/ocr_probe.py --task dense_ocr:
+#      a linear head on every line's key and digits, OCR_PROBE_STEPS steps (400), saved once as
+#      $WORK/dense_ocr_vit.pth, passed through vlt compare --model-options as vision.weights_file; delete it
+#      to train it again, the runs reuse their results whatever the file holds). That probe did not learn to
+#      read on a CPU (2026-12-02: chance for 3000 steps at 112 px, also at 224 px and with 2 lines; its
+#      docstring), so the default is OCR_TOWER=random; the single-character probe (--task ocr) does read.
 # Row 3 is the distillation study (python -m vlt.evaluation.distill_study, its docstring says how):
 #   3. a full-attention teacher trained on the task mix; the hybrid 1:3 converted from it (stage I layer
 #      phase + KL, then SFT) vs the same hybrid trained from scratch: steps to 95% of the teacher's
@@ -37,6 +45,8 @@
 # and KL_STEPS (stage I, 25 each), STUDENT_STEPS (500) and SCRATCH_STEPS (1000): the most SFT steps,
 # EVAL_EVERY (25; the step counts above must be multiples of it), STUDENT_LR (default: the recipe's),
 # DISTILL_TRAIN (20000 samples), DISTILL_BATCH (32 rows), DISTILL_TIMEOUT (540 s); the seed is SEEDS' first.
+# Row 2: OCR_TOWER (random / probe, see above), OCR_PROBE_STEPS (400; 3 with PHENOMENA_TINY=1), the
+# probe's log in $OUT/ocr_probe.log; its time is outside OCR_TIMEOUT.
 # STUDY_BACKEND (default torch: the swa and gdn mixers on their torch kernels, no compilation; auto: fla /
 # FlexAttention). PHENOMENA_CPU=1: the rows at a CPU scale (window 16, 8 frames, 8 rows per step; timeouts
 # NEEDLE_TIMEOUT_CPU / OCR_TIMEOUT_CPU, default 4000 s). A study cut by its timeout keeps its finished runs; running the script again with the same settings and
@@ -66,6 +76,8 @@ for r in $ROWS; do
   case $r in 1|2|3) ;; *) fail "ROWS='$ROWS': '$r' is not a row (allowed: 1 2 3, e.g. ROWS=\"1 2\")";; esac
 done
 [ -n "${ROWS// /}" ] || fail "ROWS is empty (allowed: 1 2 3, e.g. ROWS=\"1 2\")"
+OCR_TOWER=${OCR_TOWER:-random}
+case $OCR_TOWER in probe|random) ;; *) fail "OCR_TOWER='$OCR_TOWER' (allowed: probe, random)";; esac
 want() { [[ " $ROWS " == *" $1 "* ]]; }
 
 if [ "$CPU" = 1 ]; then   # rows 1 and 2 at a scale a 2-core CPU trains in ~30-45 minutes per study (one thread
@@ -90,7 +102,7 @@ elif [ "$TINY" = 1 ]; then   # CPU check of this script's logic: a few steps, ti
   NEEDLE_BATCH=${NEEDLE_BATCH:-2}; OCR_BATCH=${OCR_BATCH:-2}; NEEDLE_LEN=1024
   TEACHER_STEPS=${TEACHER_STEPS:-4}; LAYER_STEPS=${LAYER_STEPS:-2}; KL_STEPS=${KL_STEPS:-2}
   STUDENT_STEPS=${STUDENT_STEPS:-4}; SCRATCH_STEPS=${SCRATCH_STEPS:-4}; EVAL_EVERY=${EVAL_EVERY:-2}
-  DISTILL_TRAIN=${DISTILL_TRAIN:-32}; DISTILL_BATCH=${DISTILL_BATCH:-2}
+  DISTILL_TRAIN=${DISTILL_TRAIN:-32}; DISTILL_BATCH=${DISTILL_BATCH:-2}; OCR_PROBE_STEPS=${OCR_PROBE_STEPS:-3}
 else
   NEEDLE_STEPS=${NEEDLE_STEPS:-500}; OCR_STEPS=${OCR_STEPS:-500}; NEEDLE_TRAIN=${NEEDLE_TRAIN:-4000}
   OCR_TRAIN=${OCR_TRAIN:-16000}; EVAL_N=${EVAL_N:-300}; FRAMES=32; DISTANCES="[40, 320, 448]"; WINDOW=32
@@ -104,9 +116,10 @@ else
   STUDENT_STEPS=${STUDENT_STEPS:-500}; SCRATCH_STEPS=${SCRATCH_STEPS:-1000}; EVAL_EVERY=${EVAL_EVERY:-25}
   DISTILL_TRAIN=${DISTILL_TRAIN:-20000}; DISTILL_BATCH=${DISTILL_BATCH:-32}
 fi
+OCR_PROBE_STEPS=${OCR_PROBE_STEPS:-400}
 for k in NEEDLE_STEPS OCR_STEPS NEEDLE_TRAIN OCR_TRAIN NEEDLE_BATCH OCR_BATCH EVAL_N NEEDLE_TIMEOUT OCR_TIMEOUT \
          DISTILL_TIMEOUT TEACHER_STEPS LAYER_STEPS KL_STEPS STUDENT_STEPS SCRATCH_STEPS EVAL_EVERY DISTILL_TRAIN \
-         DISTILL_BATCH; do
+         DISTILL_BATCH OCR_PROBE_STEPS; do
   [[ ${!k} =~ ^[1-9][0-9]*$ ]] || fail "$k='${!k}' must be a positive whole number"
 done
 SEED=${SEEDS%% *}
@@ -178,9 +191,26 @@ if want 1; then
   rc1=$?
 fi
 if want 2; then
+  OCR_MODEL=()   # OCR_TOWER=random: the recipe's random tower
+  if [ "$OCR_TOWER" = probe ]; then
+    VIT="$WORK/dense_ocr_vit.pth"
+    if [ ! -f "$VIT" ]; then   # written under another name first: a cut probe leaves no file to reuse
+      t0=$SECONDS
+      dev=${DEVICE[-1]}   # cpu / cuda, as the evaluations
+      echo "[gpu-phenomena] dense_ocr tower: python tools/ocr_probe.py --task dense_ocr --steps $OCR_PROBE_STEPS" \
+        "--device $dev --save $VIT" | tee -a "$OUT/phenomena.log"
+      $PY tools/ocr_probe.py --task dense_ocr --steps "$OCR_PROBE_STEPS" --device "$dev" --save "$VIT.part" \
+        > "$OUT/ocr_probe.log" 2>&1 && mv "$VIT.part" "$VIT" \
+        || fail "the dense_ocr tower's pretraining (tools/ocr_probe.py) failed; see $OUT/ocr_probe.log" \
+                "(OCR_TOWER=random: the study without it)"
+      echo "[gpu-phenomena] dense_ocr tower: done after $((SECONDS - t0)) s;" \
+        "$(grep '^step' "$OUT/ocr_probe.log" | tail -1)" | tee -a "$OUT/phenomena.log"
+    fi
+    OCR_MODEL=(--model-options "{\"vision\": {\"weights_file\": \"$VIT\"}}")
+  fi
   study dense_ocr "$OCR_TIMEOUT" --layouts hybrid_1to3 gdn --task dense_ocr --steps "$OCR_STEPS" \
     --num-train "$OCR_TRAIN" --param image_size=112 --param num_strings=4 --param length=2 --max-new-tokens 4 \
-    --set=--data.init_args.max_length=512 --set=--data.init_args.batch_size=$OCR_BATCH "${COMMON[@]}"
+    --set=--data.init_args.max_length=512 --set=--data.init_args.batch_size=$OCR_BATCH "${OCR_MODEL[@]}" "${COMMON[@]}"
   rc2=$?
 fi
 if want 3; then

@@ -14,8 +14,10 @@ MLP width of each chosen so that its parameter count is within ``--budget-tolera
 ``vlt fit --config BASE`` with the layout, the width, ``--seed_everything SEED``, ``--trainer.max_steps``
 and the synthetic set (``--task``, ``--param`` as ``vlt data synth``; generated once into
 ``OUT/data``: train, val and a test split that only evaluation reads); ``--set ARG`` passes any other
-``vlt fit`` argument to every run. Each final checkpoint is exported and scored by ``vlt eval``
-(greedy, batched) on the test split. Results: ``OUT/compare.json``, ``compare.md``, ``compare.png``;
+``vlt fit`` argument to every run, and ``--model-options JSON`` is merged over the base recipe's model
+dict for every layout (e.g. ``{"vision": {"weights_file": "vit.pth"}}``: a tower that can already read,
+from tools/ocr_probe.py). Each final checkpoint is exported and scored by ``vlt eval`` (greedy, batched)
+on the test split. Results: ``OUT/compare.json``, ``compare.md``, ``compare.png``;
 per run ``OUT/runs/LAYOUT-sSEED/`` (``lightning_logs/version_N`` with metrics and checkpoints, ``export``,
 ``eval``). A run whose eval is already there
 with the same arguments is reused, and one cut before its end resumes from its last checkpoint (one every
@@ -31,6 +33,7 @@ import json
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 
 TINY = {"layouts": ["swa", "hybrid_1to3"], "task": "needle", "params": {"num_frames": 6, "distances": [24, 90],
@@ -61,6 +64,10 @@ def add_compare_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--mixers", default=None, metavar="JSON",
                    help="mixer options merged over every layout's recipe, e.g. '{\"swa\": {\"window\": 32}, "
                         "\"swa_gdn\": {\"window\": 32}}' (a smaller window puts far evidence within cheaper videos)")
+    p.add_argument("--model-options", default=None, metavar="JSON",
+                   help="model config merged key by key over the base recipe's model dict for every layout (before "
+                        "the budget matching, so the counts include it), e.g. "
+                        "'{\"vision\": {\"weights_file\": \"vit.pth\"}}' (a pretrained tower, tools/ocr_probe.py)")
     p.add_argument("--depth", type=int, default=None, help="layers per model (default: LCM of the layouts' periods)")
     p.add_argument("--budget-layout", default=None, help="whose parameter count is the budget (default: hybrid_1to3 "
                    "when studied, else the first layout)")
@@ -114,11 +121,35 @@ def base_model(config: str) -> tuple[str | None, dict | None]:
     return init.get("model_name"), init.get("model")
 
 
+def _merged(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def merge_model_options(model: dict | None, extra_json: str | None) -> dict | None:
+    """The base recipe's model dict with ``--model-options JSON`` merged over it, key by key at every level."""
+    if not extra_json:
+        return model
+    try:
+        extra = json.loads(extra_json)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--model-options {extra_json!r} is not JSON ({e.msg})") from None
+    if not isinstance(extra, dict):
+        raise ValueError(f"--model-options must be a JSON object of model config keys, e.g. "
+                         f"'{{\"vision\": {{\"weights_file\": \"vit.pth\"}}}}' (got {extra_json!r})")
+    return _merged(model or {}, extra)
+
+
 def plan(args, s: dict) -> dict:
-    """{layout: {pattern, mixers, intermediate_size, params, deviation}} at the common depth and budget."""
+    """{layout: {pattern, mixers, model, intermediate_size, params, deviation}} at the common depth and budget
+    (``model``: the base recipe's model dict, ``--model-options`` and the layout's MLP width)."""
     from vlt.evaluation.compare import (count_params, default_depth, match_budget, merge_mixer_options,
                                         read_layout_recipe, tile_layout)
     model_name, model = base_model(args.config)
+    options = getattr(args, "model_options", None)
+    model = merge_model_options(model, options)
     recipes = [read_layout_recipe(x) for x in s["layouts"]]
     recipes = [(n, ls, merge_mixer_options(m, args.mixers)) for n, ls, m in recipes]
     depth = args.depth or default_depth([len(layers) for _, layers, _ in recipes])
@@ -126,18 +157,21 @@ def plan(args, s: dict) -> dict:
     budget = args.budget_layout or ("hybrid_1to3" if "hybrid_1to3" in layouts else next(iter(layouts)))
     if budget not in layouts:
         raise ValueError(f"--budget-layout {budget!r} is not among --layouts {list(layouts)}")
-    if args.no_match_budget:
-        sizes = {n: {"intermediate_size": None, "params": count_params(model_name, model, ls, m), "deviation": None}
-                 for n, (ls, m) in layouts.items()}
-    else:
-        sizes = match_budget(model_name, model, layouts, budget, tolerance=args.budget_tolerance)
+    with warnings.catch_warnings():   # a vision.weights_file loads into the meta-device count builds: a no-op
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter", category=UserWarning)
+        if args.no_match_budget:
+            sizes = {n: {"intermediate_size": None, "params": count_params(model_name, model, ls, m),
+                         "deviation": None} for n, (ls, m) in layouts.items()}
+        else:
+            sizes = match_budget(model_name, model, layouts, budget, tolerance=args.budget_tolerance)
     out = {}
     for n, (layers, mixers) in layouts.items():
         m = copy.deepcopy(model or {})
         if sizes[n]["intermediate_size"] is not None:
             m.setdefault("decoder", {})["intermediate_size"] = sizes[n]["intermediate_size"]
         out[n] = {"pattern": "[" + ", ".join(layers) + "]", "mixers": mixers, "model": m, **sizes[n]}
-    return {"depth": depth, "budget_layout": budget, "model_name": model_name, "layouts": out}
+    return {"depth": depth, "budget_layout": budget, "model_name": model_name,
+            "model_options": json.loads(options) if options else None, "layouts": out}
 
 
 def _fit_argv(args, s: dict, spec: dict, lay: dict, seed: int, run: Path) -> list[str]:
@@ -267,7 +301,8 @@ def _run(args) -> int:
     window = min(windows) if windows else None  # one bucketing for all layouts: the study's smallest window
     stats = study_stats(rows, window, reference, n_boot=s["bootstrap"])
     result = {"settings": {**s, "config": args.config, "depth": p["depth"], "budget_layout": p["budget_layout"],
-                           "model_name": p["model_name"], "data": spec, "command": command},
+                           "model_name": p["model_name"], "model_options": p["model_options"], "data": spec,
+                           "command": command},
               "layouts": {n: {**lay, "runs": runs[n]} for n, lay in p["layouts"].items()}, "stats": stats}
     paths = write_compare(out, result)
     print(paths["markdown"].read_text())
