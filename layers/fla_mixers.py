@@ -110,7 +110,8 @@ class OneLayerCache:
             window = (cache_kwargs or {}).get("window_size")
             if window is not None:
                 st["attn_state"] = tuple(s[:, -window:] for s in st["attn_state"])
-        self.seen += offset or 1
+        # not +=: ``seen`` may be the engine's device counter, which an in-place add would advance
+        self.seen = self.seen + (offset or 1)
         return st
 
 

@@ -521,3 +521,43 @@ def test_state_conversion_to_fla_and_back_leaves_earlier_states_alone():
         again = to_fla_cache(m, new)["recurrent_state"]
         assert torch.equal(again, fla_state) and again.data_ptr() == fla_state.data_ptr()   # back, no copy
         state = dict(new, seen=state["seen"] + 1)
+
+
+@pytest.mark.parametrize("name", ["kda", "gdn2", "deltanet", "gla"])
+def test_engine_holds_fla_delta_cache_in_fla_layout(name):
+    """vlt.inference.fla_step: the engine's cache is fla's layer-cache layout (W conv columns; KDA/GLA state
+    V first), so fla's kernels update it in place on CUDA; a state loaded from vlt's format comes back exact,
+    its bytes are the declared state's, and one engine step equals the mixer's own step."""
+    from vlt.inference.fla_step import FLA_DELTA
+    from vlt.inference.steps import StepContext, step_for
+    m = make(name, expand_v=2) if name == "kda" else make(name)
+    assert step_for(m) is FLA_DELTA
+    _, state = m(torch.randn(1, 6, D, dtype=torch.float64), use_cache=True)
+    cache = FLA_DELTA.allocate(m, 2, 16, torch.float64, torch.device("cpu"))
+    K, V = state["ssm"].shape[-2:]
+    assert cache["recurrent_state"].shape[-2:] == ((V, K) if name in ("kda", "gla") else (K, V))
+    assert [c.shape[-1] for c in cache["conv_state"]] == [s.shape[-1] + 1 for s in state["conv"]]
+    FLA_DELTA.load(m, cache, state, 1, 6)
+    back = FLA_DELTA.export(m, cache, 1, 6)
+    assert torch.equal(back["ssm"], state["ssm"]) and all(map(torch.equal, back["conv"], state["conv"]))
+    assert FLA_DELTA.state_nbytes(m, cache) == m.state_size(2, 16, torch.float64)
+    x = torch.randn(2, 1, D, dtype=torch.float64)
+    ctx = StepContext(tok=torch.tensor([0, 6]), pos=torch.tensor([[0], [6]]), T=1)
+    y, o_proj = FLA_DELTA(m, cache, ctx, x, None)
+    ref, new = m.step(x[1:], state)
+    assert o_proj is None
+    torch.testing.assert_close(y[1:], ref, **TOL)
+    after = FLA_DELTA.export(m, cache, 1, 7)
+    torch.testing.assert_close(after["ssm"], new["ssm"], **TOL)
+    for a, b in zip(after["conv"], new["conv"]):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_fla_cache_update_leaves_the_engines_counter_alone():
+    """The engine hands its device counter ctx.tok as ``seen``; fla's layers call ``update(offset=T)`` on the
+    cache, which advanced that tensor in place (``+=``) under every fla layer of a step before the fix."""
+    from vlt.layers.fla_mixers import OneLayerCache
+    tok = torch.tensor([3, 5])
+    cache = OneLayerCache(None, tok)
+    cache.update(recurrent_state=torch.zeros(1), offset=1)
+    assert tok.tolist() == [3, 5] and cache.seen.tolist() == [4, 6]

@@ -148,3 +148,23 @@ def test_contract_on_cuda(name):
     check(f"{name} split prefill", {"y": yb}, {"y": y[:, 120:]}, tol)
     from vlt.layers import state_nbytes   # what each declares (state_spec) is what it carries
     assert state_nbytes(s) == m.state_size(2, 208, dtype)
+
+
+@pytest.mark.parametrize("name", ["kda", "gdn2", "deltanet", "gla"])
+def test_engine_decode_on_fla_kernels(name):
+    """`vlt generate`'s path on CUDA: the engine (vlt.inference.fla_step: fla's cache layout updated in place
+    by fla's kernels, CUDA graphs) greedy-decodes what the model's eager loop decodes, two prompts of
+    different lengths, the fla mixer between attention layers."""
+    from vlt.config import VLMConfig
+    from vlt.inference import InferenceEngine, generate, generate_eager
+    from vlt.model import VLM
+    torch.manual_seed(0)
+    opts = {k: v for k, v in CASES[name].items()}
+    dec = {"layout": f"[{name}, swa, {name}]", "mixers": {name: opts, "swa": {"window": 6}}}
+    model = VLM(VLMConfig.from_name("tiny-hybrid", decoder=dec)).to(DEV).eval()
+    prompts = [torch.tensor([3, 4, 5, 6, 7, 8, 9, 10, 11], device=DEV), torch.tensor([12, 13, 14, 15], device=DEV)]
+    refs = [generate_eager(model, ids[None], max_new_tokens=8) for ids in prompts]
+    engine = InferenceEngine(model, batch_size=2, capacity=32)
+    assert engine.graphs
+    out = generate(engine, [(ids, None) for ids in prompts], max_new_tokens=8)
+    assert torch.equal(out, torch.cat(refs))

@@ -13,7 +13,9 @@ Writes mixers.json (command, machine, versions, every median) and mixers.png to 
 fla's layers (``--mixers kda gdn2 mamba2 ...``, layers/fla_mixers.py) are the library's own modules,
 so their rows differ: ``mixer`` is vlt's forward (state converted to and from fla's layer cache;
 mamba2 runs vlt's kernels), ``raw`` is fla's layer forward on the same module (its own kernels and
-cache: what vlt's wrapper is measured against); there is no ``core`` row. Their options are fla's
+cache: what vlt's wrapper is measured against); there is no ``core`` row. kda, gdn2, deltanet and gla
+also get an ``engine`` decode row: the inference engine's step (vlt.inference.fla_step, its cache in
+fla's layout), what ``vlt generate`` runs (the table's "core" column shows it). Their options are fla's
 defaults except the width, heads and head_dim. Decode rows of every mixer carry ``state_bytes``,
 the state after T tokens as ``state_nbytes`` measures it.
 """
@@ -448,6 +450,8 @@ def bench_fla_mixer(m, name, args, dtype, record, state_nbytes):
     """The rows of one fla-backed mixer (see the module docstring): vlt's forward and decode step
     against fla's own layer forward on the same module, fwd+bwd and decode, plus the state's bytes."""
     import torch
+    from vlt.inference.fla_step import FLA_DELTA, handles
+    from vlt.inference.steps import StepContext
     from vlt.layers.fla_mixers import OneLayerCache, to_fla_cache
     params = list(m.parameters())
     dev = params[0].device
@@ -474,6 +478,13 @@ def bench_fla_mixer(m, name, args, dtype, record, state_nbytes):
                 extra = {"state_bytes": state_nbytes(state)}
                 record(name, "mixer", name, "decode", T, lambda: m.step(x1, state), extra=extra)
                 record(name, "mixer", name, "decode eager", T, lambda: m.step(x1, state), extra=extra)
+                if handles(m):   # what `vlt generate` runs: the engine's step on its cache in fla's layout
+                    cache = FLA_DELTA.allocate(m, 1, T, dtype, dev)
+                    FLA_DELTA.load(m, cache, state, 0, T)
+                    ctx = StepContext(tok=torch.tensor([T], device=dev), pos=torch.tensor([[T]], device=dev), T=1)
+                    record(name, "engine", "vlt.inference.fla_step", "decode", T,
+                           lambda: FLA_DELTA(m, cache, ctx, x1, None)[0],
+                           extra={"state_bytes": FLA_DELTA.state_nbytes(m, cache)})
                 if name != "mamba2":   # fla's Mamba2 decode without mamba_ssm is its torch loop, not a kernel
                     # fla's layer on a cache in fla's own layout, converted once outside the timed step, so
                     # vlt's row carries the whole cost of its state format (fla shifts the conv caches in
@@ -496,13 +507,13 @@ def goals(rows, args):
         return [r["ms"] for r in rows if r.get("ms") is not None and all(r[a] == b for a, b in k.items())]
     out = []
     for r in rows:
-        if r["mixer"] in FLA_MIXERS and r["kind"] == "mixer" and r["mode"] in ("fwd+bwd", "decode") \
+        if r["mixer"] in FLA_MIXERS and r["kind"] in ("mixer", "engine") and r["mode"] in ("fwd+bwd", "decode") \
                 and r["ms"] is not None:
             raw = ms(mixer=r["mixer"], kind="raw", mode=r["mode"], T=r["T"])
             if raw:
                 ratio = r["ms"] / min(raw)
-                out.append(dict(goal="fla mixer/fla layer <= 1.10", mixer=r["mixer"], mode=r["mode"], T=r["T"],
-                                ratio=round(ratio, 3), met=ratio <= 1.10))
+                out.append(dict(goal=f"fla {r['kind']}/fla layer <= 1.10", mixer=r["mixer"], mode=r["mode"],
+                                T=r["T"], ratio=round(ratio, 3), met=ratio <= 1.10))
             continue
         if r["kind"] != "core" or r["mixer"] == "swa_gdn":
             continue
@@ -530,7 +541,7 @@ def print_table(report):
         sel = [r for r in rows if (r["mixer"], r["mode"], r["T"]) == (mixer, mode, T) and r.get("ms") is not None]
         get = {r["kind"]: r for r in sel}
         raws = sorted((r for r in sel if r["kind"] == "raw"), key=lambda r: r["ms"])
-        mx, core = get.get("mixer", {}).get("ms"), get.get("core", {}).get("ms")
+        mx, core = get.get("mixer", {}).get("ms"), get.get("core", get.get("engine", {})).get("ms")
         best = raws[0] if raws else None
         ratio = f"{core / best['ms']:.2f}" if (core and best) else "-"
         print(f"{mixer:8} {mode:8} {T:>6} {mx or '-':>9} {core or '-':>9} {best['ms'] if best else '-':>9} "
@@ -550,7 +561,7 @@ def plot(report, path):
         for mixer, kind, op in series:
             key = (mixer, kind, op, mode)
             pts = sorted((r["T"], r["ms"]) for r in rows if (r["mixer"], r["kind"], r["op"], r["mode"]) == key)
-            style = {"mixer": "-o", "core": "--s", "raw": ":^"}[kind]
+            style = {"mixer": "-o", "core": "--s", "raw": ":^", "engine": "-.d"}[kind]
             ax.plot(*zip(*pts), style, label=f"{mixer} {kind}: {op}"[:60], markersize=4)
         ax.set(xscale="log", yscale="log", xlabel="T (tokens; decode: context)", ylabel="ms (median)",
                title=f"{mode}, {report['shapes']['dtype']}, {report['machine']}"

@@ -6,7 +6,9 @@ engine can capture the whole decoder in one CUDA graph. ``register_step(MixerCla
 ``MixerStep`` to a class and its subclasses (looked up along the MRO, so ``swa`` inherits ``full``'s
 step and ``swa_gdn`` the hybrid's); any other mixer, a user's own included, gets ``GenericStep``:
 its own forward on the cached state, the new state copied back in place; one whose state grows per
-token (``state_grows``: fla's nsa, moba) gets ``GrowingStateStep`` (vlt.inference.growing_step).
+token (``state_grows``: fla's nsa, moba) gets ``GrowingStateStep`` (vlt.inference.growing_step);
+fla's delta-rule layers (kda, gdn2, deltanet, gla) get ``FlaDeltaStep``, which holds their cache in fla's
+layout so fla's kernels update it in place (vlt.inference.fla_step).
 
 A ``MixerStep`` answers four things:
 - ``allocate``: the cache of one layer, from the mixer's ``state_spec`` (plus any bookkeeping);
@@ -53,6 +55,9 @@ def step_for(mixer) -> "MixerStep":
     for cls in type(mixer).__mro__:
         if cls in _STEPS:
             return _STEPS[cls]
+    from vlt.inference.fla_step import FLA_DELTA, handles
+    if handles(mixer):   # fla's delta-rule layers: the cache in fla's layout, updated in place
+        return FLA_DELTA
     if getattr(mixer, "state_grows", False):
         from vlt.inference.growing_step import GROWING
         return GROWING
