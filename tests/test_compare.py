@@ -263,3 +263,17 @@ def test_mixer_options_merge_key_by_key_and_bad_json_is_an_error():
         merge_mixer_options(recipe, "{swa: 1}")
     with pytest.raises(ValueError, match=r"--mixers must map mixer names to option dicts"):
         merge_mixer_options(recipe, '{"swa": 16}')
+
+
+def test_markdown_of_a_one_layout_study_has_no_differences_table():
+    """A study of one layout (e.g. checking that a setting learns at all) has nothing to difference: its
+    table printed an empty header and a row per group."""
+    from vlt.evaluation.compare import markdown
+    cell = {"mean": 0.25, "lo": 0.2, "hi": 0.3, "n_rows": 100, "n_seeds": 1, "per_seed": [0.25]}
+    result = {"layouts": {"hybrid_1to3": {"pattern": "[swa, gdn, gdn, gdn]", "params": 1000, "intermediate_size": 384,
+                                          "runs": [{"wall_s": 10.0}]}},
+              "stats": {"groups": {"dense_ocr": {"hybrid_1to3": cell}}, "differences": {"dense_ocr": {}},
+                        "window": 16, "reference": "hybrid_1to3", "bootstrap": 1000, "level": 0.95}}
+    text = markdown(result)
+    assert "| dense_ocr | 100 | 25.0 [20.0, 30.0] |" in text
+    assert "Differences" not in text and text.count("dense_ocr") == 1

@@ -130,12 +130,10 @@ def _merged(base: dict, extra: dict) -> dict:
 
 def merge_model_options(model: dict | None, extra_json: str | None) -> dict | None:
     """The base recipe's model dict with ``--model-options JSON`` merged over it, key by key at every level."""
+    from vlt.evaluation.compare import parse_json_option
     if not extra_json:
         return model
-    try:
-        extra = json.loads(extra_json)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--model-options {extra_json!r} is not JSON ({e.msg})") from None
+    extra = parse_json_option("--model-options", extra_json)
     if not isinstance(extra, dict):
         raise ValueError(f"--model-options must be a JSON object of model config keys, e.g. "
                          f"'{{\"vision\": {{\"weights_file\": \"vit.pth\"}}}}' (got {extra_json!r})")

@@ -52,14 +52,19 @@ def read_layout_recipe(spec: str) -> tuple[str, list[str], dict]:
     return spec, parse_pattern(layout), dict(init.get("mixers") or {})
 
 
+def parse_json_option(flag: str, text: str):
+    """The value of a JSON-valued command-line option; a ValueError naming ``flag`` when it is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} {text!r} is not JSON ({e.msg})") from None
+
+
 def merge_mixer_options(mixers: dict, extra_json: str | None) -> dict:
     """A recipe's mixer options with ``--mixers JSON`` merged over them, mixer by mixer and key by key."""
     if not extra_json:
         return mixers
-    try:
-        extra = json.loads(extra_json)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--mixers {extra_json!r} is not JSON ({e.msg})") from None
+    extra = parse_json_option("--mixers", extra_json)
     if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
         raise ValueError("--mixers must map mixer names to option dicts, e.g. '{\"swa\": {\"window\": 32}}'")
     return {**mixers, **{k: {**mixers.get(k, {}), **v} for k, v in extra.items()}}
@@ -211,8 +216,8 @@ def markdown(result: dict) -> str:
         row = st["groups"][g]
         n_rows = next(iter(row.values()))["n_rows"]
         lines.append(f"| {g} | {n_rows} | " + " | ".join(_cell(row[n]) for n in names) + " |")
-    if st["differences"]:
-        others = [n for n in names if n != st["reference"]]
+    others = [n for n in names if n != st["reference"]]
+    if st["differences"] and others:   # a one-layout study has nothing to difference
         lines += ["", f"## Differences: layout - {st['reference']} (points, paired over eval rows)", "",
                   "| group | " + " | ".join(others) + " |", "|---|" + "---:|" * len(others)]
         for g, row in st["differences"].items():
