@@ -14,7 +14,10 @@ prefill, snapshots and ``VideoStream``'s carried state are unchanged.
 
 On CPU fla's kernels do not run; the step runs the mixer's own torch path (layers/fla_cpu.py) on views
 of the same cache (vlt's format: the last W-1 conv columns, the state transposed where fla's is V
-first), then writes the new state back: the same cache layout and results on both devices.
+first), then writes the new state back: the same cache layout and results on both devices. Steps of
+T > 1 tokens (a video frame, a prompt chunk) take that path on CUDA too (the mixer's forward, there
+fla's, with its state converted as in a split prefill): they are rare next to decode tokens, and the
+in-place path is the one the GPU tests cover (engine decode == eager, 2026-12-02).
 """
 from __future__ import annotations
 
@@ -79,7 +82,7 @@ class FlaDeltaStep(MixerStep):
 
     def __call__(self, m, cache, ctx, x, norm):
         h = norm(x) if norm is not None else x
-        if x.device.type != "cuda":
+        if x.device.type != "cuda" or ctx.T > 1:   # T > 1 (frames, chunks): fla_forward, as a split prefill
             state = dict(_vlt_view(m, cache), seen=ctx.tok)
             y, new = m(h, state=state, position_ids=ctx.pos, use_cache=True)
             view = _vlt_view(m, cache)
@@ -103,7 +106,7 @@ def _fla_step(m, cache, h):
     if new["recurrent_state"] is not cache["recurrent_state"]:
         cache["recurrent_state"].copy_(new["recurrent_state"])
     for dst, src in zip(cache["conv_state"] or (), new["conv_state"] or ()):
-        if src is not dst:   # fla's decode kernel updates the cache in place; a chunk (T > 1) returns a new one
+        if src is not dst:   # fla's decode kernel updates the cache in place and returns it; copy if it ever doesn't
             dst.copy_(src)
     return y
 
