@@ -138,6 +138,17 @@ def _render_text(text: str, width: int, height: int, rng: random.Random, bg=(255
     return img
 
 
+def _render_grid(rows: list[str], cell: int) -> Image.Image:
+    """Black characters on white, each centred in its own ``cell`` x ``cell`` square, a row per string."""
+    img = Image.new("RGB", (cell * max(map(len, rows)), cell * len(rows)), (255, 255, 255))
+    draw, font = ImageDraw.Draw(img), _font(max(6, int(0.8 * cell)))
+    for r, text in enumerate(rows):
+        for c, ch in enumerate(text):
+            if ch != " ":
+                draw.text(((c + 0.5) * cell, (r + 0.5) * cell), ch, font=font, fill=(0, 0, 0), anchor="mm")
+    return img
+
+
 def gen_ocr(rng: random.Random, image_size: int = 56, length: int = 4, width: int | None = None,
             alphabet: str = CODE_ALPHABET, **_) -> SyntheticRecord:
     if length < 1:
@@ -221,16 +232,26 @@ def gen_needle(rng: random.Random, image_size: int = 56, num_frames: int = 16, c
 
 
 def gen_dense_ocr(rng: random.Random, image_size: int = 112, width: int | None = None, num_strings: int = 6,
-                  length: int = 3, alphabet: str = string.digits, **_) -> SyntheticRecord:
-    """Many labelled strings in one image; recall of the one the question names (information-dense)."""
+                  length: int = 3, alphabet: str = string.digits, cell: int = 0, **_) -> SyntheticRecord:
+    """Many labelled strings in one image; recall of the one the question names (information-dense).
+    ``cell`` > 0: a grid instead of free text, one string per row and one character per ``cell`` x ``cell``
+    square (the key, a blank, the code), the image ``(length + 2) * cell`` wide and ``num_strings * cell``
+    high (``image_size`` and ``width`` unused). With ``cell`` = patch x merge (28 for tiny-hybrid) each image
+    token holds one glyph: a layout a tiny tower can learn to read, where free text of ~10-pixel glyphs
+    anywhere in the image stayed at chance (tools/ocr_probe.py)."""
     if not 1 <= num_strings <= 26:
         raise ValueError(f"dense_ocr.num_strings must be in 1..26 (got {num_strings})")
     if length < 1:
         raise ValueError(f"dense_ocr.length must be >= 1 (got {length})")
+    if cell < 0 or 0 < cell < 8:
+        raise ValueError(f"dense_ocr.cell must be 0 (free text) or >= 8 pixels (got {cell})")
     keys = rng.sample(string.ascii_uppercase, num_strings)
     codes = ["".join(rng.choice(alphabet) for _ in range(length)) for _ in keys]
     j = rng.randrange(num_strings)
-    img = _render_text("", width or image_size, image_size, rng, lines=[f"{k}: {c}" for k, c in zip(keys, codes)])
+    if cell:
+        img = _render_grid([k + " " + c for k, c in zip(keys, codes)], cell)
+    else:
+        img = _render_text("", width or image_size, image_size, rng, lines=[f"{k}: {c}" for k, c in zip(keys, codes)])
     return SyntheticRecord(_conv(f"What is written after {keys[j]}?", codes[j]), [img],
                            meta={"task": "dense_ocr", "answer": codes[j], "line": j, "num_strings": num_strings})
 

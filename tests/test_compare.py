@@ -250,6 +250,10 @@ def test_gpu_phenomena_script_in_its_cpu_mode(tmp_path):
         assert {p.name for p in (out / study / "runs").iterdir()} == runs
         assert all((out / study / "runs" / r / "eval.json").is_file() for r in runs)
         assert not list((out / study).rglob("*.ckpt"))      # checkpoints stay in WORK
+    # row 2 (OCR_TOWER=probe): both layouts start from the one tower the probe trained, on the glyph grid
+    for r in ("hybrid_1to3-s0", "gdn-s0"):
+        argv = " ".join(json.loads((out / "dense_ocr" / "runs" / r / "run.json").read_text())["argv"])
+        assert str(tmp_path / "work" / "ocr_vit28.pth") in argv and '"cell": 28' in argv
 
 
 def test_mixer_options_merge_key_by_key_and_bad_json_is_an_error():

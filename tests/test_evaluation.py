@@ -386,3 +386,20 @@ def test_engine_options_parse_and_name_the_bad_key():
         engine_options(["graph=false"])
     with pytest.raises(ValueError, match="pdl takes true or false$"):
         engine_options(["pdl=none"])
+
+
+def test_dense_ocr_grid_puts_one_glyph_per_cell():
+    """dense_ocr cell=C: a row per string, one character per C x C square (key, blank, code), so with C =
+    patch x merge each image token holds one glyph; the asked row's code is the answer."""
+    import numpy as np
+    from vlt.data.synthetic import generate_record, sample_rng
+    r = generate_record("dense_ocr", sample_rng(0, "t", 3), num_strings=4, length=2, cell=28)
+    img = np.asarray(r.images[0].convert("L"))
+    assert img.shape == (4 * 28, 4 * 28)
+    cells = img.reshape(4, 28, 4, 28).min(axis=(1, 3))            # darkest pixel per cell
+    assert (cells[:, 1] == 255).all() and (cells[:, [0, 2, 3]] < 128).all()
+    assert r.conversations[1]["value"] == r.meta["answer"] and len(r.meta["answer"]) == 2
+    # glyphs stay inside their cells: no ink on the cell borders
+    assert (img.reshape(4, 28, 4, 28)[:, [0, 27]].min() > 128) and (img.reshape(4, 28, 4, 28)[:, :, :, [0, 27]].min() > 128)
+    with pytest.raises(ValueError, match="dense_ocr.cell"):
+        generate_record("dense_ocr", sample_rng(0, "t", 0), cell=4)

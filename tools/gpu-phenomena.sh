@@ -6,16 +6,17 @@
 #      layout. The evidence at 46 tokens (1.4x the window, inside what 4 stacked SWA layers reach,
 #      4 x 32 = 128) is the control both layouts should solve; at 320 and 448 tokens (10x, 14x) it is
 #      beyond that reach: the row is the ">4x window" group); expected hybrid >= swa + 20 points
-#   2. hybrid 1:3 vs gdn on dense OCR (4 labelled 2-digit strings in a 112x112 image, the question
-#      names one); expected hybrid >= gdn + 10 points. With the random tiny ViT both layouts stayed at
-#      chance within the study's 500 steps (the tower never learns to read; at 3bb63f4 on the H200 every
-#      model, the row-3 teacher included, scored 0% OCR), so the row compares nothing yet. OCR_TOWER=probe
-#      starts both layouts from one tower pretrained to read the lines (tools/ocr_probe.py --task dense_ocr:
-#      a linear head on every line's key and digits, OCR_PROBE_STEPS steps (400), saved once as
-#      $WORK/dense_ocr_vit.pth, passed through vlt compare --model-options as vision.weights_file; delete it
-#      to train it again, the runs reuse their results whatever the file holds). That probe did not learn to
-#      read on a CPU (2026-12-02: chance for 3000 steps at 112 px, also at 224 px and with 2 lines; its
-#      docstring), so the default is OCR_TOWER=random; the single-character probe (--task ocr) does read.
+#   2. hybrid 1:3 vs gdn on dense OCR: OCR_STRINGS labelled 2-digit strings (default 2) in a grid, one string
+#      per row and one glyph per 28 x 28 cell (dense_ocr cell=28: each image token holds one glyph), the question
+#      names one; expected hybrid >= gdn + 10 points. Both layouts start from one vision tower that reads
+#      (OCR_TOWER=probe, the default: tools/ocr_probe.py --image-size 28, a single character per 28-pixel image,
+#      OCR_PROBE_STEPS steps (400; 94% after 400 on a CPU in 19 s), saved once as $WORK/ocr_vit28.pth and
+#      passed through vlt compare --model-options as vision.weights_file; delete it to train it again, the runs
+#      reuse their results whatever the file holds). Why (2-core CPU, 2026-12-02, hybrid 1:3, 8 rows per step):
+#      free text (4 strings of ~10-pixel glyphs anywhere in 112 px) stayed at chance with the random tower
+#      (OCR_TOWER=random) and with pretrained ones; in the grid with the probe's tower one string was read
+#      perfectly (100% of 100 after 300 steps), two began to learn after ~175 steps, four stayed at chance
+#      for 475 steps.
 # Row 3 is the distillation study (python -m vlt.evaluation.distill_study, its docstring says how):
 #   3. a full-attention teacher trained on the task mix; the hybrid 1:3 converted from it (stage I layer
 #      phase + KL, then SFT) vs the same hybrid trained from scratch: steps to 95% of the teacher's
@@ -45,7 +46,7 @@
 # and KL_STEPS (stage I, 25 each), STUDENT_STEPS (500) and SCRATCH_STEPS (1000): the most SFT steps,
 # EVAL_EVERY (25; the step counts above must be multiples of it), STUDENT_LR (default: the recipe's),
 # DISTILL_TRAIN (20000 samples), DISTILL_BATCH (32 rows), DISTILL_TIMEOUT (540 s); the seed is SEEDS' first.
-# Row 2: OCR_TOWER (random / probe, see above), OCR_PROBE_STEPS (400; 3 with PHENOMENA_TINY=1), the
+# Row 2: OCR_TOWER (probe / random, see above), OCR_STRINGS (2), OCR_PROBE_STEPS (400; 3 with PHENOMENA_TINY=1), the
 # probe's log in $OUT/ocr_probe.log; its time is outside OCR_TIMEOUT.
 # STUDY_BACKEND (default torch: the swa and gdn mixers on their torch kernels, no compilation; auto: fla /
 # FlexAttention). PHENOMENA_CPU=1: the rows at a CPU scale (window 16, 8 frames, 8 rows per step; timeouts
@@ -76,7 +77,8 @@ for r in $ROWS; do
   case $r in 1|2|3) ;; *) fail "ROWS='$ROWS': '$r' is not a row (allowed: 1 2 3, e.g. ROWS=\"1 2\")";; esac
 done
 [ -n "${ROWS// /}" ] || fail "ROWS is empty (allowed: 1 2 3, e.g. ROWS=\"1 2\")"
-OCR_TOWER=${OCR_TOWER:-random}
+OCR_TOWER=${OCR_TOWER:-probe}
+OCR_STRINGS=${OCR_STRINGS:-2}
 case $OCR_TOWER in probe|random) ;; *) fail "OCR_TOWER='$OCR_TOWER' (allowed: probe, random)";; esac
 want() { [[ " $ROWS " == *" $1 "* ]]; }
 
@@ -119,7 +121,7 @@ fi
 OCR_PROBE_STEPS=${OCR_PROBE_STEPS:-400}
 for k in NEEDLE_STEPS OCR_STEPS NEEDLE_TRAIN OCR_TRAIN NEEDLE_BATCH OCR_BATCH EVAL_N NEEDLE_TIMEOUT OCR_TIMEOUT \
          DISTILL_TIMEOUT TEACHER_STEPS LAYER_STEPS KL_STEPS STUDENT_STEPS SCRATCH_STEPS EVAL_EVERY DISTILL_TRAIN \
-         DISTILL_BATCH OCR_PROBE_STEPS; do
+         DISTILL_BATCH OCR_PROBE_STEPS OCR_STRINGS; do
   [[ ${!k} =~ ^[1-9][0-9]*$ ]] || fail "$k='${!k}' must be a positive whole number"
 done
 SEED=${SEEDS%% *}
@@ -193,13 +195,13 @@ fi
 if want 2; then
   OCR_MODEL=()   # OCR_TOWER=random: the recipe's random tower
   if [ "$OCR_TOWER" = probe ]; then
-    VIT="$WORK/dense_ocr_vit.pth"
+    VIT="$WORK/ocr_vit28.pth"
     if [ ! -f "$VIT" ]; then   # written under another name first: a cut probe leaves no file to reuse
       t0=$SECONDS
       dev=${DEVICE[-1]}   # cpu / cuda, as the evaluations
-      echo "[gpu-phenomena] dense_ocr tower: python tools/ocr_probe.py --task dense_ocr --steps $OCR_PROBE_STEPS" \
+      echo "[gpu-phenomena] dense_ocr tower: python tools/ocr_probe.py --image-size 28 --steps $OCR_PROBE_STEPS" \
         "--device $dev --save $VIT" | tee -a "$OUT/phenomena.log"
-      $PY tools/ocr_probe.py --task dense_ocr --steps "$OCR_PROBE_STEPS" --device "$dev" --save "$VIT.part" \
+      $PY tools/ocr_probe.py --image-size 28 --steps "$OCR_PROBE_STEPS" --device "$dev" --save "$VIT.part" \
         > "$OUT/ocr_probe.log" 2>&1 && mv "$VIT.part" "$VIT" \
         || fail "the dense_ocr tower's pretraining (tools/ocr_probe.py) failed; see $OUT/ocr_probe.log" \
                 "(OCR_TOWER=random: the study without it)"
@@ -209,7 +211,7 @@ if want 2; then
     OCR_MODEL=(--model-options "{\"vision\": {\"weights_file\": \"$VIT\"}}")
   fi
   study dense_ocr "$OCR_TIMEOUT" --layouts hybrid_1to3 gdn --task dense_ocr --steps "$OCR_STEPS" \
-    --num-train "$OCR_TRAIN" --param image_size=112 --param num_strings=4 --param length=2 --max-new-tokens 4 \
+    --num-train "$OCR_TRAIN" --param cell=28 --param num_strings=$OCR_STRINGS --param length=2 --max-new-tokens 4 \
     --set=--data.init_args.max_length=512 --set=--data.init_args.batch_size=$OCR_BATCH "${OCR_MODEL[@]}" "${COMMON[@]}"
   rc2=$?
 fi
