@@ -400,6 +400,7 @@ def test_dense_ocr_grid_puts_one_glyph_per_cell():
     assert (cells[:, 1] == 255).all() and (cells[:, [0, 2, 3]] < 128).all()
     assert r.conversations[1]["value"] == r.meta["answer"] and len(r.meta["answer"]) == 2
     # glyphs stay inside their cells: no ink on the cell borders
-    assert (img.reshape(4, 28, 4, 28)[:, [0, 27]].min() > 128) and (img.reshape(4, 28, 4, 28)[:, :, :, [0, 27]].min() > 128)
+    grid = img.reshape(4, 28, 4, 28)
+    assert grid[:, [0, 27]].min() > 128 and grid[:, :, :, [0, 27]].min() > 128
     with pytest.raises(ValueError, match="dense_ocr.cell"):
         generate_record("dense_ocr", sample_rng(0, "t", 0), cell=4)
