@@ -253,7 +253,8 @@ def gen_dense_ocr(rng: random.Random, image_size: int = 112, width: int | None =
     else:
         img = _render_text("", width or image_size, image_size, rng, lines=[f"{k}: {c}" for k, c in zip(keys, codes)])
     return SyntheticRecord(_conv(f"What is written after {keys[j]}?", codes[j]), [img],
-                           meta={"task": "dense_ocr", "answer": codes[j], "line": j, "num_strings": num_strings})
+                           meta={"task": "dense_ocr", "answer": codes[j], "line": j, "num_strings": num_strings,
+                                 "keys": keys, "codes": codes})   # every line, in image order (tools/ocr_probe.py)
 
 
 _MI_MODES = ("which", "same", "more")

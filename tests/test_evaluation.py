@@ -222,6 +222,7 @@ def test_layout_task_generators_are_exact_and_checked():
         r = generate_record("dense_ocr", sample_rng(0, "t", i), num_strings=5, length=3)
         key = r.conversations[0]["value"].split("after ")[1].rstrip("?")
         assert len(r.conversations[1]["value"]) == 3 and r.conversations[1]["value"].isdigit() and len(key) == 1
+        assert r.meta["codes"][r.meta["keys"].index(key)] == r.conversations[1]["value"] and len(r.meta["keys"]) == 5
         r = generate_record("multi_image", sample_rng(0, "t", i), mode="which", num_images=3)
         colour = r.conversations[0]["value"].split("the ")[-1].split(" shape")[0]
         j = int(r.conversations[1]["value"]) - 1

@@ -45,15 +45,6 @@ from vlt.testing import tiny_model
 OCR_ALPHABET = string.ascii_uppercase + string.digits
 
 
-def dense_ocr_labels(rng: random.Random, num_strings: int, length: int) -> tuple[list[str], list[str]]:
-    """The keys and codes gen_dense_ocr draws next from ``rng`` (its first draws, on a copy of the
-    generator), in the image's line order; the caller checks them against the record's answer."""
-    r = random.Random()
-    r.setstate(rng.getstate())
-    keys = r.sample(string.ascii_uppercase, num_strings)
-    return keys, ["".join(r.choice(string.digits) for _ in range(length)) for _ in keys]
-
-
 def task_sampler(a, rng: random.Random):
     """(slot groups [(name, number of slots, classes)], slot names, sample() -> (PIL image, labels per group))."""
     if a.task == "ocr":
@@ -64,10 +55,8 @@ def task_sampler(a, rng: random.Random):
         return [("char", a.length, len(OCR_ALPHABET))], names, sample
 
     def sample():
-        keys, codes = dense_ocr_labels(rng, a.num_strings, a.length)
         r = gen_dense_ocr(rng, image_size=a.image_size, num_strings=a.num_strings, length=a.length)
-        if r.meta["answer"] != codes[r.meta["line"]]:
-            raise RuntimeError("gen_dense_ocr no longer draws its keys and codes first: update dense_ocr_labels")
+        keys, codes = r.meta["keys"], r.meta["codes"]
         return r.images[0], [[string.ascii_uppercase.index(k) for k in keys], [int(d) for c in codes for d in c]]
     names = [f"line {i + 1} key" for i in range(a.num_strings)]
     names += [f"line {i + 1} digit {j + 1}" for i in range(a.num_strings) for j in range(a.length)]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from vlt.inference.steps import MixerStep, tensors
+from vlt.inference.steps import MixerStep, _copy_tree, _rows, _with_seen, generic_forward, tensors
 
 #: fla layers whose engine cache is fla's layout (their vlt state: {"ssm", "conv": (q, k, v)})
 KINDS = ("kda", "gdn2", "deltanet", "gla")
@@ -63,34 +63,17 @@ class FlaDeltaStep(MixerStep):
         return sum(t.numel() * t.element_size() for t in tensors(_vlt_view(m, cache)))
 
     def load(self, m, cache, state, row, seen):
-        view = _vlt_view(m, cache)
-        where = type(m).__name__
-        _check(view["ssm"][row:row + 1], state["ssm"], f"{where}.ssm")
-        view["ssm"][row:row + 1].copy_(state["ssm"])
-        for i, (dst, src) in enumerate(zip(view.get("conv", ()), state.get("conv", ()))):
-            _check(dst[row:row + 1], src, f"{where}.conv[{i}]")
-            dst[row:row + 1].copy_(src)
+        _copy_tree(_vlt_view(m, cache), state, row, type(m).__name__)   # through the views, into fla's layout
         for c in cache["conv_state"] or ():
             c[row, :, 0] = 0   # fla never reads it; zero keeps a loaded row equal to a fresh one
 
     def export(self, m, cache, row, seen):
-        view = _vlt_view(m, cache)
-        out = {"ssm": view["ssm"][row:row + 1].contiguous(), "seen": seen}
-        if "conv" in view:
-            out["conv"] = tuple(c[row:row + 1].contiguous() for c in view["conv"])
-        return out
+        return _with_seen(_rows(_vlt_view(m, cache), row), seen)
 
     def __call__(self, m, cache, ctx, x, norm):
-        h = norm(x) if norm is not None else x
         if x.device.type != "cuda" or ctx.T > 1:   # T > 1 (frames, chunks): fla_forward, as a split prefill
-            state = dict(_vlt_view(m, cache), seen=ctx.tok)
-            y, new = m(h, state=state, position_ids=ctx.pos, use_cache=True)
-            view = _vlt_view(m, cache)
-            view["ssm"].copy_(new["ssm"])
-            for dst, src in zip(view.get("conv", ()), new.get("conv", ())):
-                dst.copy_(src)
-            return y, None
-        return _fla_step(m, cache, h), None
+            return generic_forward(m, norm, x, _vlt_view(m, cache), ctx.tok, ctx.pos), None
+        return _fla_step(m, cache, norm(x) if norm is not None else x), None
 
 
 @torch.compiler.disable   # fla's Triton launchers are not traceable (the engine compiles around its steps)
@@ -109,13 +92,6 @@ def _fla_step(m, cache, h):
         if src is not dst:   # fla's decode kernel updates the cache in place and returns it; copy if it ever doesn't
             dst.copy_(src)
     return y
-
-
-def _check(dst, src, where):
-    if not isinstance(src, torch.Tensor) or src.shape != dst.shape:
-        got = tuple(src.shape) if isinstance(src, torch.Tensor) else type(src).__name__
-        raise ValueError(f"{where}: state of shape {got} does not match the engine's {tuple(dst.shape)}; "
-                         "make state_spec describe what forward returns")
 
 
 FLA_DELTA = FlaDeltaStep()
